@@ -1,0 +1,20 @@
+# The newcomer's commands. Each one builds a local virtual environment (.venv) on first use.
+#   make train   train a small GPT on the default corpus (Python's own sources) and print a sample
+#   make test    run the test suite (CUDA when present, else Triton's CPU interpreter)
+PYTHON ?= python3
+VENV   := .venv
+# torch 2.13.0 is the CPU wheel these machines carry; Triton 3.6's CPU interpreter needs numpy < 2.4.
+PINS   ?= torch==2.13.0 "numpy<2.4"
+
+.PHONY: train test
+train: $(VENV)/installed
+	$(VENV)/bin/gpt-train --preset cpu
+
+test: $(VENV)/installed
+	$(VENV)/bin/python -m pytest -q tests
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(PINS) -e ".[test]"
+	touch $@

@@ -1,0 +1,202 @@
+"""The decoder of the reference design: a character-level GPT.
+
+The eager modules in this file (`Head`, `MultiHeadAttention`, `FeedForward`, `Block`, `GPT`) are the
+project's reference: every fused backend must load their state dict and reproduce their outputs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ATTENTION_BACKENDS = ("eager", "triton")
+LAYERNORM_BACKENDS = ("eager", "triton")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 256
+    n_embd: int = 384
+    n_head: int = 6
+    n_layer: int = 6
+    dropout: float = 0.2
+    attention: str = "eager"  # one of ATTENTION_BACKENDS
+    layernorm: str = "eager"  # one of LAYERNORM_BACKENDS
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {ATTENTION_BACKENDS}")
+        if self.layernorm not in LAYERNORM_BACKENDS:
+            raise ValueError(f"unknown layernorm backend {self.layernorm!r}; choose one of {LAYERNORM_BACKENDS}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Head(nn.Module):
+    """One head of causal self-attention."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.key = nn.Linear(config.n_embd, config.head_size, bias=False)
+        self.query = nn.Linear(config.n_embd, config.head_size, bias=False)
+        self.value = nn.Linear(config.n_embd, config.head_size, bias=False)
+        # Not persistent: the mask is derived from block_size, so it stays out of the state dict
+        # and checkpoints move freely between backends.
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        k = self.key(x)  # (B, T, hs)
+        q = self.query(x)  # (B, T, hs)
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T): affinities between tokens
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # the future does not talk to the past
+        wei = F.softmax(wei, dim=-1)
+        wei = self.dropout(wei)
+        v = self.value(x)  # (B, T, hs)
+        return wei @ v  # (B, T, hs)
+
+
+class MultiHeadAttention(nn.Module):
+    """`n_head` heads of self-attention in parallel, concatenated and projected."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(config) for _ in range(config.n_head)])
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        out = torch.cat([h(x) for h in self.heads], dim=-1)
+        return self.dropout(self.proj(out))
+
+
+class FeedForward(nn.Module):
+    """Position-wise computation: a linear layer, a non-linearity, and a projection back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_attention(config: GPTConfig) -> nn.Module:
+    if config.attention == "triton":
+        from kernels import FusedMultiHeadAttention
+
+        return FusedMultiHeadAttention(config.n_embd, config.n_head, dropout=config.dropout)
+    return MultiHeadAttention(config)
+
+
+def make_layernorm(config: GPTConfig) -> nn.Module:
+    if config.layernorm == "triton":
+        from kernels import FusedLayerNorm
+
+        return FusedLayerNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd)
+
+
+class Block(nn.Module):
+    """Communication (self-attention) followed by computation (feed-forward), both pre-norm and residual."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.sa = make_attention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = make_layernorm(config)
+        self.ln2 = make_layernorm(config)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        x = x + self.ffwd(self.ln2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = make_layernorm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_input(self, idx, targets):
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+            raise TypeError(f"idx must be a tensor of int64 or int32 token ids, got {got}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if not 1 <= T <= self.config.block_size:
+            raise ValueError(f"sequence length {T} must be between 1 and block_size ({self.config.block_size})")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got range [{int(idx.min())}, {int(idx.max())}]"
+            )
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+
+    def forward(self, idx, targets=None):
+        self._check_input(idx, targets)
+        B, T = idx.shape
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
+        x = self.blocks(tok_emb + pos_emb)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Extend `idx` (B, T) by `max_new_tokens` tokens, sampling each from the model's distribution."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size :]  # the positional table only covers block_size tokens
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+

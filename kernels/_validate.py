@@ -1,0 +1,28 @@
+"""Input checks shared by every op: a clear TypeError or ValueError naming the problem,
+raised before anything reaches Triton."""
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(name, tensor, *, ndim=None, min_ndim=None, dtypes=SUPPORTED_DTYPES):
+    """Check that `tensor` is a tensor of a supported floating dtype and (optionally) rank."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {tensor.dtype}; supported dtypes are {names}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {tensor.dim()} (shape {tuple(tensor.shape)})")
+    if min_ndim is not None and tensor.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(tensor.shape)}")
+
+
+def check_same_device_and_dtype(reference_name, reference, **others):
+    """Check that every tensor in `others` (name=tensor) lives on the device and has the dtype of `reference`."""
+    for name, tensor in others.items():
+        if tensor.device != reference.device:
+            raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
+        if tensor.dtype != reference.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but {reference_name} has dtype {reference.dtype}")

@@ -1,0 +1,72 @@
+"""One device for the whole suite, and the numerical rule every kernel test uses.
+
+On a machine with CUDA the tests run there. Without it they run on CPU tensors, and Triton's
+interpreter executes the real kernels: TRITON_INTERPRET must be set before triton is imported,
+which is why it is set here, at the top of the first file pytest loads.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Low-precision dtypes the device can check. The interpreter computes tl.dot on bf16 operands wrongly,
+# so bf16 is checked only on a GPU.
+LOW_PRECISION_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+DTYPES = [torch.float32, *LOW_PRECISION_DTYPES]
+
+# The absolute floor added to the error rule, per dtype: a few units in the last place at magnitude 1.
+ABSOLUTE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+
+
+@pytest.fixture(params=[DEVICE])
+def device(request):
+    """The device every test runs on: CUDA when present, else CPU through Triton's interpreter."""
+    return request.param
+
+
+def max_error(actual, reference):
+    return (actual.double() - reference.double()).abs().max().item()
+
+
+def assert_within_error_rule(fused, eager_low_precision, reference64, factor=2.0, floor=None, name="output"):
+    """The FlashAttention test rule: the fused result's error against the float64 reference is at most
+    `factor` times the error of the eager path run in the same low precision, plus a small absolute floor.
+
+    fused:               the kernel's result, in its own dtype.
+    eager_low_precision: the eager reference computed in the same dtype on the same inputs.
+    reference64:         the eager reference computed in float64 on the same inputs.
+    """
+    assert fused.shape == reference64.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(reference64.shape)}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values (an unwritten or overflowed element)"
+    if floor is None:
+        floor = ABSOLUTE_FLOOR[fused.dtype]
+    fused_err = max_error(fused, reference64)
+    eager_err = max_error(eager_low_precision, reference64)
+    bound = factor * eager_err + floor
+    assert fused_err <= bound, (
+        f"{name}: max error {fused_err:.3e} exceeds {factor} x eager error {eager_err:.3e} + floor {floor:.1e}"
+    )
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every floating tensor made by torch.empty / torch.empty_like during a test starts as NaN,
+    so an element a kernel forgets to write shows up as NaN in the comparison instead of as
+    whatever the allocator happened to hand back. Kernel test files opt in with
+    `pytestmark = pytest.mark.usefixtures("poisoned_allocations")`."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
