@@ -1,0 +1,717 @@
+"""Fused scaled-dot-product attention, FlashAttention-2 style: Triton forward and backward kernels,
+the launcher that picks block sizes per GPU and head size, and the autograd.Function behind
+`kernels.attention`.
+
+What is computed, per batch b and head h (s = scale, default D^-0.5):
+
+    S = s * Q K^T                      (Nq, Nk) scores
+    S[i, j] = -inf where j > i + Nk - Nq     (causal=True: the mask is aligned bottom-right)
+    P = softmax(S, dim=-1)             rows that see no key at all (Nq > Nk) get P = 0, so out = 0
+    P = P * keep / (1 - dropout_p)     keep ~ Bernoulli(1 - dropout_p), drawn inside the kernel
+    out = P V                          (Nq, D)
+
+Nothing of size Nq x Nk is ever stored: the forward keeps the output and one log-sum-exp per query
+row; the backward recomputes P from it and regenerates the dropout mask from (seed, position).
+
+Dropout randomness: Philox (`tl.rand`) with key (seed, batch * H + head) and counter
+query_row * Nk + key_col, so every (batch, head, row, col) has its own stream position and the
+forward, both backward kernels and `attention_dropout_mask` agree on the mask. The seed is drawn
+from torch's default (CPU) generator when not given, so `torch.manual_seed` reproduces a call.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._validate import check_same_device_and_dtype, check_tensor
+
+MAX_HEAD_SIZE = 256
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces of the kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
+    """The dropout keep-mask of one tile, shared by every kernel that needs it.
+
+    seed:      i32 scalar, the call's seed.
+    bh:        i32 scalar, batch * H + head.
+    query_idx: query row indices, broadcastable against key_idx (e.g. rows[:, None] or rows[None, :]).
+    key_idx:   key column indices.
+    N_K:       number of keys (the row length of the virtual (Nq, Nk) mask).
+    dropout_p: fp32 probability of dropping.
+    Returns a boolean tile: True where the probability is kept.
+    """
+    # Philox key = (seed, bh) keeps heads independent; the counter row * Nk + col is unique inside a head.
+    philox_key = seed.to(tl.uint64) + (bh.to(tl.uint64) << 32)
+    return tl.rand(philox_key, query_idx * N_K + key_idx) >= dropout_p
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, reading zeros past the sequence end and in the head-size padding."""
+    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    offs_m, offs_d, seed, bh, dropout_p, qk_scale,
+    lo, hi, N_K, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the causal
+    mask and the sequence tail; the others are known to be fully visible and skip both."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs + start_n * stride_kn, offs_n, N_K, offs_d, HEAD_DIM)
+        # s = q k^T * scale * log2(e): scores in the log2 domain so exp2 can be used
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(visible, s, float("-inf"))
+        # m_new = max(m_old, rowmax(s)); a row that has seen no key yet keeps m = -inf, so
+        # exponentiate against 0 instead to get 0 rather than exp2(-inf - -inf) = NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        # p = 2^(s - m_new); alpha = 2^(m_old - m_new) rescales what was accumulated so far
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        # l = alpha * l + rowsum(p): the softmax denominator sees every probability, dropped or not
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        # acc = alpha * acc + p v
+        v = _load_tile(v_ptrs + start_n * stride_vn, offs_n, N_K, offs_d, HEAD_DIM)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_forward_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_Q, N_K, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Attention forward for one block of BLOCK_M queries of one (batch, head). Grid: (cdiv(Nq, BLOCK_M), B * H).
+
+    Q:   (B, H, Nq, D) queries, fp16/bf16/fp32, any strides (stride_q*: batch, head, row, dim).
+    K:   (B, H, Nk, D) keys, same dtype, any strides.
+    V:   (B, H, Nk, D) values, same dtype, any strides.
+    O:   (B, H, Nq, D) output, written here in the input dtype, any strides.
+    LSE: (B, H, Nq) fp32, contiguous, written here: log2 of each row's softmax denominator in the
+         log2-scaled domain, log2(sum_j 2^(s * log2(e) * q.k_j)); +inf for a row that sees no key.
+    H:   number of heads; N_Q, N_K: sequence lengths of queries and keys/values.
+    scale: fp32 softmax scale s. dropout_p: fp32 drop probability. seed: i32 dropout seed.
+    HEAD_DIM: the head size D; BLOCK_D: D padded to a power of two (>= 16).
+    BLOCK_M, BLOCK_N: queries per program, keys per loop step.
+    CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
+    DOT_PRECISION: "ieee" so fp32 inputs are not silently multiplied in TF32.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // H
+    off_h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    # Running row max m, denominator l and unnormalised output acc, all fp32.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # log2(e) folded into the scale
+    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM)
+
+    # Key range of this block: [0, full_end) is seen by every row (no mask); [full_end, hi) holds the
+    # diagonal block(s) and the key tail (masked). A causal program stops at its diagonal.
+    causal_offset = N_K - N_Q
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), N_K) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, N_Q) + causal_offset, 0), N_K)
+    else:
+        full_end = N_K // BLOCK_N * BLOCK_N
+        hi = N_K
+    acc, l_i, m_i = _forward_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _forward_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
+    )
+
+    # out = acc / l; a row that saw no key has l = 0 and acc = 0: its output is 0 and its
+    # LSE +inf, so the backward recomputes P = 2^(s - LSE) = 0 for it
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_backward_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the term every row of dS = P * (dP - delta) subtracts.
+    Grid: (cdiv(Nq, BLOCK_M), B * H).
+
+    O:     (B, H, Nq, D) forward output, any strides.   DO: (B, H, Nq, D) its gradient, any strides.
+    DELTA: (B, H, Nq) fp32, contiguous, written here.
+    H: number of heads; N_Q: number of queries; HEAD_DIM, BLOCK_D: head size and its power-of-two padding.
+    BLOCK_M: rows per program.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // H
+    off_h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                   offs_m, N_Q, offs_d, HEAD_DIM)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, offs_m, N_Q, offs_d, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _backward_dkdv_inner(
+    dk, dv, k, v,
+    q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+    offs_n, offs_d, seed, bh, dropout_p, qk_scale,
+    lo, hi, N_Q, N_K, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed tiles
+    (keys x queries) so the accumulations are plain matrix products. MASKED applies the causal mask;
+    rows past Nq read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_ptrs + start_m * stride_qm, offs_m, N_Q, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        # P^T = 2^(s^T - LSE): the forward's probabilities, recomputed
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+        do = _load_tile(do_ptrs + start_m * stride_dom, offs_m, N_Q, offs_d, HEAD_DIM)
+        # dP^T = V dO^T, the gradient of the dropped probabilities
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_K, dropout_p)
+            p_dropped_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            p_dropped_t = p_t
+        # dV += P_dropped^T dO
+        dv = tl.dot(p_dropped_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # dS^T = P^T * (dP^T - delta); dK += dS^T Q (times the scale, applied once at the end)
+        delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_backward_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N_Q, N_K, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK and dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
+    Grid: (cdiv(Nk, BLOCK_N), B * H). Each program owns its rows of dK, dV: no atomics, deterministic.
+
+    Q, K, V: forward inputs as in the forward kernel. DO: (B, H, Nq, D) gradient of the output, any strides.
+    DK, DV: (B, H, Nk, D) gradients, written here in the input dtype, any strides.
+    LSE: (B, H, Nq) fp32 from the forward. DELTA: (B, H, Nq) fp32 from the preprocess kernel.
+    The remaining arguments mean what they mean in the forward kernel.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // H
+    off_h = bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, N_K, offs_d, HEAD_DIM)
+    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   offs_n, N_K, offs_d, HEAD_DIM)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    LSE += bh * N_Q
+    DELTA += bh * N_Q
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    # Query range: a causal key block is first seen by query start_n - (Nk - Nq); queries from
+    # full_start on see the whole block (no mask), those in [lo, full_start) hold the diagonal (masked).
+    causal_offset = N_K - N_Q
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum(start_n - causal_offset, 0), N_Q) // BLOCK_M * BLOCK_M
+        full_start = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), N_Q)
+        full_start = tl.cdiv(full_start, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_start = 0
+    dk, dv = _backward_dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+        offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, full_start, N_Q, N_K, causal_offset,
+        HEAD_DIM, BLOCK_M, True, DROPOUT, DOT_PRECISION,
+    )
+    dk, dv = _backward_dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+        offs_n, offs_d, seed, bh, dropout_p, qk_scale, full_start, N_Q, N_Q, N_K, causal_offset,
+        HEAD_DIM, BLOCK_M, False, DROPOUT, DOT_PRECISION,
+    )
+
+    # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
+    dk = dk * scale
+    store_mask = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _backward_dq_inner(
+    dq, q, do, lse, delta,
+    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    offs_m, offs_d, seed, bh, dropout_p, qk_scale,
+    lo, hi, N_K, causal_offset,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ of one query block over key blocks [lo, hi). MASKED applies the causal mask and
+    the key tail (dQ sums over keys, so padded keys must contribute exactly 0)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs + start_n * stride_kn, offs_n, N_K, offs_d, HEAD_DIM)
+        v = _load_tile(v_ptrs + start_n * stride_vn, offs_n, N_K, offs_d, HEAD_DIM)
+        # P = 2^(s - LSE), recomputed
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = offs_n[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            p = tl.where(visible, p, 0.0)
+        # dP = dO V^T, through the dropout mask
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        # dS = P * (dP - delta); dQ += dS K (times the scale, applied once at the end)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_backward_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, N_K, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ for one block of BLOCK_M queries of one (batch, head), looping over key blocks of BLOCK_N.
+    Grid: (cdiv(Nq, BLOCK_M), B * H). Each program owns its rows of dQ: deterministic.
+
+    DQ: (B, H, Nq, D) gradient of the queries, written here in the input dtype, any strides.
+    The remaining arguments mean what they mean in the dK/dV kernel.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // H
+    off_h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, N_Q, offs_d, HEAD_DIM)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, offs_m, N_Q, offs_d, HEAD_DIM)
+    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    # The same key ranges as the forward: unmasked [0, full_end), masked [full_end, hi).
+    causal_offset = N_K - N_Q
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), N_K) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, N_Q) + causal_offset, 0), N_K)
+    else:
+        full_end = N_K // BLOCK_N * BLOCK_N
+        hi = N_K
+    dq = _backward_dq_inner(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
+    )
+    dq = _backward_dq_inner(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
+    )
+
+    # dQ = scale * sum_j dS_ij k_j
+    dq = dq * scale
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------------
+# The dropout mask, for tests and for anyone who wants to see what a call dropped
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    MASK, H, N_Q, N_K, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Write the keep-mask the attention kernels use. Grid: (cdiv(Nq, BLOCK_M), cdiv(Nk, BLOCK_N), B * H).
+
+    MASK: (B, H, Nq, Nk) bool, contiguous, written here (True = kept).
+    H: heads; N_Q, N_K: sequence lengths; dropout_p: fp32; seed: i32; BLOCK_M x BLOCK_N: tile per program.
+    """
+    bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+    ptrs = MASK + (bh * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]
+    tl.store(ptrs, keep, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configurations: block sizes, warps and stages per GPU, dtype and padded head size
+# --------------------------------------------------------------------------------------------------
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by
+# BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys and streams
+# BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys. Every entry compiles for its
+# target without register spills (checked with ptxas; see bench/results/compile_report.md).
+_CONFIGS = {
+    # Hopper (sm_90): wgmma wants 64-row warpgroup tiles; 228 KB of shared memory allows deep pipelines.
+    ("sm90", "16bit"): {
+        16: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        32: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        64: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        128: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        256: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+    },
+    ("sm90", "fp32"): {
+        16: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        32: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        64: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        128: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+        256: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
+    },
+    # Ampere (sm_80): mma.sync tiles, 164 KB of shared memory.
+    ("sm80", "16bit"): {
+        16: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        32: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        64: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        128: {"forward": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
+        256: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+    },
+    ("sm80", "fp32"): {
+        16: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        32: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        64: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+        128: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
+        256: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
+    },
+}
+# Other GPUs (Volta, Turing, Ada, Blackwell, ...) get Ampere's conservative fp32 table, which fits in
+# the shared memory of every CUDA GPU Triton supports. The CPU interpreter gets small blocks: its cost
+# grows with the number of elements computed, masked or not.
+_DEFAULT_TABLE = ("sm80", "fp32")
+_INTERPRETER_CONFIG = (32, 32, 1, 1)
+_PREPROCESS_BLOCK_M = 64
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _table(dtype, capability):
+    precision = "fp32" if dtype == torch.float32 else "16bit"
+    if capability[0] == 9:
+        return ("sm90", precision)
+    if capability[0] == 8 and capability[1] == 0:
+        return ("sm80", precision)
+    return _DEFAULT_TABLE
+
+
+def _launch_config(kernel, head_dim, dtype, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv" or "dq")."""
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    table = _table(dtype, torch.cuda.get_device_capability(device))
+    return _CONFIGS[table][_block_d(head_dim)][kernel]
+
+
+def _dot_precision(dtype):
+    # fp32 inputs are multiplied in true fp32 (tl.dot would otherwise use TF32); 16-bit inputs ignore it.
+    return "ieee"
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def attention_forward(q, k, v, causal, dropout_p, scale, seed):
+    """Launch the forward kernel on validated inputs. Returns (out, lse); see the kernel for their meaning.
+    `seed` (int) is explicit so the call is a pure function of its arguments."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    # The output is laid out as (B, Nq, H, D) in memory, so the usual transpose(1, 2).reshape(B, Nq, H * D)
+    # that merges heads is free.
+    out = torch.empty((B, N_Q, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, q.device)
+    grid = (triton.cdiv(N_Q, block_m), B * H)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, N_Q, N_K, scale, dropout_p, seed,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
+    """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    block_d = _block_d(D)
+    dropout = dropout_p > 0
+    dot_precision = _dot_precision(q.dtype)
+
+    # 1. delta = rowsum(dO * O)
+    delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    preprocess_block_m = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG[0]
+    _attention_backward_preprocess_kernel[(triton.cdiv(N_Q, preprocess_block_m), B * H)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N_Q,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m,
+    )
+
+    # 2. dK, dV: one program per key block
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    block_m, block_n, num_warps, num_stages = _launch_config("dkdv", D, q.dtype, q.device)
+    _attention_backward_dkdv_kernel[(triton.cdiv(N_K, block_n), B * H)](
+        q, k, v, grad_out, dk, dv, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        H, N_Q, N_K, scale, dropout_p, seed,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+    # 3. dQ: one program per query block
+    dq = torch.empty_like(q)
+    block_m, block_n, num_warps, num_stages = _launch_config("dq", D, q.dtype, q.device)
+    _attention_backward_dq_kernel[(triton.cdiv(N_Q, block_m), B * H)](
+        q, k, v, grad_out, dq, lse, delta,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        H, N_Q, N_K, scale, dropout_p, seed,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=dot_precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd for attention. forward(q, k, v, causal, dropout_p, scale, seed): every argument explicit,
+    the seed included, so the dropout mask is a function of the arguments and backward regenerates it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
+        out, lse = attention_forward(q, k, v, causal, dropout_p, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+        return dq, dk, dv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _draw_seed():
+    """A dropout seed from torch's default CPU generator: `torch.manual_seed(s)` reproduces it, and drawing
+    it costs no GPU synchronisation."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _check_runnable(device):
+    if device.type == "cuda" or (device.type == "cpu" and triton.knobs.runtime.interpret):
+        return
+    raise ValueError(
+        f"attention runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 "
+        f"set before triton is imported); got a tensor on {device}"
+    )
+
+
+def _check_inputs(q, k, v, dropout_p, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_same_device_and_dtype("q", q, k=k, v=v)
+    _check_runnable(q.device)
+    (B, H, N_Q, D), (Bk, Hk, N_K, Dk), (Bv, Hv, N_V, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv and H == Hk == Hv):
+        raise ValueError(
+            f"q, k, v must agree in batch and heads (dims 0 and 1), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if not D == Dk == Dv:
+        raise ValueError(f"q, k, v must have the same head size (dim 3), got {D}, {Dk}, {Dv}")
+    if N_K != N_V:
+        raise ValueError(f"k and v must have the same sequence length (dim 2), got {N_K} and {N_V}")
+    if D > MAX_HEAD_SIZE:
+        raise ValueError(f"head size {D} is not supported; the largest is {MAX_HEAD_SIZE}")
+    if min(B, H, N_Q, N_K, D) == 0:
+        raise ValueError(f"q, k, v must not be empty, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and N_Q * N_K >= 2**31:
+        raise ValueError(f"dropout needs Nq * Nk < 2**31 (its random stream is indexed per head), got {N_Q} x {N_K}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+
+
+def _resolve_seed(dropout_p, seed):
+    if dropout_p == 0:
+        return 0
+    if seed is None:
+        return _draw_seed()
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    return int(seed)
+
+
+def attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
+    """Scaled dot-product attention, fused: softmax(scale * q k^T [causal mask]) with dropout, times v.
+
+    q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16, bf16 or fp32 on CUDA (or CPU under TRITON_INTERPRET=1);
+    any strides; D up to 256. Returns (B, H, Nq, D) in the input dtype.
+    causal: query i sees keys j <= i + Nk - Nq (bottom-right aligned; the lower triangle when Nq == Nk).
+        A query that sees no key (Nq > Nk) outputs 0 and gets zero gradients.
+    dropout_p: probability of dropping each attention weight (kept ones are scaled by 1 / (1 - dropout_p)).
+    scale: the softmax scale, D ** -0.5 when None.
+    seed: the dropout seed in [0, 2**31); when None (and dropout_p > 0) it is drawn from torch's default CPU
+        generator, so `torch.manual_seed` makes the call reproducible. `attention_dropout_mask` returns the mask.
+    """
+    _check_inputs(q, k, v, dropout_p, scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    seed = _resolve_seed(dropout_p, seed)
+    return AttentionFunction.apply(q, k, v, bool(causal), float(dropout_p), float(scale), seed)
+
+
+def attention_dropout_mask(q, k, dropout_p, seed=None):
+    """The boolean keep-mask (B, H, Nq, Nk) that `attention(q, k, ..., dropout_p=dropout_p, seed=seed)` uses.
+
+    With seed=None the seed is drawn from torch's generator exactly as `attention` draws it, so
+        torch.manual_seed(s); out = attention(q, k, v, dropout_p=p)
+        torch.manual_seed(s); keep = attention_dropout_mask(q, k, p)
+    gives the mask of that call. Meant for tests and inspection: it materialises Nq x Nk per head.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_same_device_and_dtype("q", q, k=k)
+    _check_runnable(q.device)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    B, H, N_Q, _ = q.shape
+    N_K = k.shape[2]
+    seed = _resolve_seed(dropout_p, seed)
+    mask = torch.empty((B, H, N_Q, N_K), device=q.device, dtype=torch.bool)
+    block = 64 if q.is_cuda else 32
+    grid = (triton.cdiv(N_Q, block), triton.cdiv(N_K, block), B * H)
+    _dropout_mask_kernel[grid](mask, H, N_Q, N_K, float(dropout_p), seed, BLOCK_M=block, BLOCK_N=block)
+    return mask
