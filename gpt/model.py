@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ATTENTION_BACKENDS = ("eager", "triton")
+ATTENTION_BACKENDS = ("eager", "triton", "sdpa")  # sdpa: torch.nn.functional.scaled_dot_product_attention
 LAYERNORM_BACKENDS = ("eager", "triton")
 
 
@@ -99,10 +99,10 @@ class FeedForward(nn.Module):
 
 
 def make_attention(config: GPTConfig) -> nn.Module:
-    if config.attention == "triton":
+    if config.attention in ("triton", "sdpa"):
         from kernels import FusedMultiHeadAttention
 
-        return FusedMultiHeadAttention(config.n_embd, config.n_head, dropout=config.dropout)
+        return FusedMultiHeadAttention(config.n_embd, config.n_head, dropout=config.dropout, backend=config.attention)
     return MultiHeadAttention(config)
 
 

@@ -54,9 +54,25 @@ def _dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile, reading zeros past the sequence end and in the head-size padding."""
+def _head_ptr(X, bh, H, stride_b, stride_h):
+    """Pointer to the (batch, head) = divmod(bh, H) slice of X, with 64-bit offsets: big tensors overflow i32."""
+    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_tile(X, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: tl.constexpr):
+    """Load the (rows, cols) tile of a (n_rows, HEAD_DIM) matrix at X, zeros past the sequence end and in
+    the head-size padding. Pointers are formed from 32-bit offsets at each load, so no tile of 64-bit
+    pointers stays live across a loop."""
+    ptrs = X + rows[:, None] * stride_row + cols[None, :] * stride_col
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_tile(X, values, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: tl.constexpr):
+    """Store a (rows, cols) tile into a (n_rows, HEAD_DIM) matrix at X, in X's dtype, skipping the padding."""
+    ptrs = X + rows[:, None] * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, values.to(X.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +83,7 @@ def _load_tile(ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _forward_inner(
     acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,7 +94,7 @@ def _forward_inner(
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_ptrs + start_n * stride_kn, offs_n, N_K, offs_d, HEAD_DIM)
+        k = _load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
         # s = q k^T * scale * log2(e): scores in the log2 domain so exp2 can be used
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -102,7 +118,7 @@ def _forward_inner(
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         # acc = alpha * acc + p v
-        v = _load_tile(v_ptrs + start_n * stride_vn, offs_n, N_K, offs_d, HEAD_DIM)
+        v = _load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -135,24 +151,21 @@ def _attention_forward_kernel(
     CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
     DOT_PRECISION: "ieee" so fp32 inputs are not silently multiplied in TF32.
     """
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    start_m = pid_m * BLOCK_M
+    Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
+    K = _head_ptr(K, bh, H, stride_kb, stride_kh)
+    V = _head_ptr(V, bh, H, stride_vb, stride_vh)
+    O = _head_ptr(O, bh, H, stride_ob, stride_oh)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     # Running row max m, denominator l and unnormalised output acc, all fp32.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634  # log2(e) folded into the scale
-    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM)
+    q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
 
     # Key range of this block: [0, full_end) is seen by every row (no mask); [full_end, hi) holds the
     # diagonal block(s) and the key tail (masked). A causal program stops at its diagonal.
@@ -164,12 +177,12 @@ def _attention_forward_kernel(
         full_end = N_K // BLOCK_N * BLOCK_N
         hi = N_K
     acc, l_i, m_i = _forward_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
         HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
     )
     acc, l_i, m_i = _forward_inner(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
         HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
     )
@@ -181,8 +194,7 @@ def _attention_forward_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(O, out, offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,16 +218,11 @@ def _attention_backward_preprocess_kernel(
     H: number of heads; N_Q: number of queries; HEAD_DIM, BLOCK_D: head size and its power-of-two padding.
     BLOCK_M: rows per program.
     """
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                   offs_m, N_Q, offs_d, HEAD_DIM)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, N_Q, offs_d, HEAD_DIM)
+    o = _load_tile(_head_ptr(O, bh, H, stride_ob, stride_oh), offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
+    do = _load_tile(_head_ptr(DO, bh, H, stride_dob, stride_doh), offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
@@ -223,7 +230,7 @@ def _attention_backward_preprocess_kernel(
 @triton.jit
 def _backward_dkdv_inner(
     dk, dv, k, v,
-    q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+    Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
     offs_n, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_Q, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -235,14 +242,14 @@ def _backward_dkdv_inner(
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_tile(q_ptrs + start_m * stride_qm, offs_m, N_Q, offs_d, HEAD_DIM)
+        q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
         lse = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf"))
         # P^T = 2^(s^T - LSE): the forward's probabilities, recomputed
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
-        do = _load_tile(do_ptrs + start_m * stride_dom, offs_m, N_Q, offs_d, HEAD_DIM)
+        do = _load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
         # dP^T = V dO^T, the gradient of the dropped probabilities
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -281,20 +288,14 @@ def _attention_backward_dkdv_kernel(
     LSE: (B, H, Nq) fp32 from the forward. DELTA: (B, H, Nq) fp32 from the preprocess kernel.
     The remaining arguments mean what they mean in the forward kernel.
     """
-    pid_n = tl.program_id(0)
     bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    start_n = pid_n * BLOCK_N
+    Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
+    DO = _head_ptr(DO, bh, H, stride_dob, stride_doh)
+    start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   offs_n, N_K, offs_d, HEAD_DIM)
-    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   offs_n, N_K, offs_d, HEAD_DIM)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    k = _load_tile(_head_ptr(K, bh, H, stride_kb, stride_kh), offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
+    v = _load_tile(_head_ptr(V, bh, H, stride_vb, stride_vh), offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
     LSE += bh * N_Q
     DELTA += bh * N_Q
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -312,29 +313,26 @@ def _attention_backward_dkdv_kernel(
         lo = 0
         full_start = 0
     dk, dv = _backward_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+        dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, full_start, N_Q, N_K, causal_offset,
         HEAD_DIM, BLOCK_M, True, DROPOUT, DOT_PRECISION,
     )
     dk, dv = _backward_dkdv_inner(
-        dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, LSE, DELTA,
+        dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, full_start, N_Q, N_Q, N_K, causal_offset,
         HEAD_DIM, BLOCK_M, False, DROPOUT, DOT_PRECISION,
     )
 
     # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
     dk = dk * scale
-    store_mask = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_mask)
+    _store_tile(_head_ptr(DK, bh, H, stride_dkb, stride_dkh), dk, offs_n, N_K, stride_dkn, offs_d, stride_dkd, HEAD_DIM)
+    _store_tile(_head_ptr(DV, bh, H, stride_dvb, stride_dvh), dv, offs_n, N_K, stride_dvn, offs_d, stride_dvd, HEAD_DIM)
 
 
 @triton.jit
 def _backward_dq_inner(
     dq, q, do, lse, delta,
-    k_ptrs, v_ptrs, stride_kn, stride_vn,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -345,8 +343,8 @@ def _backward_dq_inner(
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_ptrs + start_n * stride_kn, offs_n, N_K, offs_d, HEAD_DIM)
-        v = _load_tile(v_ptrs + start_n * stride_vn, offs_n, N_K, offs_d, HEAD_DIM)
+        k = _load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
+        v = _load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
         # P = 2^(s - LSE), recomputed
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
@@ -384,22 +382,16 @@ def _attention_backward_dq_kernel(
     DQ: (B, H, Nq, D) gradient of the queries, written here in the input dtype, any strides.
     The remaining arguments mean what they mean in the dK/dV kernel.
     """
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    off_b = bh // H
-    off_h = bh % H
-    start_m = pid_m * BLOCK_M
+    K = _head_ptr(K, bh, H, stride_kb, stride_kh)
+    V = _head_ptr(V, bh, H, stride_vb, stride_vh)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, N_Q, offs_d, HEAD_DIM)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, N_Q, offs_d, HEAD_DIM)
+    q = _load_tile(_head_ptr(Q, bh, H, stride_qb, stride_qh), offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
+    do = _load_tile(_head_ptr(DO, bh, H, stride_dob, stride_doh), offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634
 
@@ -412,20 +404,19 @@ def _attention_backward_dq_kernel(
         full_end = N_K // BLOCK_N * BLOCK_N
         hi = N_K
     dq = _backward_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
         HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
     )
     dq = _backward_dq_inner(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+        dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
         HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
     )
 
     # dQ = scale * sum_j dS_ij k_j
     dq = dq * scale
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(_head_ptr(DQ, bh, H, stride_dqb, stride_dqh), dq, offs_m, N_Q, stride_dqm, offs_d, stride_dqd, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,9 +453,9 @@ def _dropout_mask_kernel(
 _CONFIGS = {
     # Hopper (sm_90): wgmma wants 64-row warpgroup tiles; 228 KB of shared memory allows deep pipelines.
     ("sm90", "16bit"): {
-        16: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        32: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        64: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        16: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        32: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        64: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
         128: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
         256: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
     },
@@ -477,9 +468,9 @@ _CONFIGS = {
     },
     # Ampere (sm_80): mma.sync tiles, 164 KB of shared memory.
     ("sm80", "16bit"): {
-        16: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        32: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        64: {"forward": (128, 64, 4, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        16: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        32: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        64: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
         128: {"forward": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
         256: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
     },
@@ -715,3 +706,77 @@ def attention_dropout_mask(q, k, dropout_p, seed=None):
     grid = (triton.cdiv(N_Q, block), triton.cdiv(N_K, block), B * H)
     _dropout_mask_kernel[grid](mask, H, N_Q, N_K, float(dropout_p), seed, BLOCK_M=block, BLOCK_N=block)
     return mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped configurations, for the compile report
+# --------------------------------------------------------------------------------------------------
+
+_POINTER_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_SHIPPED_KERNELS = {
+    "preprocess": _attention_backward_preprocess_kernel,
+    "forward": _attention_forward_kernel,
+    "dkdv": _attention_backward_dkdv_kernel,
+    "dq": _attention_backward_dq_kernel,
+}
+
+
+def _argument_type(name, pointer):
+    if name.startswith("stride_"):
+        return "i32"
+    if name in ("LSE", "DELTA"):
+        return "*fp32"
+    if name in ("H", "N_Q", "N_K", "seed"):
+        return "i32"
+    if name in ("scale", "dropout_p"):
+        return "fp32"
+    return pointer  # Q, K, V, O, DO, DQ, DK, DV
+
+
+def _kernel_entry(kernel_name, dtype, head_dim, capability, causal, dropout):
+    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case."""
+    kernel = _SHIPPED_KERNELS[kernel_name]
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+    if kernel_name == "preprocess":
+        constexprs["BLOCK_M"] = _PREPROCESS_BLOCK_M
+        num_warps, num_stages = 4, 1
+    else:
+        block_m, block_n, num_warps, num_stages = _CONFIGS[_table(dtype, capability)][_block_d(head_dim)][kernel_name]
+        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout,
+                          DOT_PRECISION=_dot_precision(dtype))
+    # The last dimension is contiguous in every realistic call and Triton's JIT specialises a stride of 1
+    # into a constant, so the report compiles what the GPU runs: the dim strides (stride_*d) are constexpr 1.
+    for name in kernel.arg_names:
+        if name.startswith("stride_") and name.endswith("d"):
+            constexprs[name] = 1
+    signature = {
+        name: "constexpr" if name in constexprs else _argument_type(name, _POINTER_TYPE[dtype])
+        for name in kernel.arg_names
+    }
+    dtype_name = str(dtype).replace("torch.", "")
+    flags = "" if kernel_name == "preprocess" else f"{'_causal' if causal else ''}{'_dropout' if dropout else ''}"
+    return {
+        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}_sm{capability[0]}{capability[1]}",
+        "kernel": kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "capability": capability,  # the GPU generation whose table this entry comes from
+    }
+
+
+def shipped_kernel_configs():
+    """Every launch the tables above can make on sm_90 and sm_80: for each dtype and head-size class
+    (16, 32, 64, 128, 256 and the padded 48 and 96), the forward, dK/dV and dQ kernels, causal, with and
+    without dropout (dropout's random numbers cost registers), plus the delta preprocess kernel.
+    Each entry has "capability" (major, minor): the GPU generation whose table it comes from."""
+    entries = []
+    for capability in ((9, 0), (8, 0)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in (16, 32, 48, 64, 96, 128, 256):
+                entries.append(_kernel_entry("preprocess", dtype, head_dim, capability, False, False))
+                for kernel_name in ("forward", "dkdv", "dq"):
+                    for dropout in (False, True):
+                        entries.append(_kernel_entry(kernel_name, dtype, head_dim, capability, True, dropout))
+    return entries
