@@ -1,0 +1,253 @@
+"""kernels.attention against the eager attention in float64: values and the three gradients, over sequence
+lengths, head sizes, causal and full attention, dtypes, strides and magnitudes; dropout; bad input.
+
+On CPU the kernels run through Triton's interpreter with 32 x 32 blocks, so the shapes are small but cover
+lengths that are not multiples of a block, several blocks, and the causal diagonal in every position."""
+
+import math
+
+import pytest
+import torch
+from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
+
+import kernels
+from kernels import attention, attention_dropout_mask
+
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
+SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
+HEAD_SIZES = [8, 16, 32, 48, 64, 80, 96, 128, 256]
+
+
+def eager_attention(q, k, v, causal=True, scale=None, keep=None, dropout_p=0.0):
+    """The eager math, in the inputs' dtype: softmax(scale q k^T + mask) [* keep / (1 - p)] v.
+    With causal and Nq > Nk the first Nq - Nk queries see no key; their output (and gradient) is 0."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        rows = torch.arange(n_q, device=q.device)[:, None]
+        cols = torch.arange(n_k, device=q.device)[None, :]
+        visible = cols <= rows + (n_k - n_q)
+        sees_a_key = visible.any(-1, keepdim=True)
+        # Rows that see nothing get uniform scores and are then zeroed, so no NaN reaches the gradients.
+        scores = scores.masked_fill(~visible & sees_a_key, float("-inf"))
+        weights = torch.softmax(scores, dim=-1) * sees_a_key
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    if keep is not None:
+        weights = weights * keep / (1.0 - dropout_p)
+    return weights @ v
+
+
+def make_inputs(B, H, n_q, n_k, D, dtype, device, magnitude=1.0):
+    q = torch.randn(B, H, n_q, D, device=device) * magnitude
+    k = torch.randn(B, H, n_k, D, device=device) * magnitude
+    v = torch.randn(B, H, n_k, D, device=device)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def values_and_grads(fn, inputs, grad_out):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return [out, *grads]
+
+
+def check_against_reference(q, k, v, grad_out=None, causal=True, scale=None, keep=None, dropout_p=0.0,
+                            floor_scale=1.0, **attention_kwargs):
+    """Fused (out, dq, dk, dv) vs the float64 eager reference, by the error rule against eager run in the
+    inputs' dtype; `floor_scale` multiplies the rule's absolute floor (for inputs far from magnitude 1)."""
+    dtype = q.dtype
+    if grad_out is None:
+        grad_out = torch.randn(q.shape, device=q.device, dtype=dtype)
+    fused = values_and_grads(
+        lambda q, k, v: attention(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, **attention_kwargs),
+        (q, k, v), grad_out)
+
+    def eager(*inputs):
+        return eager_attention(*inputs, causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
+
+    reference = values_and_grads(eager, [t.double() for t in (q, k, v)], grad_out.double())
+    low = values_and_grads(eager, (q, k, v), grad_out)
+    for name, f, e, r in zip(("out", "dq", "dk", "dv"), fused, low, reference):
+        assert f.dtype == dtype, f"{name} has dtype {f.dtype}"
+        assert_within_error_rule(f, e, r, floor=ABSOLUTE_FLOOR[dtype] * floor_scale, name=name)
+    return fused
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("n_q,n_k", SEQUENCE_LENGTHS, ids=lambda n: str(n))
+def test_matches_reference_over_sequence_lengths(device, dtype, causal, n_q, n_k):
+    torch.manual_seed(n_q * 1000 + n_k)
+    B, H = (2, 1) if n_q * n_k > 10_000 else (1, 2)
+    check_against_reference(*make_inputs(B, H, n_q, n_k, 32, dtype, device), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+def test_matches_reference_over_head_sizes(device, dtype, head_size):
+    torch.manual_seed(head_size)
+    check_against_reference(*make_inputs(1, 2, 40, 40, head_size, dtype, device), causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_custom_scale(device, dtype):
+    torch.manual_seed(1)
+    check_against_reference(*make_inputs(2, 1, 50, 50, 32, dtype, device), causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_magnitude_inputs_stay_finite_and_accurate(device, dtype):
+    # Scores of thousands: a softmax without the running max would overflow. Eager fp16 math itself
+    # overflows (q.k > 65504) beyond about x30, so fp16 uses x30 and fp32 x100. The softmax saturates, so
+    # eager's dS = P (dP - rowsum(P dP)) is exactly 0 where the kernel's uses delta = rowsum(dO O), equal only
+    # up to rounding at |dO||V|; dQ, dK multiply that by |K|, |Q| ~ magnitude, hence the floor's factor.
+    torch.manual_seed(2)
+    magnitude = 100.0 if dtype == torch.float32 else 30.0
+    q, k, v = make_inputs(1, 2, 70, 70, 16, dtype, device, magnitude=magnitude)
+    fused = check_against_reference(q, k, v, causal=True, floor_scale=magnitude)
+    assert all(torch.isfinite(t).all() for t in fused)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs_sliced_from_one_projection(device, dtype):
+    """q, k, v as the fused module makes them: views into one (B, T, 3, H, D) projection, transposed to
+    (B, H, T, D); and a grad_out that is itself a transposed view. No copy is needed, none is made."""
+    torch.manual_seed(3)
+    B, T, H, D = 2, 45, 2, 24
+    qkv = torch.randn(B, T, 3, H, D, device=device).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and q.stride(-2) == 3 * H * D
+    grad_out = torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2)
+    check_against_reference(q, k, v, grad_out=grad_out, causal=True)
+    # a head-size stride other than 1 works too
+    wide = torch.randn(1, 2, 30, 2 * D, device=device).to(dtype)
+    check_against_reference(wide[..., ::2], wide[..., 1::2], wide[..., ::2].flip(-2), causal=False)
+
+
+def test_output_layout_merges_heads_without_a_copy(device):
+    q, k, v = make_inputs(2, 3, 20, 20, 16, torch.float32, device)
+    out = attention(q, k, v)
+    merged = out.transpose(1, 2).reshape(2, 20, 48)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+
+
+def test_queries_that_see_no_key_output_zero_with_zero_gradients(device):
+    # causal with Nq > Nk: query i sees keys j <= i - (Nq - Nk), so the first Nq - Nk queries see none
+    torch.manual_seed(4)
+    q, k, v = make_inputs(1, 2, 40, 9, 16, torch.float32, device)
+    out = attention(q, k, v, causal=True)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out[:, :, :31], torch.zeros_like(out[:, :, :31]))
+    assert torch.equal(q.grad[:, :, :31], torch.zeros_like(q.grad[:, :, :31]))
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_backward_is_deterministic(device):
+    torch.manual_seed(5)
+    inputs = make_inputs(1, 2, 70, 70, 32, DTYPES[-1], device)
+    grad_out = torch.randn(1, 2, 70, 32, device=device).to(DTYPES[-1])
+    first = values_and_grads(attention, inputs, grad_out)
+    second = values_and_grads(attention, inputs, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_output_different_seed_different_output(device):
+    q, k, v = make_inputs(2, 2, 33, 33, 16, torch.float32, device)
+    torch.manual_seed(10)
+    first = attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(10)
+    again = attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(11)
+    other = attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert torch.equal(attention(q, k, v, dropout_p=0.3, seed=7), attention(q, k, v, dropout_p=0.3, seed=7))
+
+
+def test_dropout_mask_is_fresh_per_head_and_keeps_the_right_fraction(device):
+    q = torch.randn(2, 3, 64, 16, device=device)
+    keep = attention_dropout_mask(q, q, 0.25, seed=123)
+    assert keep.shape == (2, 3, 64, 64) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.75) < 0.02  # 24576 draws: 5 standard errors
+    flat = keep.flatten(0, 1)
+    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, 6))
+    assert torch.equal(attention_dropout_mask(q, q, 0.0, seed=123), torch.ones_like(keep))
+
+
+def test_no_dropout_draws_no_random_number(device):
+    q, k, v = make_inputs(1, 1, 8, 8, 16, torch.float32, device)
+    torch.manual_seed(0)
+    attention(q, k, v, dropout_p=0.0)
+    after_call = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after_call, torch.rand(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal,n_q,n_k", [(True, 70, 70), (False, 30, 75), (True, 75, 30)])
+def test_dropout_matches_eager_with_the_helpers_mask_values_and_gradients(device, dtype, causal, n_q, n_k):
+    """The seeded forward and its backward equal the eager path that applies the helper's mask."""
+    torch.manual_seed(12)
+    q, k, v = make_inputs(1, 2, n_q, n_k, 32, dtype, device)
+    grad_out = torch.randn(q.shape, device=device).to(dtype)
+    torch.manual_seed(99)
+    keep = attention_dropout_mask(q, k, 0.2)
+    assert not keep.all()
+    torch.manual_seed(99)  # the attention call inside draws the same seed as the helper did
+    check_against_reference(q, k, v, grad_out=grad_out, causal=causal, keep=keep, dropout_p=0.2)
+
+
+def test_dropout_mean_over_seeds_approaches_no_dropout_output(device):
+    torch.manual_seed(13)
+    q, k, v = (t.detach() for t in make_inputs(1, 1, 16, 16, 16, torch.float32, device))
+    expected = attention(q, k, v)
+    samples = torch.stack([attention(q, k, v, dropout_p=0.5, seed=seed) for seed in range(100)])
+    standard_error = samples.std(0) / math.sqrt(len(samples))
+    assert ((samples.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    q, k, v = (torch.randn(1, 2, 8, 16, device=device) for _ in range(3))
+    cases = [
+        (ValueError, "4 dimensions", lambda: attention(q[0], k[0], v[0])),
+        (ValueError, "4 dimensions", lambda: attention(q, k, v[None])),
+        (ValueError, "batch and heads", lambda: attention(q, torch.randn(2, 2, 8, 16, device=device), v)),
+        (ValueError, "batch and heads", lambda: attention(q, k, torch.randn(1, 3, 8, 16, device=device))),
+        (ValueError, "head size", lambda: attention(q, torch.randn(1, 2, 8, 32, device=device), v)),
+        (ValueError, "same sequence length", lambda: attention(q, k, torch.randn(1, 2, 9, 16, device=device))),
+        (TypeError, "dtype", lambda: attention(q, k.half(), v)),
+        (TypeError, "dtype", lambda: attention(q.double(), k.double(), v.double())),
+        (TypeError, "dtype", lambda: attention(q.int(), k.int(), v.int())),
+        (TypeError, "torch.Tensor", lambda: attention(q, k.tolist(), v)),
+        (ValueError, "is on", lambda: attention(q, k.to("meta"), v)),
+        (ValueError, "head size 257", lambda: attention(*(torch.randn(1, 1, 4, 257, device=device),) * 3)),
+        (ValueError, "empty", lambda: attention(q[:, :, :0], k, v)),
+        (ValueError, "dropout_p", lambda: attention(q, k, v, dropout_p=1.0)),
+        (ValueError, "dropout_p", lambda: attention(q, k, v, dropout_p=-0.1)),
+        (ValueError, "scale", lambda: attention(q, k, v, scale=0.0)),
+        (ValueError, "scale", lambda: attention(q, k, v, scale=float("nan"))),
+        (ValueError, "scale", lambda: attention(q, k, v, scale=float("inf"))),
+        (ValueError, "seed", lambda: attention(q, k, v, dropout_p=0.1, seed=-1)),
+        (ValueError, "dropout_p", lambda: attention_dropout_mask(q, k, 1.5)),
+    ]
+    for error, words, call in cases:
+        with pytest.raises(error, match=words):
+            call()
+
+
+def test_public_api():
+    assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
