@@ -5,6 +5,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from .flash_attention import attention
+from .layer_norm import add_layer_norm, layer_norm
 
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")
 
@@ -60,3 +61,56 @@ class FusedMultiHeadAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as the eager torch.cat gives them
         return self.dropout(self.proj(out))
+
+
+class FusedLayerNorm(nn.Module):
+    """LayerNorm over the last dimension by the Triton kernels, a drop-in for `torch.nn.LayerNorm`: the
+    same arguments, parameters (`weight` ones, `bias` zeros), state-dict keys and repr, so
+    `load_state_dict` moves weights either way. Only a one-dimensional `normalized_shape` is supported.
+
+    `add_and_norm(x, residual)` returns (layer_norm(x + residual), x + residual) in one kernel pass:
+    the residual stream's "add, then this norm".
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        normalized_shape = tuple(normalized_shape)
+        if len(normalized_shape) != 1:
+            raise ValueError(
+                f"FusedLayerNorm normalizes the last dimension only: normalized_shape must have one entry, "
+                f"got {normalized_shape}"
+            )
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(normalized_shape, **factory))
+        else:
+            self.register_parameter("weight", None)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(normalized_shape, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_width(self, x):
+        if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
+            raise ValueError(f"expected input with last dimension {self.normalized_shape[0]}, got shape {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_width(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_and_norm(self, x, residual):
+        self._check_width(x)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+    extra_repr = nn.LayerNorm.extra_repr  # the same attributes, so torch's own repr, whatever its version

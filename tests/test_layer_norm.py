@@ -1,0 +1,271 @@
+"""kernels.layer_norm / add_layer_norm / FusedLayerNorm against torch's LayerNorm in float64."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import DTYPES, assert_within_error_rule
+
+from kernels import FusedLayerNorm, add_layer_norm, layer_norm
+
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
+EPS = 1e-5
+
+# (shape, with weight, with bias). Widths around every tile boundary: one element, odd, the decoder's
+# 384, not a power of two, just past a power of two, streamed in the backward only (10000), streamed in
+# both directions with a ragged last chunk (20000), and the widest checked (65536); one row and many.
+LAYER_NORM_CASES = [
+    ((1, 1), True, True),
+    ((37, 1), True, True),
+    ((1, 7), True, True),
+    ((37, 7), True, True),
+    ((1, 384), True, True),
+    ((300, 384), True, True),
+    ((37, 384), True, False),
+    ((37, 384), False, True),
+    ((37, 384), False, False),
+    ((37, 1000), True, True),
+    ((1, 4097), True, True),
+    ((5, 4097), True, True),
+    ((3, 10000), True, True),
+    ((3, 20000), True, True),
+    ((3, 20000), False, False),
+    ((3, 20000), True, False),
+    ((1, 65536), True, True),
+    ((2, 65536), True, True),
+    ((2, 9, 384), True, True),
+    ((3, 5, 7), False, True),
+]
+
+
+def _random(shape, generator, scale=1.0, offset=0.0):
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset
+
+
+def _leaf(tensor, dtype, device):
+    return None if tensor is None else tensor.detach().to(device=device, dtype=dtype).clone().requires_grad_()
+
+
+def _grads(*tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+def _assert_grads_within_error_rule(fused, eager, reference, names):
+    for fused_grad, eager_grad, reference_grad, name in zip(fused, eager, reference, names):
+        if reference_grad is None:
+            assert fused_grad is None, f"{name}: unexpected gradient"
+        else:
+            assert_within_error_rule(fused_grad, eager_grad, reference_grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, has_weight, has_bias", LAYER_NORM_CASES)
+def test_layer_norm_matches_float64_reference(device, dtype, shape, has_weight, has_bias):
+    generator = torch.Generator().manual_seed(hash((shape, has_weight, has_bias)) % 2**31)
+    width = shape[-1]
+    x = _random(shape, generator, scale=2.0, offset=0.5)  # a mean well away from zero
+    weight = _random(width, generator, scale=0.5, offset=1.0) if has_weight else None
+    bias = _random(width, generator) if has_bias else None
+    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))  # every run sees these
+    dy = _random(shape, generator).to(device=device, dtype=dtype)
+
+    def run(dtype, fn):
+        leaves = [_leaf(t, dtype, device) for t in (x, weight, bias)]
+        out = fn(*leaves)
+        out.backward(dy.to(dtype))
+        return out, _grads(*leaves)
+
+    fused, fused_grads = run(dtype, lambda x, w, b: layer_norm(x, w, b, EPS))
+    eager, eager_grads = run(dtype, lambda x, w, b: F.layer_norm(x, (width,), w, b, EPS))
+    reference, reference_grads = run(torch.float64, lambda x, w, b: F.layer_norm(x, (width,), w, b, EPS))
+
+    assert fused.dtype == dtype and fused.shape == x.shape
+    assert_within_error_rule(fused, eager, reference, name="y")
+    _assert_grads_within_error_rule(fused_grads, eager_grads, reference_grads, ("x", "weight", "bias"))
+
+
+# (shape, with weight, with bias): the add + norm over the same width classes.
+ADD_LAYER_NORM_CASES = [
+    ((1, 7), True, True),
+    ((300, 384), True, True),
+    ((2, 9, 384), False, False),
+    ((5, 4097), True, True),
+    ((3, 10000), True, False),
+    ((3, 20000), True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, has_weight, has_bias", ADD_LAYER_NORM_CASES)
+def test_add_layer_norm_matches_eager_composite(device, dtype, shape, has_weight, has_bias):
+    generator = torch.Generator().manual_seed(hash((shape, has_weight)) % 2**31)
+    width = shape[-1]
+    inputs = [
+        _random(shape, generator, scale=2.0, offset=0.5),
+        _random(shape, generator),
+        _random(width, generator, scale=0.5, offset=1.0) if has_weight else None,
+        _random(width, generator) if has_bias else None,
+    ]
+    inputs = [None if t is None else t.to(dtype) for t in inputs]  # the same rounded inputs for every run
+    dy, ds = (_random(shape, generator).to(device=device, dtype=dtype) for _ in range(2))
+
+    def run(dtype, fn):
+        leaves = [_leaf(t, dtype, device) for t in inputs]
+        y, s = fn(*leaves)
+        torch.autograd.backward((y, s), (dy.to(dtype), ds.to(dtype)))  # gradients from both outputs
+        return y, s, _grads(*leaves)
+
+    def eager_composite(x, residual, w, b):
+        s = x + residual
+        return F.layer_norm(s, (width,), w, b, EPS), s
+
+    fused_y, fused_s, fused_grads = run(dtype, lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS))
+    eager_y, eager_s, eager_grads = run(dtype, eager_composite)
+    reference_y, reference_s, reference_grads = run(torch.float64, eager_composite)
+
+    torch.testing.assert_close(fused_s, eager_s, rtol=0, atol=0)  # the same rounded sum as torch's add
+    assert_within_error_rule(fused_y, eager_y, reference_y, name="y")
+    _assert_grads_within_error_rule(fused_grads, eager_grads, reference_grads, ("x", "residual", "weight", "bias"))
+
+
+@pytest.mark.parametrize("used_output", ["y", "s"])
+def test_add_layer_norm_with_one_output_used(device, used_output):
+    generator = torch.Generator().manual_seed(3)
+    x, residual = (_random((6, 384), generator).float().to(device).requires_grad_() for _ in range(2))
+    weight, bias = (_random(384, generator).float().to(device).requires_grad_() for _ in range(2))
+    y, s = add_layer_norm(x, residual, weight, bias)
+    (y if used_output == "y" else s).pow(2).sum().backward()
+    fused_grads = _grads(x, residual, weight, bias)
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, residual, weight, bias)]
+    s64 = leaves[0] + leaves[1]
+    y64 = F.layer_norm(s64, (384,), leaves[2], leaves[3], EPS)
+    (y64 if used_output == "y" else s64).pow(2).sum().backward()
+    for fused_grad, leaf, name in zip(fused_grads, leaves, ("x", "residual", "weight", "bias")):
+        expected = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        if fused_grad is None:  # weight and bias do not reach s
+            assert used_output == "s" and name in ("weight", "bias")
+            continue
+        torch.testing.assert_close(fused_grad.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(200, 384), (12, 10000)], ids=["one-tile-rows", "streamed-rows"])
+def test_backward_is_deterministic(device, dtype, shape):
+    """Many programs add partial dweight / dbias rows; two runs must agree to the bit."""
+    generator = torch.Generator().manual_seed(4)
+    x, residual, dy, ds = (_random(shape, generator).to(device=device, dtype=dtype) for _ in range(4))
+    weight, bias = (_random(shape[-1], generator).to(device=device, dtype=dtype) for _ in range(2))
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+        y, s = add_layer_norm(*leaves)
+        torch.autograd.backward((y, s), (dy, ds))
+        return _grads(*leaves)
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+def test_strided_inputs_and_expanded_gradients(device):
+    """A row-strided view is read in place, a column-strided one is copied; an expanded (stride-0)
+    gradient, as y.sum().backward() gives, is handled."""
+    generator = torch.Generator().manual_seed(5)
+    base = _random((12, 500), generator).float().to(device)
+    weight = _random(384, generator).float().to(device).requires_grad_()
+    for x in (base[:, :384], base[:, ::2][:, :200], base.t()[:384]):
+        x = x.detach().requires_grad_()
+        w = weight[: x.shape[-1]].detach().requires_grad_()
+        layer_norm(x, w).sum().backward()
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        F.layer_norm(x64, (x.shape[-1],), w64, None, EPS).sum().backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_no_rows(device):
+    x = torch.randn(0, 384, device=device, requires_grad=True)
+    weight = torch.randn(384, device=device, requires_grad=True)
+    bias = torch.randn(384, device=device, requires_grad=True)
+    y = layer_norm(x, weight, bias)
+    assert y.shape == (0, 384)
+    y.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module.
+
+
+@pytest.mark.parametrize("elementwise_affine, bias", [(True, True), (True, False), (False, True)])
+def test_fused_layer_norm_is_a_drop_in_for_nn_layer_norm(device, elementwise_affine, bias):
+    torch.manual_seed(6)
+    eager = nn.LayerNorm(384, eps=1e-6, elementwise_affine=elementwise_affine, bias=bias, device=device)
+    for parameter in eager.parameters():
+        nn.init.normal_(parameter)
+    fused = FusedLayerNorm(384, eps=1e-6, elementwise_affine=elementwise_affine, bias=bias, device=device)
+
+    assert fused.normalized_shape == eager.normalized_shape == (384,)
+    assert repr(fused) == repr(eager).replace("LayerNorm", "FusedLayerNorm")
+    fresh = nn.LayerNorm(384, elementwise_affine=elementwise_affine, bias=bias, device=device).state_dict()
+    assert {k: v.tolist() for k, v in fused.state_dict().items()} == {k: v.tolist() for k, v in fresh.items()}
+
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 9, 384, device=device)
+    torch.testing.assert_close(fused(x), eager(x), rtol=1e-5, atol=1e-5)
+    eager.load_state_dict(fused.state_dict())  # and back
+
+
+def test_fused_layer_norm_add_and_norm(device):
+    torch.manual_seed(7)
+    norm = FusedLayerNorm(384, device=device)
+    nn.init.normal_(norm.weight)
+    x, residual = torch.randn(2, 5, 384, device=device), torch.randn(2, 5, 384, device=device)
+    y, s = norm.add_and_norm(x, residual)
+    torch.testing.assert_close(s, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(y, norm(x + residual), rtol=0, atol=0)
+
+
+def test_fused_layer_norm_options(device):
+    norm = FusedLayerNorm([64], dtype=torch.float16, device=device)
+    assert norm.normalized_shape == (64,) and norm.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="last dimension only"):
+        FusedLayerNorm((4, 64))
+    with pytest.raises(ValueError, match="last dimension 64"):
+        norm(torch.randn(3, 32, dtype=torch.float16, device=device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything reaches Triton.
+
+
+def test_bad_inputs(device):
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(8, device=device)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        layer_norm(x, torch.randn(7, device=device))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        layer_norm(x, w, torch.randn(1, 8, device=device))
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        layer_norm(torch.ones(4, 8, dtype=torch.long, device=device))
+    with pytest.raises(TypeError, match="weight has dtype torch.int32"):
+        layer_norm(x, torch.ones(8, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
+        layer_norm(x, w.half())
+    with pytest.raises(ValueError, match="weight is on meta"):
+        layer_norm(x, torch.empty(8, device="meta"))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer_norm([1.0, 2.0])
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        layer_norm(torch.tensor(1.0, device=device))
+    with pytest.raises(ValueError, match="non-empty last dimension"):
+        layer_norm(torch.randn(4, 0, device=device))
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        layer_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match=r"residual shape \(4, 7\) must equal x shape \(4, 8\)"):
+        add_layer_norm(x, torch.randn(4, 7, device=device))
+    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
+        add_layer_norm(x, x.half())
+    with pytest.raises(ValueError, match="residual is on meta"):
+        add_layer_norm(x, torch.empty(4, 8, device="meta"))

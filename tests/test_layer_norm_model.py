@@ -1,0 +1,70 @@
+"""The GPT with the fused LayerNorm (alone, and with the fused attention too) against the eager GPT on
+the same weights: logits and every parameter's gradient, and checkpoints moving both ways."""
+
+import pytest
+import torch
+from conftest import assert_within_error_rule
+
+from gpt.model import GPT, GPTConfig
+from kernels import FusedLayerNorm
+
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
+TINY = dict(vocab_size=19, block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+
+
+def _batch(device, generator):
+    idx = torch.randint(0, TINY["vocab_size"], (3, 11), generator=generator).to(device)
+    targets = torch.randint(0, TINY["vocab_size"], (3, 11), generator=generator).to(device)
+    return idx, targets
+
+
+def _logits_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ["eager", "triton"])
+def test_fused_layernorm_gpt_matches_eager(device, attention):
+    generator = torch.Generator().manual_seed(0)
+    eager = GPT(GPTConfig(**TINY)).to(device)
+    # Non-trivial norm parameters, so a swapped weight and bias would show.
+    with torch.no_grad():
+        for name, parameter in eager.named_parameters():
+            if name.split(".")[-2].startswith("ln"):
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator).to(device))
+    fused = GPT(GPTConfig(**TINY, layernorm="triton", attention=attention)).to(device)
+    fused.load_state_dict(eager.state_dict())
+    assert all(isinstance(m, FusedLayerNorm) for m in (fused.ln_f, fused.blocks[0].ln1, fused.blocks[0].ln2))
+    reference = GPT(GPTConfig(**TINY)).to(device).double()
+    reference.load_state_dict(eager.state_dict())
+
+    idx, targets = _batch(device, generator)
+    fused_logits, fused_grads = _logits_and_grads(fused, idx, targets)
+    eager_logits, eager_grads = _logits_and_grads(eager, idx, targets)
+    reference_logits, reference_grads = _logits_and_grads(reference, idx, targets)
+
+    assert_within_error_rule(fused_logits, eager_logits, reference_logits, name="logits")
+    assert fused_grads.keys() == reference_grads.keys()
+    for name in reference_grads:
+        assert_within_error_rule(fused_grads[name], eager_grads[name], reference_grads[name], name=f"grad {name}")
+
+
+def test_checkpoints_move_both_ways(device):
+    generator = torch.Generator().manual_seed(1)
+    fused = GPT(GPTConfig(**TINY, layernorm="triton")).to(device)
+    with torch.no_grad():
+        for parameter in fused.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(device))
+    eager = GPT(GPTConfig(**TINY)).to(device)
+    eager.load_state_dict(fused.state_dict())  # trained fused, loaded eager (strict: the same keys)
+    round_trip = GPT(GPTConfig(**TINY, layernorm="triton")).to(device)
+    round_trip.load_state_dict(eager.state_dict())
+
+    idx, _ = _batch(device, generator)
+    with torch.no_grad():
+        fused_logits, eager_logits, round_trip_logits = (m.eval()(idx)[0] for m in (fused, eager, round_trip))
+    torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(round_trip_logits, fused_logits, rtol=0, atol=0)
