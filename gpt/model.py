@@ -125,6 +125,9 @@ class Block(nn.Module):
         self.ln2 = make_layernorm(config)
 
     def forward(self, x):
+        if hasattr(self.ln2, "add_and_norm"):  # the fused norm: the residual add and ln2 in one kernel pass
+            h, x = self.ln2.add_and_norm(self.sa(self.ln1(x)), x)
+            return x + self.ffwd(h)
         x = x + self.sa(self.ln1(x))
         x = x + self.ffwd(self.ln2(x))
         return x
