@@ -169,8 +169,23 @@ class GPT(nn.Module):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got range [{int(idx.min())}, {int(idx.max())}]"
             )
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        if idx.device != self.lm_head.weight.device:
+            raise ValueError(f"idx is on {idx.device} but the model is on {self.lm_head.weight.device}")
+        if targets is None:
+            return
+        if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+            got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise TypeError(f"targets must be a tensor of int64 or int32 token ids, got {got}")
+        if targets.shape != idx.shape or targets.device != idx.device:
+            raise ValueError(
+                f"targets ({tuple(targets.shape)} on {targets.device}) must match "
+                f"idx ({tuple(idx.shape)} on {idx.device})"
+            )
+        if targets.min() < 0 or targets.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"targets must lie in [0, {self.config.vocab_size}), "
+                f"got range [{int(targets.min())}, {int(targets.max())}]"
+            )
 
     def forward(self, idx, targets=None):
         self._check_input(idx, targets)
@@ -181,7 +196,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T).long())
         return logits, loss
 
     @torch.no_grad()

@@ -1,0 +1,351 @@
+"""gpt-train: train the character-level GPT on the default corpus or any UTF-8 text file.
+
+    gpt-train --preset cpu                                # ~2 minutes on 2 CPU cores
+    gpt-train --preset reference --data input.txt         # the reference model, on a GPU
+    torchrun --nproc_per_node=4 -m gpt.train --preset reference
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel: every rank draws its own
+batches, gradients are averaged by DDP, and only rank 0 logs, evaluates, writes checkpoints and samples.
+"""
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from gpt.data import CharTokenizer, TextDataset, load_text
+from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
+
+CHECKPOINT_NAME = "ckpt.pt"
+
+# Values a preset sets; any flag given explicitly on the command line overrides them.
+PRESETS = {
+    # A tiny model that visibly learns in about two minutes on 2 CPU cores.
+    "cpu": dict(
+        n_embd=64, n_head=4, n_layer=3, block_size=64, dropout=0.0,
+        batch_size=32, lr=2e-3, max_iters=600, eval_interval=100, eval_iters=20,
+    ),
+    # The reference design (10.8M parameters with a 65-character vocabulary): a GPU run.
+    "reference": dict(
+        n_embd=384, n_head=6, n_layer=6, block_size=256, dropout=0.2,
+        batch_size=64, lr=3e-4, max_iters=5000, eval_interval=500, eval_iters=200,
+    ),
+}  # fmt: skip
+MODEL_KEYS = ("n_embd", "n_head", "n_layer", "block_size", "dropout")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpt-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, help="starting values for the flags below "
+                   "(default: reference with a CUDA GPU, cpu without)")  # fmt: skip
+    p.add_argument("--data", help="UTF-8 text file to train on (default: the Python standard library's sources)")
+    p.add_argument("--out-dir", default="out", help="where the checkpoint goes (default: out)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="eager")
+    p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, default="eager")
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--batch-size", type=int, help="sequences per step (per rank under torchrun)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--max-iters", type=int, help="total optimizer steps (a resumed run counts on from its checkpoint)")
+    p.add_argument("--eval-interval", type=int, help="steps between loss estimates and checkpoints")
+    p.add_argument("--eval-iters", type=int, help="batches per loss estimate")
+    p.add_argument("--sample-tokens", type=int, default=500, help="characters in the sample printed at the end")
+    args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "reference" if torch.cuda.is_available() else "cpu"
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+        if getattr(args, key) < (0 if key == "max_iters" else 1):
+            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    return args
+
+
+@dataclass
+class Runtime:
+    """Where this process trains, and its place among the DDP ranks (rank 0 of 1 without torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(requested_device=None) -> Runtime:
+    """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on GPUs, gloo on CPU."""
+    if requested_device is not None and requested_device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested_device!r} requested but CUDA is not available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    rank = int(os.environ["RANK"])
+    if torch.cuda.is_available() and requested_device in (None, "cuda"):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return Runtime(device, rank, world_size)
+
+
+def resolve_backends(attention: str, layernorm: str, device, log=print) -> tuple[str, str]:
+    """The backends to build the model with on `device`: Triton only trains on a GPU."""
+    if torch.device(device).type != "cuda" and "triton" in (attention, layernorm):
+        log(
+            "Triton backends need a CUDA GPU: without one only Triton's CPU interpreter can run them, "
+            "far too slowly to train. Using eager attention and layernorm."
+        )
+        return "eager", "eager"
+    return attention, layernorm
+
+
+def wrap_ddp(model: GPT, device: torch.device) -> DistributedDataParallel:
+    # The only buffers are the causal masks, identical everywhere: no need to broadcast them each step
+    # (and rank 0 can run the bare model for evaluation without a collective the other ranks would miss).
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def train_step(model, optimizer, x, y) -> torch.Tensor:
+    """One optimizer step on the batch (x, y); returns this rank's loss, detached.
+    With a DDP-wrapped model, backward averages the gradients across ranks."""
+    _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= runtime.world_size
+    return value
+
+
+def batch_generator(seed: int, runtime: Runtime, step: int) -> torch.Generator:
+    """The random source for one step's batch: distinct for every (rank, step), and the same again
+    after a resume, so a resumed run draws exactly the batches the uninterrupted run would have."""
+    return torch.Generator().manual_seed(seed + runtime.rank + runtime.world_size * step)
+
+
+@torch.no_grad()
+def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int, device, seed: int) -> dict:
+    """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses = {}
+    for split in ("train", "val"):
+        total = 0.0
+        for _ in range(eval_iters):
+            x, y = dataset.get_batch(split, batch_size, device, generator)
+            total += model(x, y)[1].item()
+        losses[split] = total / eval_iters
+    model.train()
+    return losses
+
+
+def save_checkpoint(checkpoint: dict, path) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`: a crash at any moment
+    leaves either the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with gpt-train first")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
+                top_k=None, seed=1337) -> str:  # fmt: skip
+    """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    return tokenizer.decode(out[0])
+
+
+def default_prompt(tokenizer: CharTokenizer) -> str:
+    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place with a carriage return (at most ~10 times a second)."""
+
+    def __init__(self, total: int, start: int = 0, width: int = 30):
+        self.total, self.start, self.width = total, start, width
+        self.started = self.last_draw = time.perf_counter()
+        self.line = ""
+
+    def update(self, step: int, loss: float, force: bool = False):
+        now = time.perf_counter()
+        if not force and now - self.last_draw < 0.1 and step < self.total:
+            return
+        self.last_draw = now
+        filled = self.width * step // max(self.total, 1)
+        rate = (step - self.start) / max(now - self.started, 1e-9)
+        self._draw(f"{step}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] loss {loss:.4f} {rate:.1f} it/s")
+
+    def write(self, message: str):
+        """Print a log line on stdout without leaving a half-drawn bar behind it."""
+        if self.line:
+            self._write("\r" + " " * len(self.line) + "\r")
+        print(message, flush=True)
+        self._write(self.line)
+
+    def close(self):
+        if self.line:
+            self._write("\n")
+        self.line = ""
+
+    def _draw(self, line: str):
+        self._write("\r" + line.ljust(len(self.line)))
+        self.line = line
+
+    @staticmethod
+    def _write(text: str):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run one training job; returns the loss history, the final sample and the checkpoint path."""
+    runtime = setup_runtime(args.device)
+    try:
+        return _train(args, runtime)
+    finally:
+        if runtime.distributed:
+            dist.destroy_process_group()
+
+
+def _train(args, runtime: Runtime) -> dict:
+    log = print if runtime.is_main else (lambda *a, **k: None)
+    checkpoint_path = Path(args.out_dir) / CHECKPOINT_NAME
+    attention, layernorm = resolve_backends(args.attention, args.layernorm, runtime.device, log)
+
+    checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
+    if checkpoint is not None:
+        # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
+        config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
+        tokenizer = CharTokenizer(checkpoint["vocab"])
+        data_path = args.data if args.data is not None else checkpoint["args"].get("data")
+        start_step = checkpoint["step"]
+    else:
+        config = None
+        tokenizer = None
+        data_path = args.data
+        start_step = 0
+    text = load_text(data_path)
+    dataset = TextDataset(text, config.block_size if config else args.block_size, tokenizer)
+    tokenizer = dataset.tokenizer
+    if config is None:
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, attention=attention, layernorm=layernorm,
+                           **{k: getattr(args, k) for k in MODEL_KEYS})  # fmt: skip
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = GPT(config).to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+    torch.manual_seed(args.seed + runtime.rank)  # dropout masks differ per rank
+    trained = wrap_ddp(model, runtime.device) if runtime.distributed else model
+
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
+    ddp_note = f", DDP over {runtime.world_size} ranks" if runtime.distributed else ""
+    resume_note = f" (resumed from {checkpoint_path})" if checkpoint is not None else ""
+    corpus = data_path or "Python standard library sources"
+    log(f"device: {runtime.device} ({device_name}){ddp_note}")
+    log(f"backends: attention={config.attention}, layernorm={config.layernorm}")
+    log(f"data: {corpus} ({len(text):,} characters, vocabulary {tokenizer.vocab_size})")
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, n_layer={config.n_layer}, n_head={config.n_head}, "
+        f"n_embd={config.n_embd}, block_size={config.block_size}, dropout={config.dropout}")  # fmt: skip
+    log(f"training: preset {args.preset}, batch_size={args.batch_size}, lr={args.lr}, "
+        f"steps {start_step} -> {args.max_iters}{resume_note}")  # fmt: skip
+
+    def make_checkpoint(step, losses):
+        return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "vocab": tokenizer.chars, "args": vars(args), "losses": losses}  # fmt: skip
+
+    history = []
+    bar = ProgressBar(args.max_iters, start_step) if runtime.is_main else None
+    step = start_step
+    while True:
+        if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
+            losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
+            history.append((step, losses))
+            bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if step > start_step:
+                save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
+        if step >= args.max_iters:
+            break
+        x, y = dataset.get_batch("train", args.batch_size, runtime.device, batch_generator(args.seed, runtime, step))
+        loss = mean_across_ranks(train_step(trained, optimizer, x, y), runtime).item()
+        step += 1
+        if not math.isfinite(loss):  # the same value on every rank, so every rank stops
+            raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
+        if runtime.is_main:
+            bar.update(step, loss)
+
+    sample = None
+    if runtime.is_main:
+        bar.close()
+        if step > start_step:
+            log(f"checkpoint: {checkpoint_path}")
+        sample = sample_text(model, tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
+        log("---- sample ----")
+        log(sample)
+    if runtime.distributed:
+        dist.barrier()
+    return {"history": history, "sample": sample, "checkpoint": checkpoint_path, "model": model}
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

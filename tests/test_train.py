@@ -1,0 +1,168 @@
+"""gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly,
+checkpoint writes are atomic, the sample CLI prints text, and Triton falls back to eager without a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from gpt.data import CharTokenizer
+from gpt.model import GPT, GPTConfig
+from gpt.sample import main as sample_main
+from gpt.train import PRESETS, load_checkpoint, parse_args, save_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = "the quick brown fox jumps over the lazy dog.\nthe five boxing wizards jump quickly!\n" * 40
+TINY = ["--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--block-size", "16", "--dropout", "0",
+        "--batch-size", "16", "--lr", "1e-2", "--eval-iters", "4", "--sample-tokens", "30"]  # fmt: skip
+
+
+def tiny_run(data, out_dir, device, *extra):
+    return train(parse_args(["--data", str(data), "--out-dir", str(out_dir), "--device", device, *TINY, *extra]))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "input.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(data_file, tmp_path_factory):
+    """One tiny training run shared by the tests that only read its results."""
+    out_dir = tmp_path_factory.mktemp("out")
+    return tiny_run(data_file, out_dir, DEVICE, "--max-iters", "60", "--eval-interval", "30")
+
+
+def test_tiny_training_run_lowers_the_loss_and_prints_a_sample(trained):
+    steps = [step for step, _ in trained["history"]]
+    assert steps == [0, 30, 60]
+    first, last = trained["history"][0][1], trained["history"][-1][1]
+    assert last["train"] < first["train"] - 1.0 and last["val"] < first["val"] - 1.0
+    assert len(trained["sample"]) == 1 + 30  # the newline prompt and 30 new characters
+
+
+def test_checkpoint_round_trip(trained, data_file):
+    checkpoint = load_checkpoint(trained["checkpoint"], DEVICE)
+    assert checkpoint["step"] == 60
+    assert checkpoint["vocab"] == sorted(set(TEXT))
+    assert checkpoint["args"]["data"] == str(data_file)
+    assert set(checkpoint["losses"]) == {"train", "val"}
+    model = GPT(GPTConfig(**checkpoint["config"])).to(DEVICE).eval()
+    model.load_state_dict(checkpoint["model"])
+    original = trained["model"].eval()
+    idx = torch.tensor([CharTokenizer(checkpoint["vocab"]).encode("the lazy dog")], device=DEVICE)
+    torch.testing.assert_close(model(idx)[0], original(idx)[0], rtol=0, atol=0)
+    assert checkpoint["optimizer"]["state"], "the optimizer state is saved for --resume"
+
+
+def test_resume_continues_where_the_run_stopped(data_file, tmp_path, device):
+    straight = tiny_run(data_file, tmp_path / "straight", device, "--max-iters", "20", "--eval-interval", "10")
+    tiny_run(data_file, tmp_path / "split", device, "--max-iters", "10", "--eval-interval", "10")
+    resumed = tiny_run(data_file, tmp_path / "split", device, "--max-iters", "20", "--eval-interval", "10", "--resume")
+    assert [step for step, _ in resumed["history"]] == [10, 20]
+    assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 20
+    # The same batches in the same order with the same optimizer state: the same weights (up to CUDA's
+    # nondeterministic embedding backward).
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(data_file, tmp_path, device):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        tiny_run(data_file, tmp_path, device, "--resume")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1, "weights": torch.arange(5.0)}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+    real_save = torch.save
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.write(b"half of a second checkpoint")
+        raise KeyboardInterrupt("interrupted while writing")
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2, "weights": torch.zeros(5)}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    survivor = load_checkpoint(path)
+    assert survivor["step"] == 1 and torch.equal(survivor["weights"], torch.arange(5.0))
+
+
+def test_triton_falls_back_to_eager_on_cpu(data_file, tmp_path, capsys):
+    result = tiny_run(data_file, tmp_path, "cpu", "--attention", "triton", "--layernorm", "triton",
+                      "--max-iters", "1", "--eval-iters", "1")  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Triton backends need a CUDA GPU" in out
+    assert "attention=eager, layernorm=eager" in out
+    assert result["model"].config.attention == result["model"].config.layernorm == "eager"
+
+
+def test_training_logs_and_progress_bar(data_file, tmp_path, capsys):
+    tiny_run(data_file, tmp_path, "cpu", "--max-iters", "3", "--eval-interval", "3", "--eval-iters", "1")
+    captured = capsys.readouterr()
+    assert "device: cpu" in captured.out and "backends: attention=eager" in captured.out
+    assert "step 3: train loss" in captured.out and "---- sample ----" in captured.out
+    assert "\r3/3 [" in captured.err and "loss" in captured.err
+
+
+def test_presets_and_explicit_flags():
+    args = parse_args(["--preset", "reference"])
+    assert {k: getattr(args, k) for k in PRESETS["reference"]} == PRESETS["reference"]
+    assert (args.n_embd, args.n_head, args.n_layer, args.block_size, args.batch_size) == (384, 6, 6, 256, 64)
+    assert (args.dropout, args.lr, args.max_iters) == (0.2, 3e-4, 5000)
+    args = parse_args(["--preset", "reference", "--lr", "1e-3", "--n-layer", "2"])
+    assert args.lr == 1e-3 and args.n_layer == 2 and args.n_embd == 384
+    assert parse_args([]).preset == ("reference" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("argv", [["--max-iters", "-1"], ["--batch-size", "0"], ["--attention", "flash"]])
+def test_bad_training_flags(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_sample_cli_prints_text(trained):
+    out_dir = trained["checkpoint"].parent
+    command = [sys.executable, "-m", "gpt.sample", "--out-dir", str(out_dir), "--prompt", "the ",
+               "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "5", "--seed", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.rstrip("\n")
+    assert text.startswith("the ") and len(text) == 4 + 40
+    assert set(text) <= set(TEXT)
+
+
+def test_sample_is_reproducible_with_a_seed(trained, capsys):
+    argv = ["--checkpoint", str(trained["checkpoint"]), "--max-new-tokens", "25", "--seed", "7"]
+    sample_main(argv)
+    first = capsys.readouterr().out
+    sample_main(argv)
+    assert capsys.readouterr().out == first and len(first) == 1 + 25 + 1  # prompt, text, print's newline
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "the Zebra"], "not in the vocabulary: 'Z'"),
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--checkpoint", "missing/ckpt.pt"], "no checkpoint at"),
+    ],
+)
+def test_sample_bad_input_is_a_clear_error(trained, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--out-dir", str(trained["checkpoint"].parent), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
