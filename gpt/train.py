@@ -31,7 +31,7 @@ PRESETS = {
     # A tiny model that visibly learns in about two minutes on 2 CPU cores.
     "cpu": dict(
         n_embd=64, n_head=4, n_layer=3, block_size=64, dropout=0.0,
-        batch_size=32, lr=2e-3, max_iters=600, eval_interval=100, eval_iters=20,
+        batch_size=32, lr=2e-3, max_iters=3000, eval_interval=500, eval_iters=20,
     ),
     # The reference design (10.8M parameters with a 65-character vocabulary): a GPU run.
     "reference": dict(
