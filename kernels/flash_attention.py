@@ -446,46 +446,32 @@ def _dropout_mask_kernel(
 # Launch configurations: block sizes, warps and stages per GPU, dtype and padded head size
 # --------------------------------------------------------------------------------------------------
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by
-# BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys and streams
-# BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys. Every entry compiles for its
-# target without register spills (checked with ptxas; see bench/results/compile_report.md).
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by the
+# input precision and BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys
+# and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
+# Chosen for Hopper first: 16-bit tiles of 64+ rows so tl.dot becomes wgmma on sm_90, and the same tiles
+# compile to mma.sync on Ampere (sm_80). The largest tile per kernel that compiles without register spills
+# for both sm_90 and sm_80 (ptxas -v; see bench/results/compile_report.md). Head size 256 needs 32-row tiles
+# to stay in registers, which sm_90 runs as mma.sync rather than wgmma. fp32 is multiplied in true fp32
+# (no tensor cores), whose operands are register-hungry: small tiles.
 _CONFIGS = {
-    # Hopper (sm_90): wgmma wants 64-row warpgroup tiles; 228 KB of shared memory allows deep pipelines.
-    ("sm90", "16bit"): {
-        16: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        32: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        64: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        128: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        256: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
+    "16bit": {
+        16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        32: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        64: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
+        128: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)},
+        256: {"forward": (32, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 16, 4, 1)},
     },
-    ("sm90", "fp32"): {
-        16: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        32: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        64: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        128: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-        256: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
-    },
-    # Ampere (sm_80): mma.sync tiles, 164 KB of shared memory.
-    ("sm80", "16bit"): {
-        16: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        32: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        64: {"forward": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        128: {"forward": (128, 32, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
-        256: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-    },
-    ("sm80", "fp32"): {
-        16: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        32: {"forward": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        64: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)},
-        128: {"forward": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-        256: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)},
+    "fp32": {
+        16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
+        32: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
+        64: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
+        128: {"forward": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 4, 1)},
+        256: {"forward": (16, 16, 4, 1), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 16, 1)},
     },
 }
-# Other GPUs (Volta, Turing, Ada, Blackwell, ...) get Ampere's conservative fp32 table, which fits in
-# the shared memory of every CUDA GPU Triton supports. The CPU interpreter gets small blocks: its cost
-# grows with the number of elements computed, masked or not.
-_DEFAULT_TABLE = ("sm80", "fp32")
+# GPUs older than Ampere have less shared memory: no software pipelining there. The CPU interpreter gets
+# small blocks: its cost grows with the number of elements computed, masked or not.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
 _PREPROCESS_BLOCK_M = 64
 
@@ -494,21 +480,18 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _table(dtype, capability):
-    precision = "fp32" if dtype == torch.float32 else "16bit"
-    if capability[0] == 9:
-        return ("sm90", precision)
-    if capability[0] == 8 and capability[1] == 0:
-        return ("sm80", precision)
-    return _DEFAULT_TABLE
+def _precision(dtype):
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def _launch_config(kernel, head_dim, dtype, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv" or "dq")."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
-    table = _table(dtype, torch.cuda.get_device_capability(device))
-    return _CONFIGS[table][_block_d(head_dim)][kernel]
+    block_m, block_n, num_warps, num_stages = _CONFIGS[_precision(dtype)][_block_d(head_dim)][kernel]
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        num_stages = 1
+    return block_m, block_n, num_warps, num_stages
 
 
 def _dot_precision(dtype):
@@ -733,7 +716,7 @@ def _argument_type(name, pointer):
     return pointer  # Q, K, V, O, DO, DQ, DK, DV
 
 
-def _kernel_entry(kernel_name, dtype, head_dim, capability, causal, dropout):
+def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout):
     """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case."""
     kernel = _SHIPPED_KERNELS[kernel_name]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
@@ -741,7 +724,7 @@ def _kernel_entry(kernel_name, dtype, head_dim, capability, causal, dropout):
         constexprs["BLOCK_M"] = _PREPROCESS_BLOCK_M
         num_warps, num_stages = 4, 1
     else:
-        block_m, block_n, num_warps, num_stages = _CONFIGS[_table(dtype, capability)][_block_d(head_dim)][kernel_name]
+        block_m, block_n, num_warps, num_stages = _CONFIGS[_precision(dtype)][_block_d(head_dim)][kernel_name]
         constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout,
                           DOT_PRECISION=_dot_precision(dtype))
     # The last dimension is contiguous in every realistic call and Triton's JIT specialises a stride of 1
@@ -756,27 +739,25 @@ def _kernel_entry(kernel_name, dtype, head_dim, capability, causal, dropout):
     dtype_name = str(dtype).replace("torch.", "")
     flags = "" if kernel_name == "preprocess" else f"{'_causal' if causal else ''}{'_dropout' if dropout else ''}"
     return {
-        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}_sm{capability[0]}{capability[1]}",
+        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}",
         "kernel": kernel,
         "signature": signature,
         "constexprs": constexprs,
         "num_warps": num_warps,
         "num_stages": num_stages,
-        "capability": capability,  # the GPU generation whose table this entry comes from
     }
 
 
 def shipped_kernel_configs():
-    """Every launch the tables above can make on sm_90 and sm_80: for each dtype and head-size class
-    (16, 32, 64, 128, 256 and the padded 48 and 96), the forward, dK/dV and dQ kernels, causal, with and
-    without dropout (dropout's random numbers cost registers), plus the delta preprocess kernel.
-    Each entry has "capability" (major, minor): the GPU generation whose table it comes from."""
+    """Every launch the table above can make on sm_90 and sm_80 (the table is the same for both): for each
+    dtype and head-size class 16, 32, 64, 128, 256, the forward, dK/dV and dQ kernels, causal, with and without
+    dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A padded head size
+    (e.g. 48 -> 64) runs the tiles of its class with masked loads, so the classes stand for it."""
     entries = []
-    for capability in ((9, 0), (8, 0)):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for head_dim in (16, 32, 48, 64, 96, 128, 256):
-                entries.append(_kernel_entry("preprocess", dtype, head_dim, capability, False, False))
-                for kernel_name in ("forward", "dkdv", "dq"):
-                    for dropout in (False, True):
-                        entries.append(_kernel_entry(kernel_name, dtype, head_dim, capability, True, dropout))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in (16, 32, 64, 128, 256):
+            entries.append(_kernel_entry("preprocess", dtype, head_dim, False, False))
+            for kernel_name in ("forward", "dkdv", "dq"):
+                for dropout in (False, True):
+                    entries.append(_kernel_entry(kernel_name, dtype, head_dim, True, dropout))
     return entries

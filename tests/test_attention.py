@@ -98,6 +98,9 @@ def test_custom_scale(device, dtype):
     check_against_reference(*make_inputs(2, 1, 50, 50, 32, dtype, device), causal=True, scale=0.3)
 
 
+# Probabilities of masked or padded positions may overflow before tl.where discards them; the interpreter's
+# numpy says so, the GPU does not.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_magnitude_inputs_stay_finite_and_accurate(device, dtype):
     # Scores of thousands: a softmax without the running max would overflow. Eager fp16 math itself
