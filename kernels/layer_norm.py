@@ -28,8 +28,8 @@ from ._validate import check_same_device_and_dtype, check_tensor
 # are smaller. Sized so that every config compiles for sm_80 and sm_90 without register spills
 # (see shipped_kernel_configs).
 FORWARD = dict(max_block=16384, chunk=8192, tile_elements=4096, elements_per_thread=16)
-BACKWARD = dict(max_block=4096, chunk=2048, tile_elements=2048, elements_per_thread=8)
-MAX_ROWS_PER_PROGRAM = 32
+BACKWARD = dict(max_block=2048, chunk=2048, tile_elements=2048, elements_per_thread=8)
+MAX_ROWS_PER_PROGRAM = 16
 # Programs of the backward: a few per SM on a GPU, so dweight and dbias have few partial rows to sum.
 BACKWARD_PROGRAMS_PER_SM = 4
 BACKWARD_PROGRAMS_ON_CPU = 4
@@ -443,7 +443,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
 # ----------------------------------------------------------------------------------------------------
 # The configs the launcher picks on a GPU, for the compile report.
 
-SHIPPED_WIDTHS = (384, 1024, 4096, 16384, 65536)
+# A width of each class the launcher tells apart: several rows per tile (384, the decoder's, and 1024), one
+# row per tile (2048: the backward's widest, 4096, 16384: the forward's widest), streamed (65536).
+SHIPPED_WIDTHS = (384, 1024, 2048, 4096, 16384, 65536)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
