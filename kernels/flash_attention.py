@@ -28,7 +28,11 @@ import triton.language as tl
 from ._validate import check_same_device_and_dtype, check_tensor
 
 MAX_HEAD_SIZE = 256
-LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+# log2(e): exp(x) = exp2(x * log2(e)); the kernels fold it into the softmax scale to use exp2.
+LOG2_E = tl.constexpr(1.4426950408889634)
+# Every tl.dot multiplies in true fp32 for fp32 inputs (it would otherwise round them to TF32 on the
+# GPU); 16-bit inputs are multiplied exactly either way.
+DOT_PRECISION = tl.constexpr("ieee")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,11 +91,12 @@ def _forward_inner(
     offs_m, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the causal
     mask and the sequence tail; the others are known to be fully visible and skip both."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
@@ -116,7 +121,7 @@ def _forward_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = tl.where(keep, p * dropout_scale, 0.0)
         # acc = alpha * acc + p v
         v = _load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
         acc = acc * alpha[:, None]
@@ -134,7 +139,7 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Attention forward for one block of BLOCK_M queries of one (batch, head). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -149,7 +154,6 @@ def _attention_forward_kernel(
     HEAD_DIM: the head size D; BLOCK_D: D padded to a power of two (>= 16).
     BLOCK_M, BLOCK_N: queries per program, keys per loop step.
     CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
-    DOT_PRECISION: "ieee" so fp32 inputs are not silently multiplied in TF32.
     """
     bh = tl.program_id(1)
     Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
@@ -164,7 +168,7 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634  # log2(e) folded into the scale
+    qk_scale = scale * LOG2_E  # log2(e) folded into the scale
     q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
 
     # Key range of this block: [0, full_end) is seen by every row (no mask); [full_end, hi) holds the
@@ -179,12 +183,12 @@ def _attention_forward_kernel(
     acc, l_i, m_i = _forward_inner(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT,
     )
     acc, l_i, m_i = _forward_inner(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT,
     )
 
     # out = acc / l; a row that saw no key has l = 0 and acc = 0: its output is 0 and its
@@ -234,12 +238,13 @@ def _backward_dkdv_inner(
     offs_n, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_Q, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed tiles
     (keys x queries) so the accumulations are plain matrix products. MASKED applies the causal mask;
     rows past Nq read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
@@ -254,8 +259,8 @@ def _backward_dkdv_inner(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_K, dropout_p)
-            p_dropped_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
-            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+            p_dropped_t = tl.where(keep, p_t * dropout_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
         else:
             p_dropped_t = p_t
         # dV += P_dropped^T dO
@@ -278,7 +283,7 @@ def _attention_backward_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dK and dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
     Grid: (cdiv(Nk, BLOCK_N), B * H). Each program owns its rows of dK, dV: no atomics, deterministic.
@@ -300,7 +305,7 @@ def _attention_backward_dkdv_kernel(
     DELTA += bh * N_Q
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2_E
 
     # Query range: a causal key block is first seen by query start_n - (Nk - Nq); queries from
     # full_start on see the whole block (no mask), those in [lo, full_start) hold the diagonal (masked).
@@ -315,12 +320,12 @@ def _attention_backward_dkdv_kernel(
     dk, dv = _backward_dkdv_inner(
         dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, full_start, N_Q, N_K, causal_offset,
-        HEAD_DIM, BLOCK_M, True, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, True, DROPOUT,
     )
     dk, dv = _backward_dkdv_inner(
         dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, full_start, N_Q, N_Q, N_K, causal_offset,
-        HEAD_DIM, BLOCK_M, False, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_M, False, DROPOUT,
     )
 
     # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
@@ -336,11 +341,12 @@ def _backward_dq_inner(
     offs_m, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi). MASKED applies the causal mask and
     the key tail (dQ sums over keys, so padded keys must contribute exactly 0)."""
     offs_n0 = tl.arange(0, BLOCK_N)
+    dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
@@ -357,7 +363,7 @@ def _backward_dq_inner(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         # dS = P * (dP - delta); dQ += dS K (times the scale, applied once at the end)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -374,7 +380,7 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head), looping over key blocks of BLOCK_N.
     Grid: (cdiv(Nq, BLOCK_M), B * H). Each program owns its rows of dQ: deterministic.
@@ -393,7 +399,7 @@ def _attention_backward_dq_kernel(
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2_E
 
     # The same key ranges as the forward: unmasked [0, full_end), masked [full_end, hi).
     causal_offset = N_K - N_Q
@@ -406,12 +412,12 @@ def _attention_backward_dq_kernel(
     dq = _backward_dq_inner(
         dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, 0, full_end, N_K, causal_offset,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, DROPOUT,
     )
     dq = _backward_dq_inner(
         dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, seed, bh, dropout_p, qk_scale, full_end, hi, N_K, causal_offset,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, DROPOUT,
     )
 
     # dQ = scale * sum_j dS_ij k_j
@@ -449,18 +455,20 @@ def _dropout_mask_kernel(
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by the
 # input precision and BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys
 # and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
-# Chosen for Hopper first: 16-bit tiles of 64+ rows so tl.dot becomes wgmma on sm_90, and the same tiles
-# compile to mma.sync on Ampere (sm_80). The largest tile per kernel that compiles without register spills
-# for both sm_90 and sm_80 (ptxas -v; see bench/results/compile_report.md). Head size 256 needs 32-row tiles
-# to stay in registers, which sm_90 runs as mma.sync rather than wgmma. fp32 is multiplied in true fp32
-# (no tensor cores), whose operands are register-hungry: small tiles.
+# Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more, so tl.dot
+# becomes wgmma on sm_90; the same tiles run mma.sync on Ampere. Each is the largest tile tried that compiles
+# without register spills for both sm_90 and sm_80, with and without dropout (ptxas -v; the committed
+# bench/results/compile_report.md). Spill-free needs 32-row tiles (mma.sync, no wgmma) for dQ at head size
+# 128 and for every kernel at 256. fp32 is multiplied in true fp32 without tensor cores: small tiles; its
+# dK/dV at head size 256 still spills (holding K and V rows of 256 floats per thread for two K = 256
+# products), the one known spill.
 _CONFIGS = {
     "16bit": {
         16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         32: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        64: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        128: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)},
-        256: {"forward": (32, 32, 4, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 16, 4, 1)},
+        64: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 4, 2), "dq": (128, 64, 8, 3)},
+        128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)},
+        256: {"forward": (32, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 4, 1)},
     },
     "fp32": {
         16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
@@ -494,11 +502,6 @@ def _launch_config(kernel, head_dim, dtype, device):
     return block_m, block_n, num_warps, num_stages
 
 
-def _dot_precision(dtype):
-    # fp32 inputs are multiplied in true fp32 (tl.dot would otherwise use TF32); 16-bit inputs ignore it.
-    return "ieee"
-
-
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
@@ -524,7 +527,7 @@ def attention_forward(q, k, v, causal, dropout_p, scale, seed):
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, N_Q, N_K, scale, dropout_p, seed,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype),
+        CAUSAL=causal, DROPOUT=dropout_p > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -536,7 +539,6 @@ def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, se
     N_K = k.shape[2]
     block_d = _block_d(D)
     dropout = dropout_p > 0
-    dot_precision = _dot_precision(q.dtype)
 
     # 1. delta = rowsum(dO * O)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
@@ -555,7 +557,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, se
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         H, N_Q, N_K, scale, dropout_p, seed,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=dot_precision,
+        CAUSAL=causal, DROPOUT=dropout,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -567,7 +569,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, se
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         H, N_Q, N_K, scale, dropout_p, seed,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=dot_precision,
+        CAUSAL=causal, DROPOUT=dropout,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv
@@ -725,8 +727,7 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout):
         num_warps, num_stages = 4, 1
     else:
         block_m, block_n, num_warps, num_stages = _CONFIGS[_precision(dtype)][_block_d(head_dim)][kernel_name]
-        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout,
-                          DOT_PRECISION=_dot_precision(dtype))
+        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout)
     # The last dimension is contiguous in every realistic call and Triton's JIT specialises a stride of 1
     # into a constant, so the report compiles what the GPU runs: the dim strides (stride_*d) are constexpr 1.
     for name in kernel.arg_names:
