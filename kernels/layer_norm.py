@@ -8,7 +8,8 @@ Both are memory-bound, so each kernel reads and writes every element once where 
   decoder's 384) are packed several to a program so a launch is not a swarm of tiny programs; a row
   wider than the largest tile is streamed twice instead (statistics, then normalization).
   Statistics are fp32 whatever the input dtype; mean and 1/std (fp32, one per row) are saved for backward.
-- Backward: dx in one pass per row from the saved mean and rstd. dweight and dbias are reduced
+- Backward: dx from the saved mean and rstd, in one pass over a row that fits a tile (two over a
+  streamed row). dweight and dbias are reduced
   deterministically: every program sums its rows into its own fp32 row of a (programs, N) buffer, and
   torch sums that buffer over programs (a fixed-order reduction, no atomics), so the same inputs give
   bit-identical gradients.
@@ -23,7 +24,7 @@ import triton.language as tl
 from ._validate import check_same_device_and_dtype, check_tensor
 
 # Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is
-# streamed in CHUNK-wide tiles), the elements a tile of narrow rows aims for, and the elements each
+# streamed in chunk-wide tiles), the elements a tile of narrow rows aims for, and the elements each
 # thread holds (which sets the warps). The backward keeps more values live per element, so its tiles
 # are smaller. Sized so that every config compiles for sm_80 and sm_90 without register spills
 # (see shipped_kernel_configs).
@@ -145,16 +146,16 @@ def _scale_and_shift(x_hat, WEIGHT, BIAS, cols, col_mask, HAS_WEIGHT: tl.constex
 @triton.jit
 def _layer_norm_backward_kernel(
     DY, DSUM, X, WEIGHT, MEAN, RSTD, DX, DWEIGHT_PARTIAL, DBIAS_PARTIAL,
-    stride_dy, stride_dsum, stride_x, n_rows, n_cols,
+    stride_x, n_rows, n_cols,
     HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DWEIGHT: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, STREAM_ROW: tl.constexpr,
 ):
     """Gradients of y = layer_norm(x): dx for every row, and this program's share of dweight and dbias.
     Program pid takes the tiles of ROWS rows numbered pid, pid + programs, pid + 2 * programs, ...
 
-    DY:     (n_rows, n_cols) x's dtype, row stride stride_dy: the gradient of y.
-    DSUM:   like DY, row stride stride_dsum: the gradient that reaches s = x + residual from its other
-            uses (add_layer_norm); added to dx when HAS_DSUM.
+    DY:     (n_rows, n_cols) contiguous, x's dtype: the gradient of y.
+    DSUM:   like DY: the gradient that reaches s = x + residual from its other uses (add_layer_norm);
+            added to dx when HAS_DSUM.
     X:      (n_rows, n_cols) row stride stride_x: the normalized input (x, or s for add_layer_norm).
     WEIGHT: (n_cols,) x's dtype, read only when HAS_WEIGHT.
     MEAN, RSTD: (n_rows,) fp32: the forward's statistics.
@@ -183,7 +184,7 @@ def _layer_norm_backward_kernel(
             row_mask = rows < n_rows
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             # x_hat = (x - mean) * rstd;  g = w * dy
@@ -196,7 +197,8 @@ def _layer_norm_backward_kernel(
             mean_g_x_hat = tl.sum(g * x_hat, axis=1) / n_cols
             dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
             if HAS_DSUM:
-                dx += tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dsum = tl.load(DSUM + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+                dx += dsum.to(tl.float32)
             tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             # dweight += sum over rows of dy * x_hat;  dbias += sum over rows of dy
             dweight += tl.sum(dy * x_hat, axis=0)
@@ -218,39 +220,51 @@ def _layer_norm_backward_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 col_mask = cols < n_cols
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                g = dy
-                if HAS_WEIGHT:
-                    g = dy * tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                dy, x_hat, g = _load_chunk_gradients(
+                    X, DY, WEIGHT, rows, cols, mask, col_mask, mean, rstd, stride_x, n_cols, HAS_WEIGHT
+                )
                 sum_g += tl.sum(g, axis=1)
                 sum_g_x_hat += tl.sum(g * x_hat, axis=1)
             mean_g = sum_g / n_cols
             mean_g_x_hat = sum_g_x_hat / n_cols
-            # Pass 2: dx chunk by chunk, and this program's dweight / dbias rows accumulated in place.
-            # Each element of a partial row is read and written by the same thread (same tile layout),
-            # and the kernel is launched with num_stages=1 so no load is hoisted above the last store.
+            # Pass 2: dx chunk by chunk, and this program's dweight / dbias rows accumulated in place
+            # (a chunk's columns are read and written within one iteration; the barrier below orders
+            # one tile's writes before the next tile's reads, whichever threads do them).
             for start in range(0, n_cols, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 col_mask = cols < n_cols
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                g = dy
-                if HAS_WEIGHT:
-                    g = dy * tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                dy, x_hat, g = _load_chunk_gradients(
+                    X, DY, WEIGHT, rows, cols, mask, col_mask, mean, rstd, stride_x, n_cols, HAS_WEIGHT
+                )
                 dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
                 if HAS_DSUM:
-                    dx += tl.load(DSUM + rows[:, None] * stride_dsum + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    dsum = tl.load(DSUM + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+                    dx += dsum.to(tl.float32)
                 tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if COMPUTE_DWEIGHT:
                     dweight = tl.load(DWEIGHT_PARTIAL + partial_offset + cols, mask=col_mask, other=0.0)
-                    tl.store(DWEIGHT_PARTIAL + partial_offset + cols, dweight + tl.sum(dy * x_hat, axis=0), mask=col_mask)
+                    dweight += tl.sum(dy * x_hat, axis=0)
+                    tl.store(DWEIGHT_PARTIAL + partial_offset + cols, dweight, mask=col_mask)
                 if COMPUTE_DBIAS:
                     dbias = tl.load(DBIAS_PARTIAL + partial_offset + cols, mask=col_mask, other=0.0)
-                    tl.store(DBIAS_PARTIAL + partial_offset + cols, dbias + tl.sum(dy, axis=0), mask=col_mask)
+                    dbias += tl.sum(dy, axis=0)
+                    tl.store(DBIAS_PARTIAL + partial_offset + cols, dbias, mask=col_mask)
+            tl.debug_barrier()  # bar.sync: this tile's partial-row stores are visible to the whole program
+
+
+@triton.jit
+def _load_chunk_gradients(
+    X, DY, WEIGHT, rows, cols, mask, col_mask, mean, rstd, stride_x, n_cols, HAS_WEIGHT: tl.constexpr
+):
+    """For a streamed row's chunk, in fp32: dy, x_hat = (x - mean) * rstd, and g = weight * dy."""
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy
+    if HAS_WEIGHT:
+        g = dy * tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return dy, x_hat, g
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,8 +328,9 @@ def _forward(x, residual, weight, bias, eps):
 
 
 def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
-    """Launch the backward kernel on (rows, width) views; reduce the partial dweight / dbias rows.
-    Returns dx, dweight (or None), dbias (or None)."""
+    """Launch the backward kernel on (rows, width) tensors; reduce the partial dweight / dbias rows.
+    dy and dsum are contiguous (as autograd's gradients almost always are already): they share dx's
+    offsets, which saves the kernel registers. Returns dx, dweight (or None), dbias (or None)."""
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rows, block_n, stream_row, num_warps = _tile_config(n_cols, **BACKWARD)
@@ -325,10 +340,11 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
     dbias_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dbias else None
     if n_rows > 0:
+        # num_stages=1: no prefetch buffers in the row loops, the register budget the configs were sized for.
         _layer_norm_backward_kernel[(programs,)](
             dy, dsum if dsum is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
             dweight_partial if compute_dweight else mean, dbias_partial if compute_dbias else mean,
-            dy.stride(0), dsum.stride(0) if dsum is not None else 0, x.stride(0), n_rows, n_cols,
+            x.stride(0), n_rows, n_cols,
             HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
             COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
             ROWS=rows, BLOCK_N=block_n, STREAM_ROW=stream_row, num_warps=num_warps, num_stages=1,
@@ -360,7 +376,8 @@ class LayerNormFunction(torch.autograd.Function):
         x_rows, weight, mean, rstd = ctx.saved_tensors
         compute_dweight = weight is not None and ctx.needs_input_grad[1]
         compute_dbias = ctx.has_bias and ctx.needs_input_grad[2]
-        dx, dweight, dbias = _backward(_as_rows(dy), None, x_rows, weight, mean, rstd, compute_dweight, compute_dbias)
+        dy_rows = dy.contiguous().view(x_rows.shape)
+        dx, dweight, dbias = _backward(dy_rows, None, x_rows, weight, mean, rstd, compute_dweight, compute_dbias)
         return dx.view(dy.shape), dweight, dbias, None
 
 
@@ -370,6 +387,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         y, s, mean, rstd = _forward(_as_rows(x), _as_rows(residual), weight, bias, eps)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.has_bias = bias is not None
+        ctx.shape = x.shape
         ctx.set_materialize_grads(False)  # a missing gradient of s is skipped, not read as zeros
         return y.view(x.shape), s.view(x.shape)
 
@@ -380,10 +398,11 @@ class AddLayerNormFunction(torch.autograd.Function):
             dy = torch.zeros_like(s)
         compute_dweight = weight is not None and ctx.needs_input_grad[2]
         compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
-        dsum = _as_rows(ds) if ds is not None else None
-        dx, dweight, dbias = _backward(_as_rows(dy), dsum, s, weight, mean, rstd, compute_dweight, compute_dbias)
+        dsum = ds.contiguous().view(s.shape) if ds is not None else None
+        dy_rows = dy.contiguous().view(s.shape)
+        dx, dweight, dbias = _backward(dy_rows, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias)
         # s = x + residual: both receive the gradient of s.
-        dx = dx.view(dy.shape)
+        dx = dx.view(ctx.shape)
         return dx, dx, dweight, dbias, None
 
 
@@ -482,7 +501,7 @@ def shipped_kernel_configs():
                     "signature": {
                         "DY": data, "DSUM": data, "X": data, "WEIGHT": data, "MEAN": stats, "RSTD": stats,
                         "DX": data, "DWEIGHT_PARTIAL": stats, "DBIAS_PARTIAL": stats,
-                        "stride_dy": "i32", "stride_dsum": "i32", "stride_x": "i32", "n_rows": "i32", "n_cols": "i32",
+                        "stride_x": "i32", "n_rows": "i32", "n_cols": "i32",
                         "HAS_DSUM": "constexpr", "HAS_WEIGHT": "constexpr", "COMPUTE_DWEIGHT": "constexpr",
                         "COMPUTE_DBIAS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr",
                         "STREAM_ROW": "constexpr",

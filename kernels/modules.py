@@ -103,7 +103,8 @@ class FusedLayerNorm(nn.Module):
 
     def _check_width(self, x):
         if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
-            raise ValueError(f"expected input with last dimension {self.normalized_shape[0]}, got shape {tuple(x.shape)}")
+            width = self.normalized_shape[0]
+            raise ValueError(f"expected input with last dimension {width}, got shape {tuple(x.shape)}")
 
     def forward(self, x):
         self._check_width(x)
