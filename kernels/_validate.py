@@ -2,6 +2,7 @@
 raised before anything reaches Triton."""
 
 import torch
+import triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -26,3 +27,14 @@ def check_same_device_and_dtype(reference_name, reference, **others):
             raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
         if tensor.dtype != reference.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but {reference_name} has dtype {reference.dtype}")
+
+
+def check_runnable(name, tensor):
+    """Check that Triton can run on `tensor`'s device: CUDA, or CPU under Triton's interpreter
+    (TRITON_INTERPRET=1 set before triton is imported)."""
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton.knobs.runtime.interpret):
+        return
+    raise ValueError(
+        f"{name} is on {tensor.device}; the kernels run on CUDA tensors, or on CPU tensors under Triton's "
+        f"interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    )

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import check_same_device_and_dtype, check_tensor
+from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 
 # Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is
 # streamed in chunk-wide tiles), the elements a tile of narrow rows aims for, and the elements each
@@ -432,6 +432,7 @@ def _check_inputs(x, weight, bias, eps, residual=None):
                 )
             others[name] = parameter
     check_same_device_and_dtype("x", x, **others)
+    check_runnable("x", x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import DTYPES, assert_within_error_rule
@@ -272,3 +273,9 @@ def test_bad_inputs(device):
         add_layer_norm(x, x.half())
     with pytest.raises(ValueError, match="residual is on meta"):
         add_layer_norm(x, torch.empty(4, 8, device="meta"))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match="x is on cpu.*interpreter"):
+        layer_norm(torch.randn(3, 8))
