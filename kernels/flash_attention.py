@@ -79,6 +79,17 @@ def _store_tile(X, values, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM:
     tl.store(ptrs, values.to(X.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _fresh_each_step(x, step):
+    """x, for a loop over `step`. fp32 products run without tensor cores, and the compiler would convert a
+    loop-invariant fp32 operand to the product's layout once, before the loop: replicated across threads,
+    that takes hundreds of registers per thread at head size 256. A loop-dependent zero moves the conversion
+    into the loop. 16-bit tiles (tensor-core operands, compact) are returned unchanged."""
+    if x.dtype == tl.float32:
+        x = x + 0.0 * step
+    return x
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------
@@ -250,13 +261,13 @@ def _backward_dkdv_inner(
         q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
         lse = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf"))
         # P^T = 2^(s^T - LSE): the forward's probabilities, recomputed
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = tl.dot(_fresh_each_step(k, start_m), tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         do = _load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
         # dP^T = V dO^T, the gradient of the dropped probabilities
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dp_t = tl.dot(_fresh_each_step(v, start_m), tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_K, dropout_p)
             p_dropped_t = tl.where(keep, p_t * dropout_scale, 0.0)
