@@ -254,3 +254,33 @@ def test_bad_inputs_raise_clear_errors(device):
 
 def test_public_api():
     assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configurations (bench/compile_report.py compiles them; here only their bookkeeping)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_launch_the_table_can_make_is_shipped():
+    from kernels import flash_attention as fa
+
+    entries = fa.shipped_kernel_configs()
+    assert len({e["name"] for e in entries}) == len(entries)
+    shipped = set()
+    for e in entries:
+        assert set(e["signature"]) == set(e["kernel"].arg_names), e["name"]
+        assert all(e["signature"][name] == "constexpr" for name in e["constexprs"]), e["name"]
+        c = e["constexprs"]
+        pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
+        shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
+                     e["num_warps"], e["num_stages"]))
+    kernels_by_name = {"forward": fa._attention_forward_kernel, "dkdv": fa._attention_backward_dkdv_kernel,
+                       "dq": fa._attention_backward_dq_kernel}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in range(1, fa.MAX_HEAD_SIZE + 1):
+            for name, kernel in kernels_by_name.items():
+                for dropout in (False, True):
+                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout)
+                    key = (kernel, fa._POINTER_TYPE[dtype], fa._block_d(head_dim), block_m, block_n, dropout, warps,
+                           stages)
+                    assert key in shipped, f"{name} {dtype} D={head_dim} dropout={dropout} is not shipped"
