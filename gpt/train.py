@@ -307,8 +307,9 @@ def _train(args, runtime: Runtime) -> dict:
         f"steps {start_step} -> {args.max_iters}{resume_note}")  # fmt: skip
 
     def make_checkpoint(step, losses):
+        run_args = {**vars(args), "data": data_path}  # a resumed run reads the same text again
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "vocab": tokenizer.chars, "args": vars(args), "losses": losses}  # fmt: skip
+                "step": step, "vocab": tokenizer.chars, "args": run_args, "losses": losses}  # fmt: skip
 
     history = []
     bar = ProgressBar(args.max_iters, start_step) if runtime.is_main else None

@@ -64,9 +64,11 @@ def test_checkpoint_round_trip(trained, data_file):
 def test_resume_continues_where_the_run_stopped(data_file, tmp_path, device):
     straight = tiny_run(data_file, tmp_path / "straight", device, "--max-iters", "20", "--eval-interval", "10")
     tiny_run(data_file, tmp_path / "split", device, "--max-iters", "10", "--eval-interval", "10")
-    resumed = tiny_run(data_file, tmp_path / "split", device, "--max-iters", "20", "--eval-interval", "10", "--resume")
+    resumed = train(parse_args(["--out-dir", str(tmp_path / "split"), "--device", device, *TINY,  # no --data:
+                                "--max-iters", "20", "--eval-interval", "10", "--resume"]))  # the checkpoint's text
     assert [step for step, _ in resumed["history"]] == [10, 20]
-    assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 20
+    checkpoint = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert checkpoint["step"] == 20 and checkpoint["args"]["data"] == str(data_file)
     # The same batches in the same order with the same optimizer state: the same weights (bit for bit on CPU;
     # the tolerance leaves room for a GPU reduction that sums in a different order).
     for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
