@@ -165,10 +165,7 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"sequence length {T} must be between 1 and block_size ({self.config.block_size})")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}), got range [{int(idx.min())}, {int(idx.max())}]"
-            )
+        self._check_range("token ids", idx)
         if idx.device != self.lm_head.weight.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.lm_head.weight.device}")
         if targets is None:
@@ -181,11 +178,15 @@ class GPT(nn.Module):
                 f"targets ({tuple(targets.shape)} on {targets.device}) must match "
                 f"idx ({tuple(idx.shape)} on {idx.device})"
             )
-        if targets.min() < 0 or targets.max() >= self.config.vocab_size:
-            raise ValueError(
-                f"targets must lie in [0, {self.config.vocab_size}), "
-                f"got range [{int(targets.min())}, {int(targets.max())}]"
-            )
+        self._check_range("targets", targets)
+
+    def _check_range(self, name, ids):
+        # Reading the range back from the device would break a torch.compile graph: compiled code skips it.
+        if torch.compiler.is_compiling() or not ids.numel():
+            return
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"{name} must lie in [0, {self.config.vocab_size}), got range [{low}, {high}]")
 
     def forward(self, idx, targets=None):
         self._check_input(idx, targets)
