@@ -13,7 +13,11 @@ from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
 import kernels
 from kernels import attention, attention_dropout_mask
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = [
+    pytest.mark.usefixtures("poisoned_allocations"),
+    # The interpreter turns a loop bound held in a 1-element array into an int, which numpy deprecates.
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
 
 SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
 HEAD_SIZES = [8, 16, 32, 48, 64, 80, 96, 128, 256]
