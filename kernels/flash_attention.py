@@ -469,10 +469,9 @@ def _dropout_mask_kernel(
 # Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more, so tl.dot
 # becomes wgmma on sm_90; the same tiles run mma.sync on Ampere. Each is the largest tile tried that compiles
 # without register spills for both sm_90 and sm_80, with and without dropout (ptxas -v; the committed
-# bench/results/compile_report.md). Spill-free needs 32-row tiles (mma.sync, no wgmma) for dQ at head size
-# 128 and for every kernel at 256. fp32 is multiplied in true fp32 without tensor cores: small tiles; its
-# dK/dV at head size 256 still spills (holding K and V rows of 256 floats per thread for two K = 256
-# products), the one known spill.
+# bench/results/compile_report.md). Staying spill-free takes tiles under 64 rows (mma.sync, not wgmma, on
+# sm_90) for dQ at head size 128, for dK/dV at 128 with dropout, and for every kernel at 256. fp32 is
+# multiplied in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
 _CONFIGS = {
     "16bit": {
         16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
