@@ -476,9 +476,9 @@ _CONFIGS = {
     "16bit": {
         16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         32: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
-        64: {"forward": (128, 64, 8, 3), "dkdv": (32, 64, 4, 2), "dq": (128, 64, 8, 3)},
+        64: {"forward": (128, 64, 8, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 8, 3)},
         128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)},
-        256: {"forward": (32, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 4, 1)},
+        256: {"forward": (32, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 8, 1)},
     },
     "fp32": {
         16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
@@ -493,7 +493,11 @@ _DROPOUT_CONFIGS = {("16bit", 128, "dkdv"): (32, 32, 4, 2)}
 # GPUs older than Ampere have less shared memory: no software pipelining there. The CPU interpreter gets
 # small blocks: its cost grows with the number of elements computed, masked or not.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
-_PREPROCESS_BLOCK_M = 64
+
+
+def _preprocess_block_m(block_d):
+    """Rows per program of the delta kernel: 8192 elements of O and of dO per 4 warps stay in registers."""
+    return min(64, 8192 // block_d)
 
 
 def _block_d(head_dim):
@@ -561,7 +565,7 @@ def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, se
 
     # 1. delta = rowsum(dO * O)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
-    preprocess_block_m = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG[0]
+    preprocess_block_m = _preprocess_block_m(block_d) if q.is_cuda else _INTERPRETER_CONFIG[0]
     _attention_backward_preprocess_kernel[(triton.cdiv(N_Q, preprocess_block_m), B * H)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N_Q,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m,
@@ -742,7 +746,7 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout):
     kernel = _SHIPPED_KERNELS[kernel_name]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
     if kernel_name == "preprocess":
-        constexprs["BLOCK_M"] = _PREPROCESS_BLOCK_M
+        constexprs["BLOCK_M"] = _preprocess_block_m(_block_d(head_dim))
         num_warps, num_stages = 4, 1
     else:
         block_m, block_n, num_warps, num_stages = _table_config(kernel_name, head_dim, dtype, dropout)
