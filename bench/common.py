@@ -16,9 +16,9 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # do_bench's warm-up and measuring windows, in milliseconds. Small on purpose: the whole suite must finish in
-# minutes, and a median over ~40 ms of calls is stable for kernels of micro- to milliseconds.
-WARMUP_MS = 10
-REP_MS = 40
+# minutes, and a median over ~30 ms of calls is stable for kernels of micro- to milliseconds.
+WARMUP_MS = 5
+REP_MS = 30
 
 # Largest relative error ||out - ref|| / ||ref|| a measured output may have against the fp32 reference
 # (METHOD.md's ranges: bf16 operands 1e-3..1e-2, tf32 ~3e-4); outputs beyond it are reported, never timed.

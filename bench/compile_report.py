@@ -10,8 +10,8 @@ registers, stack frame and spill bytes; the shared memory is what Triton allocat
 matrix products use wgmma (sm_90's warpgroup instructions) or mma.sync (sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills, uses more
-shared memory than the arch allows, or does not compile. Compiles run in worker processes started without
-TRITON_INTERPRET (the test suite sets it on CPU, and interpreted kernels cannot be compiled).
+shared memory than the arch allows, or does not compile. Compiles run in worker processes (one per core, at most 8)
+started without TRITON_INTERPRET (the test suite sets it on CPU, and interpreted kernels cannot be compiled).
 """
 
 import concurrent.futures
@@ -30,7 +30,8 @@ ARCHS = (90, 80)
 # The most shared memory one program may ask for (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912}
 REPORT_PATH = Path(__file__).resolve().parent / "results" / "compile_report.md"
-WORKERS = 2
+# Compiles are single-threaded and CPU-bound: one worker per core, capped for memory (~0.6 GB each).
+WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
 def shipped_configs():
@@ -108,7 +109,8 @@ def _compile_task(task):
 
 
 def compile_all(configs=None, archs=ARCHS, workers=WORKERS):
-    """Compile every (config, arch) in `workers` spawned processes; results in the order of the tasks."""
+    """Compile every (config, arch) in `workers` spawned processes, one task at a time in KERNEL_MODULES order (the
+    attention kernels, the longest, first, so no worker is left with one of them at the end); results in order."""
     configs = shipped_configs() if configs is None else configs
     tasks = [(module_name, index, arch) for module_name, index, _ in configs for arch in archs]
     context = multiprocessing.get_context("spawn")

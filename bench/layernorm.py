@@ -31,7 +31,7 @@ def layer_norm_bytes(rows, width, element_size, mode, with_residual=False):
 def sweep_points(quick=False):
     """(op, dtype, width) in priority order: the bf16 points the goals name first."""
     widths = [384, 4096] if quick else WIDTHS
-    return [(op, dtype, width) for op in ("layer_norm", "add_layer_norm") for dtype in ("bf16", "fp16", "fp32")
+    return [(op, dtype, width) for dtype in ("bf16", "fp16", "fp32") for op in ("layer_norm", "add_layer_norm")
             for width in widths]
 
 
