@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import check_same_device_and_dtype, check_tensor
+from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 
 MAX_HEAD_SIZE = 256
 # log2(e): exp(x) = exp2(x * log2(e)); the kernels fold it into the softmax scale to use exp2.
@@ -627,20 +627,11 @@ def _draw_seed():
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _check_runnable(device):
-    if device.type == "cuda" or (device.type == "cpu" and triton.knobs.runtime.interpret):
-        return
-    raise ValueError(
-        f"attention runs on CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 "
-        f"set before triton is imported); got a tensor on {device}"
-    )
-
-
 def _check_inputs(q, k, v, dropout_p, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     check_same_device_and_dtype("q", q, k=k, v=v)
-    _check_runnable(q.device)
+    check_runnable("q", q)
     (B, H, N_Q, D), (Bk, Hk, N_K, Dk), (Bv, Hv, N_V, Dv) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv and H == Hk == Hv):
         raise ValueError(
@@ -703,7 +694,7 @@ def attention_dropout_mask(q, k, dropout_p, seed=None):
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_same_device_and_dtype("q", q, k=k)
-    _check_runnable(q.device)
+    check_runnable("q", q)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     B, H, N_Q, _ = q.shape
