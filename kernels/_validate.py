@@ -5,6 +5,8 @@ import torch
 import triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Read once: Triton fixes the mode when it is imported, and torch.compile cannot trace the lookup.
+TRITON_INTERPRETS = triton.knobs.runtime.interpret
 
 
 def check_tensor(name, tensor, *, ndim=None, min_ndim=None, dtypes=SUPPORTED_DTYPES):
@@ -32,7 +34,7 @@ def check_same_device_and_dtype(reference_name, reference, **others):
 def check_runnable(name, tensor):
     """Check that Triton can run on `tensor`'s device: CUDA, or CPU under Triton's interpreter
     (TRITON_INTERPRET=1 set before triton is imported)."""
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton.knobs.runtime.interpret):
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and TRITON_INTERPRETS):
         return
     raise ValueError(
         f"{name} is on {tensor.device}; the kernels run on CUDA tensors, or on CPU tensors under Triton's "

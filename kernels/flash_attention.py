@@ -20,11 +20,14 @@ from torch's default (CPU) generator when not given, so `torch.manual_seed` repr
 """
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from ._library import NAMESPACE
 from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 
 MAX_HEAD_SIZE = 256
@@ -534,21 +537,37 @@ def _strides(t):
     return tuple(t.stride())
 
 
-def attention_forward(q, k, v, causal, dropout_p, scale, seed):
-    """Launch the forward kernel on validated inputs. Returns (out, lse); see the kernel for their meaning.
-    `seed` (int) is explicit so the call is a pure function of its arguments."""
+def _seed_value(seed):
+    """The kernels' i32 seed from the operators' seed tensor (None when there is no dropout)."""
+    return 0 if seed is None else int(seed.item())
+
+
+def _allocate_forward_outputs(q, k):
+    """out and lse of the forward, allocated the same way by the launch and by its fake implementation."""
     B, H, N_Q, D = q.shape
-    N_K = k.shape[2]
     # The output is laid out as (B, Nq, H, D) in memory, so the usual transpose(1, 2).reshape(B, Nq, H * D)
     # that merges heads is free.
     out = torch.empty((B, N_Q, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel on validated inputs. Returns (out, lse); see the kernel for their meaning.
+    `seed` (a one-element int64 CPU tensor, None without dropout) is an argument, so the call is a pure
+    function of its arguments and torch.compile can treat it as an opaque operator."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    out, lse = _allocate_forward_outputs(q, k)
     block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q.device)
     grid = (triton.cdiv(N_Q, block_m), B * H)
     _attention_forward_kernel[grid](
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, N_Q, N_K, scale, dropout_p, seed,
+        H, N_Q, N_K, scale, dropout_p, _seed_value(seed),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, DROPOUT=dropout_p > 0,
         num_warps=num_warps, num_stages=num_stages,
@@ -556,12 +575,22 @@ def attention_forward(q, k, v, causal, dropout_p, scale, seed):
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
-    """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype."""
+@attention_forward.register_fake
+def _(q, k, v, causal, dropout_p, scale, seed):
+    return _allocate_forward_outputs(q, k)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype, laid out like q, k, v."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     block_d = _block_d(D)
     dropout = dropout_p > 0
+    seed = _seed_value(seed)
 
     # 1. delta = rowsum(dO * O)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
@@ -598,33 +627,59 @@ def attention_backward(grad_out, q, k, v, out, lse, causal, dropout_p, scale, se
     return dq, dk, dv
 
 
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 class AttentionFunction(torch.autograd.Function):
-    """Autograd for attention. forward(q, k, v, causal, dropout_p, scale, seed): every argument explicit,
-    the seed included, so the dropout mask is a function of the arguments and backward regenerates it."""
+    """Autograd for attention, the one place its backward is defined: `attention` calls it, and the same
+    setup_context and backward are registered on the `attention_forward` operator (torch.library), so a
+    caller of the operator itself, opcheck and torch.compile all see the same formula.
+    forward(q, k, v, causal, dropout_p, scale, seed): every argument explicit, the seed included, so the
+    dropout mask is a function of the arguments and backward regenerates it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
-        out, lse = attention_forward(q, k, v, causal, dropout_p, scale, seed)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
-        return out
+    def forward(q, k, v, causal, dropout_p, scale, seed):
+        return attention_forward(q, k, v, causal, dropout_p, scale, seed)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, dropout_p, scale, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, seed)
         return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::attention_forward", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
+)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+def attention_dropout_seed() -> Tensor:
+    """A dropout seed, a one-element int64 CPU tensor, drawn from torch's default CPU generator:
+    `torch.manual_seed(s)` reproduces it, and drawing it costs no GPU synchronisation. An operator of its own,
+    tagged as random, so torch.compile neither replaces it by its own random numbers nor recomputes it in the
+    backward: compiled and eager calls draw the same seed."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+@attention_dropout_seed.register_fake
+def _():
+    return torch.empty(1, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-
-
-def _draw_seed():
-    """A dropout seed from torch's default CPU generator: `torch.manual_seed(s)` reproduces it, and drawing
-    it costs no GPU synchronisation."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def _check_inputs(q, k, v, dropout_p, scale):
@@ -654,14 +709,16 @@ def _check_inputs(q, k, v, dropout_p, scale):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
 
 
-def _resolve_seed(dropout_p, seed):
+def _seed_tensor(dropout_p, seed):
+    """The seed operand of the operators: None without dropout; else the given seed, or a fresh one drawn
+    from torch's default CPU generator."""
     if dropout_p == 0:
-        return 0
+        return None
     if seed is None:
-        return _draw_seed()
+        return attention_dropout_seed()
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return int(seed)
+    return torch.tensor([seed], dtype=torch.int64)
 
 
 def attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
@@ -679,8 +736,9 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
     _check_inputs(q, k, v, dropout_p, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    seed = _resolve_seed(dropout_p, seed)
-    return AttentionFunction.apply(q, k, v, bool(causal), float(dropout_p), float(scale), seed)
+    seed = _seed_tensor(dropout_p, seed)
+    out, _ = AttentionFunction.apply(q, k, v, bool(causal), float(dropout_p), float(scale), seed)
+    return out
 
 
 def attention_dropout_mask(q, k, dropout_p, seed=None):
@@ -699,7 +757,7 @@ def attention_dropout_mask(q, k, dropout_p, seed=None):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     B, H, N_Q, _ = q.shape
     N_K = k.shape[2]
-    seed = _resolve_seed(dropout_p, seed)
+    seed = _seed_value(_seed_tensor(dropout_p, seed))
     mask = torch.empty((B, H, N_Q, N_K), device=q.device, dtype=torch.bool)
     block = 64 if q.is_cuda else 32
     grid = (triton.cdiv(N_Q, block), triton.cdiv(N_K, block), B * H)
