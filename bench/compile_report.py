@@ -35,13 +35,10 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
 def shipped_configs():
-    """[(module name, index, config name)] for every config the kernel modules ship. Importing the modules is
-    cheap and works in interpreter mode; the kernels themselves are only touched by the workers."""
-    found = []
-    for module_name in KERNEL_MODULES:
-        module = importlib.import_module(module_name)
-        found += [(module_name, i, entry["name"]) for i, entry in enumerate(module.shipped_kernel_configs())]
-    return found
+    """[(module name, config name)] for every config the kernel modules ship. Importing the modules is cheap and
+    works in interpreter mode; the kernels themselves are only touched by the workers."""
+    return [(module_name, entry["name"]) for module_name in KERNEL_MODULES
+            for entry in importlib.import_module(module_name).shipped_kernel_configs()]
 
 
 def _start_worker():
@@ -75,17 +72,17 @@ def ptxas_usage(ptx, arch):
             "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
 
 
-def compile_config(module_name, index, arch):
+def compile_config(module_name, name, arch):
     """Compile one shipped config for one arch; a dict of what the report shows ("error" set when it failed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    entry = importlib.import_module(module_name).shipped_kernel_configs()[index]
-    result = {"module": module_name, "index": index, "name": entry["name"], "arch": arch,
-              "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+    result = {"module": module_name, "name": name, "arch": arch}
     started = time.perf_counter()
     try:
+        entry = next(e for e in importlib.import_module(module_name).shipped_kernel_configs() if e["name"] == name)
+        result.update(num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         fn = _jit_function(entry["kernel"])
         aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
                    if entry["signature"].get(arg, "").startswith("*")}
@@ -112,7 +109,7 @@ def compile_all(configs=None, archs=ARCHS, workers=WORKERS):
     """Compile every (config, arch) in `workers` spawned processes, one task at a time in KERNEL_MODULES order (the
     attention kernels, the longest, first, so no worker is left with one of them at the end); results in order."""
     configs = shipped_configs() if configs is None else configs
-    tasks = [(module_name, index, arch) for module_name, index, _ in configs for arch in archs]
+    tasks = [(module_name, name, arch) for module_name, name in configs for arch in archs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         return list(pool.map(_compile_task, tasks))
@@ -147,7 +144,7 @@ def to_markdown(results):
                "tl.dot", "matrix instr.", "status"]
     rows = []
     for r in results:
-        base = [r["name"], f"sm_{r['arch']}", r["num_warps"], r["num_stages"]]
+        base = [r["name"], f"sm_{r['arch']}", r.get("num_warps", "—"), r.get("num_stages", "—")]
         if "error" in r:
             rows.append(base + ["—"] * 6 + ["FAILS TO COMPILE"])
             continue

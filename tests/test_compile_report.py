@@ -1,0 +1,27 @@
+"""Every shipped kernel config compiles for sm_90 and sm_80 without a GPU, without register spills, and within the
+arch's shared memory (bench/compile_report.py is the machinery; this only asserts on its results)."""
+
+import pytest
+
+from bench import compile_report
+
+CONFIGS = compile_report.shipped_configs()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every (config, arch) compiled once, one worker per core, keyed by (config name, arch)."""
+    return {(r["name"], r["arch"]): r for r in compile_report.compile_all(CONFIGS)}
+
+
+def test_every_kernel_module_ships_configs():
+    modules = {module for module, _ in CONFIGS}
+    assert modules == set(compile_report.KERNEL_MODULES)
+
+
+@pytest.mark.parametrize("arch", compile_report.ARCHS, ids=lambda arch: f"sm_{arch}")
+@pytest.mark.parametrize("name", [name for _, name in CONFIGS])
+def test_shipped_config_compiles_without_spills(compiled, name, arch):
+    result = compiled[(name, arch)]
+    assert not compile_report.problems(result), f"{name} on sm_{arch}: {'; '.join(compile_report.problems(result))}"
+
