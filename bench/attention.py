@@ -26,8 +26,9 @@ HIDDEN = 2048
 DECODER_SHAPE = {"batch": 64, "heads": 6, "seq_len": 256, "head_dim": 64}
 MODES = common.MODES
 # Providers that hold N x N scores, with the bytes per score element a forward+backward keeps alive at its peak
-# (scores, masked scores, probabilities and their gradients); they are skipped where that would not fit.
-QUADRATIC_BYTES_PER_SCORE = {"eager": lambda dtype: 6 * torch.finfo(dtype).bits // 8, "sdpa-math": lambda dtype: 24}
+# (about five N x N tensors: scores, masked scores, probabilities, two gradients; the math backend's in fp32);
+# they are skipped where that would not fit.
+QUADRATIC_BYTES_PER_SCORE = {"eager": lambda dtype: 5 * torch.finfo(dtype).bits // 8, "sdpa-math": lambda dtype: 24}
 
 
 def attention_flops(batch, heads, seq_q, seq_k, head_dim, causal, mode):
@@ -169,6 +170,11 @@ def run_shape(shape, table, budget, ceilings):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     refs = reference_slices(q, k, v, dout, causal)
+
+    def metrics(mode, ms):
+        rate = common.tflops(attention_flops(b, h, n, n, d, causal, mode), ms)
+        return {"tflops": rate, "of_matmul_ceiling": rate / ceilings["matmul_bf16_tflops"]}
+
     results = []
     for name, (fn, core) in table.items():
         entry = {**shape, "provider": name}
@@ -176,10 +182,6 @@ def run_shape(shape, table, budget, ceilings):
         if entry["status"] is None:
             try:
                 entry["max_relative_error"] = check_provider(fn, q, k, v, dout, causal, refs, dtype)
-                def metrics(mode, ms):
-                    rate = common.tflops(attention_flops(b, h, n, n, d, causal, mode), ms)
-                    return {"tflops": rate, "of_matmul_ceiling": rate / ceilings["matmul_bf16_tflops"]}
-
                 peak, timings = common.measure_modes(
                     lambda: fn(q, k, v, causal),
                     lambda out, retain: out.backward(dout, retain_graph=retain),
