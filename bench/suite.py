@@ -55,10 +55,12 @@ def main():
     if not args.skip_tests:
         run_step("tests (CUDA)", [python, "-m", "pytest", "-q", "tests", "--ignore=tests/test_compile_report.py"],
                  steps)
-    left = args.total_s - (time.perf_counter() - started) - TAIL_S - STARTUP_S * len(SHARES)
-    for bench_name, share in SHARES.items():
-        # A benchmark may overrun its budget by half while finishing core points, hence the 1.5.
-        budget = max(20.0, left * share / 1.5)
+    for i, (bench_name, share) in enumerate(SHARES.items()):
+        # What is left goes to this benchmark and the ones after it by their shares (so time one leaves unused
+        # passes on); a benchmark may overrun its budget by half while finishing core points, hence the 1.5.
+        later = list(SHARES.values())[i:]
+        left = args.total_s - (time.perf_counter() - started) - TAIL_S - STARTUP_S * len(later)
+        budget = max(20.0, left * share / sum(later) / 1.5)
         command = [python, "-m", f"bench.{bench_name}", "--budget-s", f"{budget:.0f}"] + (["--quick"] if args.quick
                                                                                           else [])
         run_step(bench_name, command, steps)
