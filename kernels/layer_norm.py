@@ -28,7 +28,7 @@ from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 # thread holds (which sets the warps). The backward keeps more values live per element, so its tiles
 # are smaller. Sized so that every config compiles for sm_80 and sm_90 without register spills
 # (see shipped_kernel_configs).
-FORWARD = dict(max_block=16384, chunk=4096, tile_elements=4096, elements_per_thread=16)
+FORWARD = dict(max_block=8192, chunk=4096, tile_elements=4096, elements_per_thread=16)
 BACKWARD = dict(max_block=1024, chunk=2048, tile_elements=2048, elements_per_thread=8)
 MAX_ROWS_PER_PROGRAM = 16
 # Programs of the backward: a few per SM on a GPU, so dweight and dbias have few partial rows to sum.
@@ -464,9 +464,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
 # The configs the launcher picks on a GPU, for the compile report.
 
 # A width of each class the launcher tells apart: several rows per tile (384, the decoder's), the backward's
-# widest tile (1024), one row per forward tile and streamed backward rows (4096, and 16384: the forward's
+# widest tile (1024), one row per forward tile and streamed backward rows (4096, and 8192: the forward's
 # widest tile), streamed in both directions (65536).
-SHIPPED_WIDTHS = (384, 1024, 4096, 16384, 65536)
+SHIPPED_WIDTHS = (384, 1024, 4096, 8192, 65536)
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
