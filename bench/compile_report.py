@@ -181,7 +181,7 @@ def main():
     failing = [r for r in results if problems(r)]
     for r in failing:
         print(f"PROBLEM {r['name']} sm_{r['arch']}: {'; '.join(problems(r))}")
-    print(f"compiled {len(results)} configs x archs in {time.perf_counter() - started:.0f} s; "
+    print(f"compiled {len(results)} (config, arch) pairs in {time.perf_counter() - started:.0f} s; "
           f"{len(failing)} with problems; wrote {REPORT_PATH}")
     return 1 if failing else 0
 
