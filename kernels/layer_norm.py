@@ -16,11 +16,14 @@ Both are memory-bound, so each kernel reads and writes every element once where 
 """
 
 import functools
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from ._library import NAMESPACE
 from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 
 # Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is
@@ -307,13 +310,22 @@ def _as_rows(tensor):
     return rows
 
 
-def _forward(x, residual, weight, bias, eps):
-    """Launch the forward kernel on (rows, width) views. Returns y, s (None without residual), mean, rstd."""
-    n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    s = torch.empty_like(y) if residual is not None else None
+def _allocate_forward_outputs(x, with_sum):
+    """y (and s), mean and rstd of the forward, allocated the same way by the launch and by its fake
+    implementation: y and s contiguous in x's shape, mean and rstd one fp32 value per row."""
+    n_rows = x.numel() // x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    return (y, torch.empty_like(y), mean, rstd) if with_sum else (y, None, mean, rstd)
+
+
+def _forward(x, residual, weight, bias, eps):
+    """Launch the forward kernel. Returns y, s (None without residual), mean, rstd."""
+    y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
+    x = _as_rows(x)
+    residual = _as_rows(residual) if residual is not None else None
+    n_rows, n_cols = x.shape
     if n_rows == 0:
         return y, s, mean, rstd
     rows, block_n, stream_row, num_warps = _tile_config(n_cols, **FORWARD)
@@ -328,11 +340,14 @@ def _forward(x, residual, weight, bias, eps):
 
 
 def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
-    """Launch the backward kernel on (rows, width) tensors; reduce the partial dweight / dbias rows.
-    dy and dsum are contiguous (as autograd's gradients almost always are already): they share dx's
-    offsets, which saves the kernel registers. Returns dx, dweight (or None), dbias (or None)."""
+    """Launch the backward kernel; reduce the partial dweight / dbias rows. dy and dsum are made contiguous
+    (autograd's gradients almost always are already): they share dx's offsets, which saves the kernel
+    registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x = _as_rows(x)
+    dy = dy.contiguous()
+    dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rows, block_n, stream_row, num_warps = _tile_config(n_cols, **BACKWARD)
     programs = max(1, min(triton.cdiv(n_rows, rows), _backward_programs(x.device)))
     # A streamed row accumulates into its partial rows, which must start at zero.
@@ -359,51 +374,91 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd.
+# The launches as PyTorch operators (torch.library), so torch.compile sees them as opaque calls with known
+# output shapes (their fake implementations) instead of tracing into Triton.
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_forward", mutates_args=())
+def layer_norm_forward(
+    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s, mean, rstd) of LayerNorm over the last dimension of s = x (+ residual, when given). Without a
+    residual, s is an empty tensor (an operator's output may not alias its input)."""
+    y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@layer_norm_forward.register_fake
+def _(x, residual, weight, bias, eps):
+    y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    compute_dweight: bool, compute_dbias: bool,
+) -> list[Tensor]:
+    """[ds, dweight (when compute_dweight), dbias (when compute_dbias)] for the LayerNorm of s, whose output
+    received dy and s itself dsum (None when s is no output)."""
+    ds, dweight, dbias = _backward(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias)
+    return [ds] + ([dweight] if compute_dweight else []) + ([dbias] if compute_dbias else [])
+
+
+@layer_norm_backward.register_fake
+def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
+    width = s.shape[-1]
+    return (
+        [torch.empty(s.shape, dtype=s.dtype, device=s.device)]
+        + ([s.new_empty(width, dtype=weight.dtype)] if compute_dweight else [])
+        + ([s.new_empty(width)] if compute_dbias else [])
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd: one Function for both ops, the single place their backward is defined. The same setup_context
+# and backward are registered on the forward operator, so callers of the operator, opcheck and
+# torch.compile all see this formula.
 
 
 class LayerNormFunction(torch.autograd.Function):
+    """forward(x, residual, weight, bias, eps) -> (y, s, mean, rstd); residual may be None (plain LayerNorm)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        x_rows = _as_rows(x)
-        y, _, mean, rstd = _forward(x_rows, None, weight, bias, eps)
-        ctx.save_for_backward(x_rows, weight, mean, rstd)
+    def forward(x, residual, weight, bias, eps):
+        return layer_norm_forward(x, residual, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, _ = inputs
+        y, s, mean, rstd = output
+        ctx.with_residual = residual is not None
+        # The rows that were normalized: the sum s when there is a residual, else x itself.
+        ctx.save_for_backward(s if ctx.with_residual else x, weight, mean, rstd)
         ctx.has_bias = bias is not None
-        return y.view(x.shape)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # a missing gradient of y or s is skipped, not read as zeros
 
     @staticmethod
-    def backward(ctx, dy):
-        x_rows, weight, mean, rstd = ctx.saved_tensors
-        compute_dweight = weight is not None and ctx.needs_input_grad[1]
-        compute_dbias = ctx.has_bias and ctx.needs_input_grad[2]
-        dy_rows = dy.contiguous().view(x_rows.shape)
-        dx, dweight, dbias = _backward(dy_rows, None, x_rows, weight, mean, rstd, compute_dweight, compute_dbias)
-        return dx.view(dy.shape), dweight, dbias, None
-
-
-class AddLayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd = _forward(_as_rows(x), _as_rows(residual), weight, bias, eps)
-        ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.shape = x.shape
-        ctx.set_materialize_grads(False)  # a missing gradient of s is skipped, not read as zeros
-        return y.view(x.shape), s.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy, ds):
+    def backward(ctx, dy, dsum, _dmean, _drstd):
         s, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(s)
         compute_dweight = weight is not None and ctx.needs_input_grad[2]
         compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
-        dsum = ds.contiguous().view(s.shape) if ds is not None else None
-        dy_rows = dy.contiguous().view(s.shape)
-        dx, dweight, dbias = _backward(dy_rows, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias)
+        grads = layer_norm_backward(
+            dy, dsum if ctx.with_residual else None, s, weight, mean, rstd, compute_dweight, compute_dbias
+        )
+        ds = grads[0]
+        dweight = grads[1] if compute_dweight else None
+        dbias = grads[-1] if compute_dbias else None
         # s = x + residual: both receive the gradient of s.
-        dx = dx.view(ctx.shape)
-        return dx, dx, dweight, dbias, None
+        return ds, (ds if ctx.with_residual else None), dweight, dbias, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::layer_norm_forward", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,7 +501,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     Any width from 1 up: rows wider than one tile (FORWARD / BACKWARD max_block) are streamed in chunks.
     """
     _check_inputs(x, weight, bias, eps)
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    y, _, _, _ = LayerNormFunction.apply(x, None, weight, bias, float(eps))
+    return y
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
@@ -457,7 +513,8 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     (..., N), dtype and device; weight, bias as for layer_norm.
     """
     _check_inputs(x, weight, bias, eps, residual=residual)
-    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
+    y, s, _, _ = LayerNormFunction.apply(x, residual, weight, bias, float(eps))
+    return y, s
 
 
 # ----------------------------------------------------------------------------------------------------
