@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
+from kernels.reference import attention_reference
 
 SEQ_LENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 HEAD_DIMS = [128, 64]
@@ -54,16 +55,6 @@ def sweep_shapes(quick=False):
     for dtype in ("bf16", "fp16"):
         shapes.append(dict(dtype=dtype, causal=True, group="decoder (B64 H6 N256 D64)", **DECODER_SHAPE))
     return shapes
-
-
-def eager_attention(q, k, v, causal):
-    """The per-head math of gpt/model.py's Head on (B, H, N, D) tensors: q @ k^T * scale, causal mask, softmax, @ v."""
-    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
-    if causal:
-        n_q, n_k = q.shape[-2], k.shape[-2]
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return F.softmax(scores, dim=-1) @ v
 
 
 def _sdpa(backend):
@@ -115,7 +106,7 @@ def providers():
         ("sdpa-math", SDPBackend.MATH, False),
     ]:
         table[name] = (_sdpa(backend), core)
-    table["eager"] = (eager_attention, False)
+    table["eager"] = (attention_reference, False)
     flex = _flex()
     if flex is not None:
         table["flex"] = (flex, False)
@@ -128,7 +119,7 @@ def reference_slices(q, k, v, dout, causal):
     refs = []
     for b, h in {(0, 0), (q.shape[0] - 1, q.shape[1] - 1)}:
         qs, ks, vs = (t[b, h].float().detach().requires_grad_() for t in (q, k, v))
-        out = eager_attention(qs, ks, vs, causal)
+        out = attention_reference(qs, ks, vs, causal)
         out.backward(dout[b, h].float())
         refs.append(((b, h), out.detach(), qs.grad, ks.grad, vs.grad))
     return refs
@@ -273,7 +264,7 @@ def main():
     table = providers()
     run["settings"].update(tokens_per_point=TOKENS_PER_POINT, hidden=HIDDEN, forward_timed_with_grad=True,
                            flops="fwd 4*B*H*N*N*D (halved when causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
-                           eager_reference="bench.attention.eager_attention (gpt/model.py Head's math on B,H,N,D)")
+                           eager_reference="kernels.reference.attention_reference (gpt/model.py Head's math on B,H,N,D)")
     run["results"] = []
     for shape in sweep_shapes(args.quick):
         run["results"] += run_shape(shape, table, budget, run["ceilings"])

@@ -12,36 +12,12 @@ from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
 
 import kernels
 from kernels import attention, attention_dropout_mask
+from kernels.reference import attention_reference
 
-pytestmark = [
-    pytest.mark.usefixtures("poisoned_allocations"),
-    # The interpreter turns a loop bound held in a 1-element array into an int, which numpy deprecates.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
 HEAD_SIZES = [8, 16, 32, 48, 64, 80, 96, 128, 256]
-
-
-def eager_attention(q, k, v, causal=True, scale=None, keep=None, dropout_p=0.0):
-    """The eager math, in the inputs' dtype: softmax(scale q k^T + mask) [* keep / (1 - p)] v.
-    With causal and Nq > Nk the first Nq - Nk queries see no key; their output (and gradient) is 0."""
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        rows = torch.arange(n_q, device=q.device)[:, None]
-        cols = torch.arange(n_k, device=q.device)[None, :]
-        visible = cols <= rows + (n_k - n_q)
-        sees_a_key = visible.any(-1, keepdim=True)
-        # Rows that see nothing get uniform scores and are then zeroed, so no NaN reaches the gradients.
-        scores = scores.masked_fill(~visible & sees_a_key, float("-inf"))
-        weights = torch.softmax(scores, dim=-1) * sees_a_key
-    else:
-        weights = torch.softmax(scores, dim=-1)
-    if keep is not None:
-        weights = weights * keep / (1.0 - dropout_p)
-    return weights @ v
 
 
 def make_inputs(B, H, n_q, n_k, D, dtype, device, magnitude=1.0):
@@ -70,7 +46,7 @@ def check_against_reference(q, k, v, grad_out=None, causal=True, scale=None, kee
         (q, k, v), grad_out)
 
     def eager(*inputs):
-        return eager_attention(*inputs, causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
+        return attention_reference(*inputs, causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
 
     reference = values_and_grads(eager, [t.double() for t in (q, k, v)], grad_out.double())
     low = values_and_grads(eager, (q, k, v), grad_out)

@@ -8,11 +8,7 @@ from conftest import assert_within_error_rule
 from gpt.model import GPT, GPTConfig
 from kernels import FusedMultiHeadAttention
 
-pytestmark = [
-    pytest.mark.usefixtures("poisoned_allocations"),
-    # The interpreter turns a loop bound held in a 1-element array into an int, which numpy deprecates.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 TINY = dict(vocab_size=13, block_size=16, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
 
