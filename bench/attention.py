@@ -228,19 +228,7 @@ def to_markdown(run):
         entries = [r for r in results if r["group"] == group]
         for n in dict.fromkeys(r["seq_len"] for r in entries):
             at_n = {r["provider"]: r for r in entries if r["seq_len"] == n}
-            for mode in MODES:
-                row = [n, mode]
-                for name in names:
-                    r = at_n.get(name)
-                    if r is None or r["status"] != "ok":
-                        row.append(common.short_status(r))
-                    else:
-                        speedup = r.get("ours_speedup", {}).get(mode)
-                        row.append(_cell(r, mode) + (f" ({speedup:.2f}x)" if speedup else ""))
-                ours = at_n.get("triton")
-                ok = ours and ours["status"] == "ok" and "of_matmul_ceiling" in ours[mode]
-                row.append(f"{ours[mode]['of_matmul_ceiling']:.0%}" if ok else "—")
-                rows.append(row)
+            rows += common.comparison_rows(at_n, names, n, _cell, "of_matmul_ceiling")
             memory_rows.append([n] + [f"{at_n[x]['peak_memory_mib']:.0f}" if x in at_n and "peak_memory_mib"
                                       in at_n[x] else common.short_status(at_n.get(x)) for x in names])
         parts += [f"\n## {group}\n", common.markdown_table(["N", "mode", *names, "%ceil"], rows)]

@@ -272,6 +272,28 @@ def markdown_table(headers, rows):
     return "\n".join(lines)
 
 
+def comparison_rows(by_provider, names, key, cell, ceiling_field, ours="triton"):
+    """Markdown rows, one per mode, for one point of a sweep: each provider's rate (`cell(entry, mode)`
+    formats it) with ours' speedup over it, or a short word for why it has none; last, ours as a fraction of
+    the card's ceiling (`ceiling_field`). by_provider: provider name -> result entry at this point; key: the
+    point's label (a sequence length, a width)."""
+    rows = []
+    for mode in MODES:
+        row = [key, mode]
+        for name in names:
+            entry = by_provider.get(name)
+            if entry is None or entry["status"] != "ok":
+                row.append(short_status(entry))
+            else:
+                speedup = entry.get("ours_speedup", {}).get(mode)
+                row.append(cell(entry, mode) + (f" ({speedup:.2f}x)" if speedup else ""))
+        mine = by_provider.get(ours)
+        ok = mine and mine["status"] == "ok" and ceiling_field in mine[mode]
+        row.append(f"{mine[mode][ceiling_field]:.0%}" if ok else "—")
+        rows.append(row)
+    return rows
+
+
 def markdown_header(run, title):
     env, ceil = run["environment"], run["ceilings"]
     return "\n".join(

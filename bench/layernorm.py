@@ -171,19 +171,7 @@ def to_markdown(run):
             rows = []
             for width in dict.fromkeys(r["width"] for r in entries):
                 at_w = {r["provider"]: r for r in entries if r["width"] == width}
-                for mode in common.MODES:
-                    row = [width, mode]
-                    for name in names:
-                        r = at_w.get(name)
-                        if r is None or r["status"] != "ok":
-                            row.append(common.short_status(r))
-                        else:
-                            speedup = r.get("ours_speedup", {}).get(mode)
-                            row.append(_cell(r, mode) + (f" ({speedup:.2f}x)" if speedup else ""))
-                    ours = at_w.get("triton")
-                    ok = ours and ours["status"] == "ok" and "of_copy_ceiling" in ours[mode]
-                    row.append(f"{ours[mode]['of_copy_ceiling']:.0%}" if ok else "—")
-                    rows.append(row)
+                rows += common.comparison_rows(at_w, names, width, _cell, "of_copy_ceiling")
             parts += [f"\n## {op} {dtype}\n", common.markdown_table(["width", "mode", *names, "%copy"], rows)]
     notes = common.not_measured_notes(results)
     if notes:
