@@ -2,7 +2,8 @@
 needed) and write registers, spills, shared memory and the matrix instructions to bench/results/compile_report.md.
 
 Each kernel module ships its launch configs through `shipped_kernel_configs()` (a list of dicts: name, kernel,
-signature, constexprs, num_warps, num_stages). Each is compiled with `triton.compile(ASTSource(...),
+signature, constexprs, num_warps, num_stages, and optionally archs, the archs an arch-specific tile is for; the
+others are compiled for every arch in ARCHS). Each is compiled with `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, exactly as a launch would be, with pointer arguments
 marked 16-byte aligned as the launcher marks torch's allocations (integer arguments get no divisibility hint, so
 the report is, if anything, pessimistic). Then the wheel's own ptxas is run with `-v` on that PTX to read the
@@ -35,9 +36,10 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
 def shipped_configs():
-    """[(module name, config name)] for every config the kernel modules ship. Importing the modules is cheap and
-    works in interpreter mode; the kernels themselves are only touched by the workers."""
-    return [(module_name, entry["name"]) for module_name in KERNEL_MODULES
+    """[(module name, config name, archs)] for every config the kernel modules ship (archs: those it is compiled
+    for). Importing the modules is cheap and works in interpreter mode; the kernels themselves are only touched
+    by the workers."""
+    return [(module_name, entry["name"], tuple(entry.get("archs", ARCHS))) for module_name in KERNEL_MODULES
             for entry in importlib.import_module(module_name).shipped_kernel_configs()]
 
 
@@ -109,7 +111,8 @@ def compile_all(configs=None, archs=ARCHS, workers=WORKERS):
     """Compile every (config, arch) in `workers` spawned processes, one task at a time in KERNEL_MODULES order (the
     attention kernels, the longest, first, so no worker is left with one of them at the end); results in order."""
     configs = shipped_configs() if configs is None else configs
-    tasks = [(module_name, name, arch) for module_name, name in configs for arch in archs]
+    tasks = [(module_name, name, arch) for module_name, name, config_archs in configs for arch in archs
+             if arch in config_archs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         return list(pool.map(_compile_task, tasks))
@@ -159,6 +162,7 @@ def to_markdown(results):
         f"Every shipped kernel config of {', '.join(KERNEL_MODULES)}, compiled without a GPU by triton "
         f"{triton.__version__} for sm_90 (sm_90a) and sm_80; registers, stack and spills from the wheel's "
         "ptxas -v on the PTX, shared memory as Triton allocates it, matrix instructions read off the PTX. "
+        "A config named ..._sm90 or ..._sm80 is an arch-specific tile, compiled for that arch only. "
         "Regenerate with `python -m bench.compile_report`.",
         "",
         f"{len(results)} compiles, {len(failing)} with problems.",

@@ -469,18 +469,21 @@ def _dropout_mask_kernel(
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by the
 # input precision and BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys
 # and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
-# Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more, so tl.dot
-# becomes wgmma on sm_90; the same tiles run mma.sync on Ampere. Each is the largest tile tried that compiles
-# without register spills for both sm_90 and sm_80, with and without dropout (ptxas -v; the committed
-# bench/results/compile_report.md). Staying spill-free takes tiles under 64 rows (mma.sync, not wgmma, on
-# sm_90) for dQ at head size 128, for dK/dV at 128 with dropout, and for every kernel at 256. fp32 is
-# multiplied in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
+# Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more with
+# num_warps = 8, so tl.dot becomes wgmma on sm_90 (4 warps at 64 rows also gives wgmma but spills at head
+# size 128); the same tiles run mma.sync on Ampere. Each is the largest tile tried that compiles without
+# register spills for both sm_90 and sm_80 (ptxas -v; the committed bench/results/compile_report.md).
+# Head size 256 keeps tiles under 64 rows (mma.sync, not wgmma, on sm_90): every wgmma tile tried (BLOCK_M
+# or, for dK/dV, BLOCK_N 64 or 128 against 16 to 64 streamed rows, 4 or 8 warps, 1 or 2 stages) spills on
+# sm_90, from 128 B (forward, 64 x 16, 4 warps) to kilobytes (dK/dV): a warpgroup's 64 x 256 fp32
+# accumulator alone is 128 registers per thread (16 warps, capped at 128 registers each, spill too).
+# fp32 is multiplied in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
 _CONFIGS = {
     "16bit": {
         16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         32: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         64: {"forward": (128, 64, 8, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 8, 3)},
-        128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (32, 32, 4, 2)},
+        128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
         256: {"forward": (32, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 8, 1)},
     },
     "fp32": {
@@ -492,7 +495,15 @@ _CONFIGS = {
     },
 }
 # Dropout's random numbers take registers; where the tile above then spills, dropout runs a smaller one.
-_DROPOUT_CONFIGS = {("16bit", 128, "dkdv"): (32, 32, 4, 2)}
+_DROPOUT_CONFIGS = {
+    ("16bit", 128, "dq"): (128, 16, 8, 2),
+    ("16bit", 128, "dkdv"): (32, 32, 4, 2),
+}
+# sm_90's own tiles, keyed (precision, BLOCK_D, kernel, dropout), where no tile is both wgmma on sm_90 and
+# spill-free on sm_80; sm_80 (and every other arch) runs the tiles above. dK/dV at head size 128 with
+# dropout: 64 keys x 16 queries with 8 warps is wgmma without spills on sm_90 but spills 36 B on sm_80, and
+# every larger key tile spills on both.
+_SM90_CONFIGS = {("16bit", 128, "dkdv", True): (16, 64, 8, 2)}
 # GPUs older than Ampere have less shared memory: no software pipelining there. The CPU interpreter gets
 # small blocks: its cost grows with the number of elements computed, masked or not.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
@@ -511,8 +522,11 @@ def _precision(dtype):
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def _table_config(kernel, head_dim, dtype, dropout):
+def _table_config(kernel, head_dim, dtype, dropout, arch):
+    """The table's tile for `arch` (90 for sm_90; anything else gets the sm_80 tiles)."""
     key = (_precision(dtype), _block_d(head_dim), kernel)
+    if arch == 90 and key + (dropout,) in _SM90_CONFIGS:
+        return _SM90_CONFIGS[key + (dropout,)]
     if dropout and key in _DROPOUT_CONFIGS:
         return _DROPOUT_CONFIGS[key]
     return _CONFIGS[key[0]][key[1]][kernel]
@@ -522,8 +536,9 @@ def _launch_config(kernel, head_dim, dtype, dropout, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv" or "dq")."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
-    block_m, block_n, num_warps, num_stages = _table_config(kernel, head_dim, dtype, dropout)
-    if torch.cuda.get_device_capability(device)[0] < 8:
+    major, minor = torch.cuda.get_device_capability(device)
+    block_m, block_n, num_warps, num_stages = _table_config(kernel, head_dim, dtype, dropout, major * 10 + minor)
+    if major < 8:
         num_stages = 1
     return block_m, block_n, num_warps, num_stages
 
@@ -790,15 +805,16 @@ def _argument_type(name, pointer):
     return pointer  # Q, K, V, O, DO, DQ, DK, DV
 
 
-def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout):
-    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case."""
+def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, arch=80):
+    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case, with the
+    tile `arch` runs."""
     kernel = _SHIPPED_KERNELS[kernel_name]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
     if kernel_name == "preprocess":
         constexprs["BLOCK_M"] = _preprocess_block_m(_block_d(head_dim))
         num_warps, num_stages = 4, 1
     else:
-        block_m, block_n, num_warps, num_stages = _table_config(kernel_name, head_dim, dtype, dropout)
+        block_m, block_n, num_warps, num_stages = _table_config(kernel_name, head_dim, dtype, dropout, arch)
         constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout)
     # The last dimension is contiguous in every realistic call and Triton's JIT specialises a stride of 1
     # into a constant, so the report compiles what the GPU runs: the dim strides (stride_*d) are constexpr 1.
@@ -822,15 +838,22 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout):
 
 
 def shipped_kernel_configs():
-    """Every launch the table above can make on sm_90 and sm_80 (the table is the same for both): for each
-    dtype and head-size class 16, 32, 64, 128, 256, the forward, dK/dV and dQ kernels, causal, with and without
-    dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A padded head size
-    (e.g. 48 -> 64) runs the tiles of its class with masked loads, so the classes stand for it."""
+    """Every launch the table above can make on sm_90 and sm_80: for each dtype and head-size class 16, 32, 64,
+    128, 256, the forward, dK/dV and dQ kernels, causal, with and without dropout (dropout's random numbers cost
+    registers), plus the delta preprocess kernel. A padded head size (e.g. 48 -> 64) runs the tiles of its class
+    with masked loads, so the classes stand for it. Where sm_90 and sm_80 run different tiles (_SM90_CONFIGS),
+    there is one entry per arch, named ..._sm90 / ..._sm80, with "archs" saying which arch it is for."""
     entries = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (16, 32, 64, 128, 256):
             entries.append(_kernel_entry("preprocess", dtype, head_dim, False, False))
             for kernel_name in ("forward", "dkdv", "dq"):
                 for dropout in (False, True):
-                    entries.append(_kernel_entry(kernel_name, dtype, head_dim, True, dropout))
+                    if _table_config(kernel_name, head_dim, dtype, dropout, 90) == \
+                            _table_config(kernel_name, head_dim, dtype, dropout, 80):
+                        entries.append(_kernel_entry(kernel_name, dtype, head_dim, True, dropout))
+                        continue
+                    for arch in (90, 80):
+                        entry = _kernel_entry(kernel_name, dtype, head_dim, True, dropout, arch)
+                        entries.append(dict(entry, name=f"{entry['name']}_sm{arch}", archs=(arch,)))
     return entries

@@ -259,8 +259,8 @@ def test_every_launch_the_table_can_make_is_shipped():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in range(1, fa.MAX_HEAD_SIZE + 1):
             for name, kernel in kernels_by_name.items():
-                for dropout in (False, True):
-                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout)
+                for dropout, arch in ((False, 90), (False, 80), (True, 90), (True, 80)):
+                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout, arch)
                     key = (kernel, fa._POINTER_TYPE[dtype], fa._block_d(head_dim), block_m, block_n, dropout, warps,
                            stages)
-                    assert key in shipped, f"{name} {dtype} D={head_dim} dropout={dropout} is not shipped"
+                    assert key in shipped, f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} is not shipped"
