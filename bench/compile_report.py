@@ -2,13 +2,16 @@
 needed) and write registers, spills, shared memory and the matrix instructions to bench/results/compile_report.md.
 
 Each kernel module ships its launch configs through `shipped_kernel_configs()` (a list of dicts: name, kernel,
-signature, constexprs, num_warps, num_stages, and optionally archs, the archs an arch-specific tile is for; the
-others are compiled for every arch in ARCHS). Each is compiled with `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, exactly as a launch would be, with pointer arguments
-marked 16-byte aligned as the launcher marks torch's allocations (integer arguments get no divisibility hint, so
-the report is, if anything, pessimistic). Then the wheel's own ptxas is run with `-v` on that PTX to read the
-registers, stack frame and spill bytes; the shared memory is what Triton allocates; the PTX shows whether the
-matrix products use wgmma (sm_90's warpgroup instructions) or mma.sync (sm_80's).
+signature, constexprs, num_warps, num_stages, and optionally targets, the (arch, aligned) launches that run that
+tile; without it a config is compiled for every target in TARGETS). Each is compiled with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, as a launch would be.
+Triton's JIT specialises on its arguments: pointers aligned to 16 bytes and integers divisible by 16 are marked
+so, and the code it generates (vectorised, asynchronously pipelined loads) differs. So each config is compiled
+both ways: "aligned" marks every pointer and every stride_* argument divisible by 16 (contiguous tensors whose
+rows are a multiple of 16 elements, the usual case); "any" marks nothing, the worst case of misaligned
+operands. Then the wheel's own ptxas is run with `-v` on that PTX to read the registers, stack frame and spill
+bytes; the shared memory is what Triton allocates; the PTX shows whether the matrix products use wgmma (sm_90's
+warpgroup instructions) or mma.sync (sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills, uses more
 shared memory than the arch allows, or does not compile. Compiles run in worker processes (one per core, at most 8)
@@ -28,6 +31,8 @@ from pathlib import Path
 
 KERNEL_MODULES = ("kernels.flash_attention", "kernels.layer_norm")
 ARCHS = (90, 80)
+# (arch, aligned operands): every pair a config is compiled for unless it names its own targets.
+TARGETS = tuple((arch, aligned) for arch in ARCHS for aligned in (True, False))
 # The most shared memory one program may ask for (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912}
 REPORT_PATH = Path(__file__).resolve().parent / "results" / "compile_report.md"
@@ -36,10 +41,10 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
 def shipped_configs():
-    """[(module name, config name, archs)] for every config the kernel modules ship (archs: those it is compiled
-    for). Importing the modules is cheap and works in interpreter mode; the kernels themselves are only touched
-    by the workers."""
-    return [(module_name, entry["name"], tuple(entry.get("archs", ARCHS))) for module_name in KERNEL_MODULES
+    """[(module name, config name, targets)] for every config the kernel modules ship (targets: the (arch,
+    aligned) pairs it is compiled for). Importing the modules is cheap and works in interpreter mode; the
+    kernels themselves are only touched by the workers."""
+    return [(module_name, entry["name"], tuple(entry.get("targets", TARGETS))) for module_name in KERNEL_MODULES
             for entry in importlib.import_module(module_name).shipped_kernel_configs()]
 
 
@@ -74,21 +79,24 @@ def ptxas_usage(ptx, arch):
             "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
 
 
-def compile_config(module_name, name, arch):
-    """Compile one shipped config for one arch; a dict of what the report shows ("error" set when it failed)."""
+def compile_config(module_name, name, arch, aligned):
+    """Compile one shipped config for one arch, with aligned operands or any; a dict of what the report shows
+    ("error" set when it failed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"module": module_name, "name": name, "arch": arch}
+    result = {"module": module_name, "name": name, "arch": arch, "aligned": aligned}
     started = time.perf_counter()
     try:
         entry = next(e for e in importlib.import_module(module_name).shipped_kernel_configs() if e["name"] == name)
         result.update(num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         fn = _jit_function(entry["kernel"])
-        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
-                   if entry["signature"].get(arg, "").startswith("*")}
-        source = ASTSource(fn=fn, signature=entry["signature"], constexprs=entry["constexprs"], attrs=aligned)
+        signature = entry["signature"]
+        divisible = [i for i, arg in enumerate(fn.arg_names) if aligned and (
+            signature.get(arg, "").startswith("*") or (signature.get(arg) == "i32" and arg.startswith("stride_")))]
+        source = ASTSource(fn=fn, signature=signature, constexprs=entry["constexprs"],
+                           attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
         ptx = compiled.asm["ptx"]
@@ -107,22 +115,26 @@ def _compile_task(task):
     return compile_config(*task)
 
 
-def compile_all(configs=None, archs=ARCHS, workers=WORKERS):
-    """Compile every (config, arch) in `workers` spawned processes, one task at a time in KERNEL_MODULES order (the
-    attention kernels, the longest, first, so no worker is left with one of them at the end); results in order."""
+def compile_all(configs=None, workers=WORKERS):
+    """Compile every (config, target) in `workers` spawned processes, one task at a time in KERNEL_MODULES order
+    (the attention kernels, the longest, first, so no worker is left with one of them at the end); results in
+    order."""
     configs = shipped_configs() if configs is None else configs
-    tasks = [(module_name, name, arch) for module_name, name, config_archs in configs for arch in archs
-             if arch in config_archs]
+    tasks = [(module_name, name, arch, aligned) for module_name, name, targets in configs
+             for arch, aligned in targets]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         return list(pool.map(_compile_task, tasks))
 
 
 def problems(result):
-    """What makes a compiled config unfit to ship: a failed compile, spills, or too much shared memory."""
+    """What makes a compiled config unfit to ship: a failed compile, spills, too much shared memory, or, on sm_90
+    with aligned operands, matrix products left to mma.sync instead of wgmma."""
     if "error" in result:
         return [f"does not compile: {result['error'].splitlines()[0]}"]
     found = []
+    if result["arch"] == 90 and result["aligned"] and result["mma_sync"] and not result["wgmma"]:
+        found.append("mma.sync where sm_90 has wgmma")
     if result["spill_store_bytes"] or result["spill_load_bytes"]:
         found.append(f"spills {result['spill_store_bytes']} B stored / {result['spill_load_bytes']} B loaded")
     if result["shared_bytes"] > MAX_SHARED_BYTES[result["arch"]]:
@@ -140,14 +152,19 @@ def matrix_instructions(result):
     return "mma.sync (no wgmma)" if result["mma_sync"] else "NONE (FMA)"
 
 
+def operands_name(aligned):
+    return "aligned" if aligned else "any"
+
+
 def to_markdown(results):
     import triton
 
-    headers = ["config", "arch", "warps", "stages", "registers", "spills (st/ld B)", "stack B", "shared KiB",
-               "tl.dot", "matrix instr.", "status"]
+    headers = ["config", "arch", "operands", "warps", "stages", "registers", "spills (st/ld B)", "stack B",
+               "shared KiB", "tl.dot", "matrix instr.", "status"]
     rows = []
     for r in results:
-        base = [r["name"], f"sm_{r['arch']}", r.get("num_warps", "—"), r.get("num_stages", "—")]
+        base = [r["name"], f"sm_{r['arch']}", operands_name(r["aligned"]), r.get("num_warps", "—"),
+                r.get("num_stages", "—")]
         if "error" in r:
             rows.append(base + ["—"] * 6 + ["FAILS TO COMPILE"])
             continue
@@ -162,8 +179,10 @@ def to_markdown(results):
         f"Every shipped kernel config of {', '.join(KERNEL_MODULES)}, compiled without a GPU by triton "
         f"{triton.__version__} for sm_90 (sm_90a) and sm_80; registers, stack and spills from the wheel's "
         "ptxas -v on the PTX, shared memory as Triton allocates it, matrix instructions read off the PTX. "
-        "A config named ..._sm90 or ..._sm80 is an arch-specific tile, compiled for that arch only. "
-        "Regenerate with `python -m bench.compile_report`.",
+        "Operands \"aligned\": pointers and strides marked divisible by 16, as Triton's JIT marks contiguous "
+        "tensors whose rows are a multiple of 16 elements; \"any\": nothing marked, the worst case. A config is "
+        "compiled for the (arch, operands) launches that run its tile (a name ends in the attention tile, "
+        "BLOCK_M x BLOCK_N). Regenerate with `python -m bench.compile_report`.",
         "",
         f"{len(results)} compiles, {len(failing)} with problems.",
         "",
@@ -173,7 +192,8 @@ def to_markdown(results):
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     for r in results:
         if "error" in r:
-            lines += ["", f"## {r['name']} sm_{r['arch']}: compile error", "", "```", r["error"], "```"]
+            lines += ["", f"## {r['name']} sm_{r['arch']} {operands_name(r['aligned'])}: compile error", "", "```",
+                      r["error"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +204,8 @@ def main():
     REPORT_PATH.write_text(to_markdown(results))
     failing = [r for r in results if problems(r)]
     for r in failing:
-        print(f"PROBLEM {r['name']} sm_{r['arch']}: {'; '.join(problems(r))}")
-    print(f"compiled {len(results)} (config, arch) pairs in {time.perf_counter() - started:.0f} s; "
+        print(f"PROBLEM {r['name']} sm_{r['arch']} {operands_name(r['aligned'])}: {'; '.join(problems(r))}")
+    print(f"compiled {len(results)} (config, target) pairs in {time.perf_counter() - started:.0f} s; "
           f"{len(failing)} with problems; wrote {REPORT_PATH}")
     return 1 if failing else 0
 

@@ -252,9 +252,9 @@ def _backward_dkdv_inner(
     offs_n, offs_d, seed, bh, dropout_p, qk_scale,
     lo, hi, N_Q, N_K, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    MASKED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed tiles
+    """Accumulate dK and/or dV of one key block over query blocks [lo, hi). Works on transposed tiles
     (keys x queries) so the accumulations are plain matrix products. MASKED applies the causal mask;
     rows past Nq read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -269,20 +269,23 @@ def _backward_dkdv_inner(
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         do = _load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
-        # dP^T = V dO^T, the gradient of the dropped probabilities
-        dp_t = tl.dot(_fresh_each_step(v, start_m), tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_K, dropout_p)
-            p_dropped_t = tl.where(keep, p_t * dropout_scale, 0.0)
-            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
-        else:
+        if COMPUTE_DV:
+            # dV += P_dropped^T dO
             p_dropped_t = p_t
-        # dV += P_dropped^T dO
-        dv = tl.dot(p_dropped_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        # dS^T = P^T * (dP^T - delta); dK += dS^T Q (times the scale, applied once at the end)
-        delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if DROPOUT:
+                p_dropped_t = tl.where(keep, p_t * dropout_scale, 0.0)
+            dv = tl.dot(p_dropped_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if COMPUTE_DK:
+            # dP^T = V dO^T, the gradient of the dropped probabilities
+            dp_t = tl.dot(_fresh_each_step(v, start_m), tl.trans(do), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+            # dS^T = P^T * (dP^T - delta); dK += dS^T Q (times the scale, applied once at the end)
+            delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -297,14 +300,16 @@ def _attention_backward_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
-    """dK and dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
+    """dK and/or dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
     Grid: (cdiv(Nk, BLOCK_N), B * H). Each program owns its rows of dK, dV: no atomics, deterministic.
 
     Q, K, V: forward inputs as in the forward kernel. DO: (B, H, Nq, D) gradient of the output, any strides.
     DK, DV: (B, H, Nk, D) gradients, written here in the input dtype, any strides.
     LSE: (B, H, Nq) fp32 from the forward. DELTA: (B, H, Nq) fp32 from the preprocess kernel.
+    COMPUTE_DK, COMPUTE_DV: which of the two to compute and write (both, or one per launch where the two
+    fp32 accumulators do not fit in registers together).
     The remaining arguments mean what they mean in the forward kernel.
     """
     bh = tl.program_id(1)
@@ -334,18 +339,21 @@ def _attention_backward_dkdv_kernel(
     dk, dv = _backward_dkdv_inner(
         dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, full_start, N_Q, N_K, causal_offset,
-        HEAD_DIM, BLOCK_M, True, DROPOUT,
+        HEAD_DIM, BLOCK_M, True, DROPOUT, COMPUTE_DK, COMPUTE_DV,
     )
     dk, dv = _backward_dkdv_inner(
         dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
         offs_n, offs_d, seed, bh, dropout_p, qk_scale, full_start, N_Q, N_Q, N_K, causal_offset,
-        HEAD_DIM, BLOCK_M, False, DROPOUT,
+        HEAD_DIM, BLOCK_M, False, DROPOUT, COMPUTE_DK, COMPUTE_DV,
     )
 
-    # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
-    dk = dk * scale
-    _store_tile(_head_ptr(DK, bh, H, stride_dkb, stride_dkh), dk, offs_n, N_K, stride_dkn, offs_d, stride_dkd, HEAD_DIM)
-    _store_tile(_head_ptr(DV, bh, H, stride_dvb, stride_dvh), dv, offs_n, N_K, stride_dvn, offs_d, stride_dvd, HEAD_DIM)
+    if COMPUTE_DK:
+        # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
+        DK = _head_ptr(DK, bh, H, stride_dkb, stride_dkh)
+        _store_tile(DK, dk * scale, offs_n, N_K, stride_dkn, offs_d, stride_dkd, HEAD_DIM)
+    if COMPUTE_DV:
+        DV = _head_ptr(DV, bh, H, stride_dvb, stride_dvh)
+        _store_tile(DV, dv, offs_n, N_K, stride_dvn, offs_d, stride_dvd, HEAD_DIM)
 
 
 @triton.jit
@@ -468,45 +476,64 @@ def _dropout_mask_kernel(
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the forward, dK/dV and dQ kernels, keyed by the
 # input precision and BLOCK_D (the head size padded to a power of two). The dK/dV kernel holds BLOCK_N keys
-# and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
+# and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys. At head size 256 dK
+# and dV are computed by two launches, "dk" and "dv" (see _key_block_passes).
 # Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more with
-# num_warps = 8, so tl.dot becomes wgmma on sm_90 (4 warps at 64 rows also gives wgmma but spills at head
-# size 128); the same tiles run mma.sync on Ampere. Each is the largest tile tried that compiles without
-# register spills for both sm_90 and sm_80 (ptxas -v; the committed bench/results/compile_report.md).
-# Head size 256 keeps tiles under 64 rows (mma.sync, not wgmma, on sm_90): every wgmma tile tried (BLOCK_M
-# or, for dK/dV, BLOCK_N 64 or 128 against 16 to 64 streamed rows, 4 or 8 warps, 1 or 2 stages) spills on
-# sm_90, from 128 B (forward, 64 x 16, 4 warps) to kilobytes (dK/dV): a warpgroup's 64 x 256 fp32
-# accumulator alone is 128 registers per thread (16 warps, capped at 128 registers each, spill too).
-# fp32 is multiplied in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
+# num_warps = 8, so tl.dot becomes wgmma on sm_90; the same tiles run mma.sync on Ampere. Each is the largest
+# tile tried that compiles without register spills for sm_90 and sm_80, with aligned operands and without
+# (ptxas -v; the committed bench/results/compile_report.md). fp32 is multiplied in true fp32 without tensor
+# cores, whose operands are register-hungry: small tiles.
 _CONFIGS = {
     "16bit": {
         16: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         32: {"forward": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 3)},
         64: {"forward": (128, 64, 8, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 8, 3)},
         128: {"forward": (128, 32, 8, 3), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-        256: {"forward": (32, 32, 4, 2), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 8, 1)},
+        256: {"forward": (32, 32, 4, 2), "dk": (16, 32, 8, 1), "dv": (16, 64, 8, 2), "dq": (32, 16, 8, 2)},
     },
     "fp32": {
-        16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
-        32: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
-        64: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 32, 4, 1)},
+        16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 1)},
+        32: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 1)},
+        64: {"forward": (32, 16, 4, 1), "dkdv": (32, 16, 8, 1), "dq": (32, 32, 8, 1)},
         128: {"forward": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
-        256: {"forward": (16, 16, 4, 1), "dkdv": (16, 16, 8, 1), "dq": (32, 16, 16, 1)},
+        256: {"forward": (16, 16, 4, 1), "dk": (16, 16, 8, 1), "dv": (16, 16, 4, 1), "dq": (16, 32, 8, 1)},
     },
 }
-# Dropout's random numbers take registers; where the tile above then spills, dropout runs a smaller one.
-_DROPOUT_CONFIGS = {
-    ("16bit", 128, "dq"): (128, 16, 8, 2),
-    ("16bit", 128, "dkdv"): (32, 32, 4, 2),
-}
-# sm_90's own tiles, keyed (precision, BLOCK_D, kernel, dropout), where no tile is both wgmma on sm_90 and
-# spill-free on sm_80; sm_80 (and every other arch) runs the tiles above. dK/dV at head size 128 with
-# dropout: 64 keys x 16 queries with 8 warps is wgmma without spills on sm_90 but spills 36 B on sm_80, and
-# every larger key tile spills on both.
-_SM90_CONFIGS = {("16bit", 128, "dkdv", True): (16, 64, 8, 2)}
+# Tiles that replace the table's for some launches, as ((precision, BLOCK_D, kernel, dropout, arch, aligned),
+# tile); None in a key matches anything, and the first matching entry wins. `aligned`: every operand pointer
+# 16-byte aligned and every stride 1 or a multiple of 16 (_operands_aligned), the case Triton's JIT
+# specialises for: loads are vectorised and pipelined into shared memory asynchronously. Misaligned operands
+# are loaded element by element through registers, which costs registers.
+_TILE_OVERRIDES = [
+    # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256
+    # fp32 accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma
+    # tile tried spills (the streamed tiles pass through registers), so those launches keep the table's
+    # mma.sync tiles.
+    (("16bit", 256, "forward", None, 90, True), (128, 32, 8, 2)),
+    (("16bit", 256, "dq", None, 90, True), (128, 16, 8, 2)),
+    (("16bit", 256, "dk", None, 90, True), (32, 128, 8, 2)),
+    (("16bit", 256, "dv", None, 90, True), (32, 128, 8, 2)),
+    # Dropout's random numbers take registers; where the table's tile then spills, dropout runs a smaller one.
+    # dK/dV at head size 128 on sm_90: 64 keys x 16 queries with 8 warps is wgmma without spills but spills
+    # 36 B on sm_80, and every larger key tile spills on both.
+    (("16bit", 128, "dkdv", True, 90, None), (16, 64, 8, 2)),
+    (("16bit", 128, "dkdv", True, None, None), (32, 32, 4, 2)),
+    (("16bit", 128, "dq", True, None, None), (128, 16, 8, 2)),
+    (("16bit", 256, "dk", True, None, None), (16, 16, 8, 1)),
+]
 # GPUs older than Ampere have less shared memory: no software pipelining there. The CPU interpreter gets
 # small blocks: its cost grows with the number of elements computed, masked or not.
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
+# Which gradients each key-block launch computes: (COMPUTE_DK, COMPUTE_DV).
+_COMPUTED_GRADIENTS = {"dkdv": (True, True), "dk": (True, False), "dv": (False, True)}
+
+
+def _key_block_passes(block_d):
+    """The launches of the dK/dV kernel: one computing both, or at head size 256 one for dK and one for dV,
+    each recomputing P. Two (BLOCK_N x 256) fp32 accumulators do not fit in registers together: at the 64 key
+    rows per warpgroup that wgmma needs they alone are 256 registers per thread, and smaller tiles starve the
+    tensor cores. The split costs one more Q K^T product per key block (5 products instead of 4)."""
+    return ("dk", "dv") if block_d > 128 else ("dkdv",)
 
 
 def _preprocess_block_m(block_d):
@@ -522,22 +549,32 @@ def _precision(dtype):
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def _table_config(kernel, head_dim, dtype, dropout, arch):
-    """The table's tile for `arch` (90 for sm_90; anything else gets the sm_80 tiles)."""
-    key = (_precision(dtype), _block_d(head_dim), kernel)
-    if arch == 90 and key + (dropout,) in _SM90_CONFIGS:
-        return _SM90_CONFIGS[key + (dropout,)]
-    if dropout and key in _DROPOUT_CONFIGS:
-        return _DROPOUT_CONFIGS[key]
-    return _CONFIGS[key[0]][key[1]][kernel]
+def _table_config(kernel, head_dim, dtype, dropout, arch, aligned):
+    """The tile `kernel` runs on `arch` (90 for sm_90, 80 for sm_80; older archs get sm_80's tiles)."""
+    precision, block_d = _precision(dtype), _block_d(head_dim)
+    launch = (precision, block_d, kernel, dropout, arch, aligned)
+    for key, tile in _TILE_OVERRIDES:
+        if all(want is None or want == have for want, have in zip(key, launch)):
+            return tile
+    return _CONFIGS[precision][block_d][kernel]
 
 
-def _launch_config(kernel, head_dim, dtype, dropout, device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv" or "dq")."""
+def _operands_aligned(*tensors):
+    """Whether Triton's JIT sees every pointer of these tensors as 16-byte aligned and every stride as 1 or a
+    multiple of 16 (the values it specialises for; see _TILE_OVERRIDES)."""
+    return all(t.data_ptr() % 16 == 0 and all(s == 1 or s % 16 == 0 for s in t.stride()) for t in tensors)
+
+
+def _launch_config(kernel, head_dim, dtype, dropout, *operands):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv", "dk", "dv" or "dq") on the
+    device of `operands`, the tensors the launch passes."""
+    device = operands[0].device
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     major, minor = torch.cuda.get_device_capability(device)
-    block_m, block_n, num_warps, num_stages = _table_config(kernel, head_dim, dtype, dropout, major * 10 + minor)
+    arch = major * 10 + minor
+    block_m, block_n, num_warps, num_stages = _table_config(
+        kernel, head_dim, dtype, dropout, arch, _operands_aligned(*operands))
     if major < 8:
         num_stages = 1
     return block_m, block_n, num_warps, num_stages
@@ -577,7 +614,7 @@ def attention_forward(
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     out, lse = _allocate_forward_outputs(q, k)
-    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q.device)
+    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q, k, v, out, lse)
     grid = (triton.cdiv(N_Q, block_m), B * H)
     _attention_forward_kernel[grid](
         q, k, v, out, lse,
@@ -615,22 +652,26 @@ def attention_backward(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m,
     )
 
-    # 2. dK, dV: one program per key block
+    # 2. dK, dV: one program per key block, in one launch or two (_key_block_passes)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    block_m, block_n, num_warps, num_stages = _launch_config("dkdv", D, q.dtype, dropout, q.device)
-    _attention_backward_dkdv_kernel[(triton.cdiv(N_K, block_n), B * H)](
-        q, k, v, grad_out, dk, dv, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        H, N_Q, N_K, scale, dropout_p, seed,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    for kernel in _key_block_passes(block_d):
+        compute_dk, compute_dv = _COMPUTED_GRADIENTS[kernel]
+        block_m, block_n, num_warps, num_stages = _launch_config(
+            kernel, D, q.dtype, dropout, q, k, v, grad_out, dk, dv, lse, delta)
+        _attention_backward_dkdv_kernel[(triton.cdiv(N_K, block_n), B * H)](
+            q, k, v, grad_out, dk, dv, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            H, N_Q, N_K, scale, dropout_p, seed,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            CAUSAL=causal, DROPOUT=dropout, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+            num_warps=num_warps, num_stages=num_stages,
+        )
 
     # 3. dQ: one program per query block
     dq = torch.empty_like(q)
-    block_m, block_n, num_warps, num_stages = _launch_config("dq", D, q.dtype, dropout, q.device)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        "dq", D, q.dtype, dropout, q, k, v, grad_out, dq, lse, delta)
     _attention_backward_dq_kernel[(triton.cdiv(N_Q, block_m), B * H)](
         q, k, v, grad_out, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
@@ -789,6 +830,8 @@ _SHIPPED_KERNELS = {
     "preprocess": _attention_backward_preprocess_kernel,
     "forward": _attention_forward_kernel,
     "dkdv": _attention_backward_dkdv_kernel,
+    "dk": _attention_backward_dkdv_kernel,
+    "dv": _attention_backward_dkdv_kernel,
     "dq": _attention_backward_dq_kernel,
 }
 
@@ -805,17 +848,19 @@ def _argument_type(name, pointer):
     return pointer  # Q, K, V, O, DO, DQ, DK, DV
 
 
-def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, arch=80):
-    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case, with the
-    tile `arch` runs."""
+def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, tile):
+    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case and tile
+    (BLOCK_M, BLOCK_N, num_warps, num_stages; None for the preprocess kernel)."""
     kernel = _SHIPPED_KERNELS[kernel_name]
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
     if kernel_name == "preprocess":
         constexprs["BLOCK_M"] = _preprocess_block_m(_block_d(head_dim))
         num_warps, num_stages = 4, 1
     else:
-        block_m, block_n, num_warps, num_stages = _table_config(kernel_name, head_dim, dtype, dropout, arch)
+        block_m, block_n, num_warps, num_stages = tile
         constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout)
+    if kernel_name in _COMPUTED_GRADIENTS:
+        constexprs["COMPUTE_DK"], constexprs["COMPUTE_DV"] = _COMPUTED_GRADIENTS[kernel_name]
     # The last dimension is contiguous in every realistic call and Triton's JIT specialises a stride of 1
     # into a constant, so the report compiles what the GPU runs: the dim strides (stride_*d) are constexpr 1.
     for name in kernel.arg_names:
@@ -827,8 +872,9 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, arch=80):
     }
     dtype_name = str(dtype).replace("torch.", "")
     flags = "" if kernel_name == "preprocess" else f"{'_causal' if causal else ''}{'_dropout' if dropout else ''}"
+    tile_name = "" if tile is None else f"_{tile[0]}x{tile[1]}"
     return {
-        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}",
+        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}{tile_name}",
         "kernel": kernel,
         "signature": signature,
         "constexprs": constexprs,
@@ -838,22 +884,24 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, arch=80):
 
 
 def shipped_kernel_configs():
-    """Every launch the table above can make on sm_90 and sm_80: for each dtype and head-size class 16, 32, 64,
-    128, 256, the forward, dK/dV and dQ kernels, causal, with and without dropout (dropout's random numbers cost
-    registers), plus the delta preprocess kernel. A padded head size (e.g. 48 -> 64) runs the tiles of its class
-    with masked loads, so the classes stand for it. Where sm_90 and sm_80 run different tiles (_SM90_CONFIGS),
-    there is one entry per arch, named ..._sm90 / ..._sm80, with "archs" saying which arch it is for."""
+    """Every launch the table above can make on sm_90 and sm_80, with aligned operands and without: for each
+    dtype and head-size class 16, 32, 64, 128, 256, the forward, dK/dV (or dK and dV) and dQ kernels, causal,
+    with and without dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A
+    padded head size (e.g. 48 -> 64) runs the tiles of its class with masked loads, so the classes stand for
+    it. Each entry's "targets" lists the (arch, aligned) launches that run its tile; its name ends in the tile
+    (BLOCK_M x BLOCK_N)."""
     entries = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (16, 32, 64, 128, 256):
-            entries.append(_kernel_entry("preprocess", dtype, head_dim, False, False))
-            for kernel_name in ("forward", "dkdv", "dq"):
+            entries.append(_kernel_entry("preprocess", dtype, head_dim, False, False, None))
+            for kernel_name in ("forward", *_key_block_passes(_block_d(head_dim)), "dq"):
                 for dropout in (False, True):
-                    if _table_config(kernel_name, head_dim, dtype, dropout, 90) == \
-                            _table_config(kernel_name, head_dim, dtype, dropout, 80):
-                        entries.append(_kernel_entry(kernel_name, dtype, head_dim, True, dropout))
-                        continue
+                    targets_by_tile = {}
                     for arch in (90, 80):
-                        entry = _kernel_entry(kernel_name, dtype, head_dim, True, dropout, arch)
-                        entries.append(dict(entry, name=f"{entry['name']}_sm{arch}", archs=(arch,)))
+                        for aligned in (True, False):
+                            tile = _table_config(kernel_name, head_dim, dtype, dropout, arch, aligned)
+                            targets_by_tile.setdefault(tile, []).append((arch, aligned))
+                    for tile, targets in targets_by_tile.items():
+                        entry = _kernel_entry(kernel_name, dtype, head_dim, True, dropout, tile)
+                        entries.append(dict(entry, targets=tuple(targets)))
     return entries

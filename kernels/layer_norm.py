@@ -29,9 +29,10 @@ from ._validate import check_runnable, check_same_device_and_dtype, check_tensor
 # Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is
 # streamed in chunk-wide tiles), the elements a tile of narrow rows aims for, and the elements each
 # thread holds (which sets the warps). The backward keeps more values live per element, so its tiles
-# are smaller. Sized so that every config compiles for sm_80 and sm_90 without register spills
-# (see shipped_kernel_configs).
-FORWARD = dict(max_block=8192, chunk=4096, tile_elements=4096, elements_per_thread=16)
+# are smaller. Sized so that every config compiles for sm_80 and sm_90 without register spills, with
+# aligned operands and without (see shipped_kernel_configs; streamed fp16 rows in 4096-wide tiles of
+# 8 warps spill on sm_90 when misaligned).
+FORWARD = dict(max_block=8192, chunk=8192, tile_elements=4096, elements_per_thread=16)
 BACKWARD = dict(max_block=1024, chunk=2048, tile_elements=2048, elements_per_thread=8)
 MAX_ROWS_PER_PROGRAM = 16
 # Programs of the backward: a few per SM on a GPU, so dweight and dbias have few partial rows to sum.

@@ -4,6 +4,7 @@ lengths, head sizes, causal and full attention, dtypes, strides and magnitudes; 
 On CPU the kernels run through Triton's interpreter with 32 x 32 blocks, so the shapes are small but cover
 lengths that are not multiples of a block, several blocks, and the causal diagonal in every position."""
 
+import itertools
 import math
 
 import pytest
@@ -176,11 +177,15 @@ def test_no_dropout_draws_no_random_number(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal,n_q,n_k", [(True, 70, 70), (False, 30, 75), (True, 75, 30)])
-def test_dropout_matches_eager_with_the_helpers_mask_values_and_gradients(device, dtype, causal, n_q, n_k):
+@pytest.mark.parametrize("causal,n_q,n_k,head_size", [
+    (True, 70, 70, 32), (False, 30, 75, 32), (True, 75, 30, 32),
+    (True, 40, 40, 200),  # head size 256 class: dK and dV in separate launches, each regenerating the mask
+])
+def test_dropout_matches_eager_with_the_helpers_mask_values_and_gradients(device, dtype, causal, n_q, n_k,
+                                                                          head_size):
     """The seeded forward and its backward equal the eager path that applies the helper's mask."""
     torch.manual_seed(12)
-    q, k, v = make_inputs(1, 2, n_q, n_k, 32, dtype, device)
+    q, k, v = make_inputs(1, 2, n_q, n_k, head_size, dtype, device)
     grad_out = torch.randn(q.shape, device=device).to(dtype)
     torch.manual_seed(99)
     keep = attention_dropout_mask(q, k, 0.2)
@@ -252,15 +257,27 @@ def test_every_launch_the_table_can_make_is_shipped():
         assert all(e["signature"][name] == "constexpr" for name in e["constexprs"]), e["name"]
         c = e["constexprs"]
         pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
-        shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
-                     e["num_warps"], e["num_stages"]))
-    kernels_by_name = {"forward": fa._attention_forward_kernel, "dkdv": fa._attention_backward_dkdv_kernel,
-                       "dq": fa._attention_backward_dq_kernel}
+        for target in e.get("targets", ()):
+            shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
+                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), e["num_warps"], e["num_stages"], target))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in range(1, fa.MAX_HEAD_SIZE + 1):
-            for name, kernel in kernels_by_name.items():
-                for dropout, arch in ((False, 90), (False, 80), (True, 90), (True, 80)):
-                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout, arch)
-                    key = (kernel, fa._POINTER_TYPE[dtype], fa._block_d(head_dim), block_m, block_n, dropout, warps,
-                           stages)
-                    assert key in shipped, f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} is not shipped"
+            block_d = fa._block_d(head_dim)
+            for name in ("forward", *fa._key_block_passes(block_d), "dq"):
+                kernel = fa._SHIPPED_KERNELS[name]
+                compute_dk, compute_dv = fa._COMPUTED_GRADIENTS.get(name, (None, None))
+                for dropout, arch, aligned in itertools.product((False, True), (90, 80), (True, False)):
+                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout, arch, aligned)
+                    key = (kernel, fa._POINTER_TYPE[dtype], block_d, block_m, block_n, dropout, compute_dk, compute_dv,
+                           warps, stages, (arch, aligned))
+                    assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
+                                            f"aligned={aligned} is not shipped")
+
+
+def test_operand_alignment_is_what_triton_specialises_on(device):
+    from kernels.flash_attention import _operands_aligned
+
+    x = torch.randn(2, 3, 40, 64, device=device)
+    assert _operands_aligned(x, x.transpose(1, 2))
+    assert not _operands_aligned(x[..., :40].contiguous())  # rows of 40 elements: a stride not divisible by 16
+    assert not _operands_aligned(x.view(-1)[1:].view(1, -1))  # a pointer 4 bytes past an aligned one
