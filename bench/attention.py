@@ -3,7 +3,8 @@ user would pick instead, on the same card in the same run.
 
 Shapes follow FlashAttention's and Triton's benchmarks: sequence length N in 256 ... 16384, head size D in {64, 128},
 batch = 16384 // N and heads = 2048 // D (about 16k tokens x 2048 hidden per point), causal and not, fp16 and bf16,
-plus the decoder's own shape (batch 64, 6 heads, 256 tokens, head size 64).
+then bf16 causal at head size 256 (every other N), plus the decoder's own shape (batch 64, 6 heads, 256 tokens,
+head size 64).
 FLOPs as those benchmarks count them: forward 4*B*H*N*N*D, halved when causal; backward 2.5x forward.
 Forward is timed as in training (inputs require grad); backward alone is `out.backward(dout)` on a kept graph.
 
@@ -52,6 +53,10 @@ def sweep_shapes(quick=False):
                     batch, heads = max(1, TOKENS_PER_POINT // n), HIDDEN // head_dim
                     shapes.append(dict(dtype=dtype, causal=causal, head_dim=head_dim, seq_len=n, batch=batch,
                                        heads=heads, group=f"{dtype} D={head_dim} {'causal' if causal else 'full'}"))
+    for n in seq_lens[1::2]:  # head size 256: dK and dV in two launches, its own tiles
+        batch, heads = max(1, TOKENS_PER_POINT // n), HIDDEN // 256
+        shapes.append(dict(dtype="bf16", causal=True, head_dim=256, seq_len=n, batch=batch, heads=heads,
+                           group="bf16 D=256 causal"))
     for dtype in ("bf16", "fp16"):
         shapes.append(dict(dtype=dtype, causal=True, group="decoder (B64 H6 N256 D64)", **DECODER_SHAPE))
     return shapes
