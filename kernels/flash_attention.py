@@ -550,7 +550,7 @@ def _precision(dtype):
 
 
 def _table_config(kernel, head_dim, dtype, dropout, arch, aligned):
-    """The tile `kernel` runs on `arch` (90 for sm_90, 80 for sm_80; older archs get sm_80's tiles)."""
+    """The tile `kernel` runs on `arch` (90 for sm_90; other archs get the general tiles, chosen for sm_80)."""
     precision, block_d = _precision(dtype), _block_d(head_dim)
     launch = (precision, block_d, kernel, dropout, arch, aligned)
     for key, tile in _TILE_OVERRIDES:
@@ -560,14 +560,17 @@ def _table_config(kernel, head_dim, dtype, dropout, arch, aligned):
 
 
 def _operands_aligned(*tensors):
-    """Whether Triton's JIT sees every pointer of these tensors as 16-byte aligned and every stride as 1 or a
-    multiple of 16 (the values it specialises for; see _TILE_OVERRIDES)."""
-    return all(t.data_ptr() % 16 == 0 and all(s == 1 or s % 16 == 0 for s in t.stride()) for t in tensors)
+    """Whether these tensors are what the "aligned" tiles were compiled for (see _TILE_OVERRIDES): pointers that
+    Triton's JIT sees as 16-byte aligned, a unit last stride (which it makes a constant) and the other strides
+    multiples of 16 (which it marks divisible by 16)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
+               for t in tensors)
 
 
 def _launch_config(kernel, head_dim, dtype, dropout, *operands):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv", "dk", "dv" or "dq") on the
-    device of `operands`, the tensors the launch passes."""
+    device of `operands`, the tensors whose strides the launch passes (LSE and DELTA, allocated here and
+    indexed without strides, do not count)."""
     device = operands[0].device
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
@@ -614,7 +617,7 @@ def attention_forward(
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     out, lse = _allocate_forward_outputs(q, k)
-    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q, k, v, out, lse)
+    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q, k, v, out)
     grid = (triton.cdiv(N_Q, block_m), B * H)
     _attention_forward_kernel[grid](
         q, k, v, out, lse,
@@ -658,7 +661,7 @@ def attention_backward(
     for kernel in _key_block_passes(block_d):
         compute_dk, compute_dv = _COMPUTED_GRADIENTS[kernel]
         block_m, block_n, num_warps, num_stages = _launch_config(
-            kernel, D, q.dtype, dropout, q, k, v, grad_out, dk, dv, lse, delta)
+            kernel, D, q.dtype, dropout, q, k, v, grad_out, dk, dv)
         _attention_backward_dkdv_kernel[(triton.cdiv(N_K, block_n), B * H)](
             q, k, v, grad_out, dk, dv, lse, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
@@ -671,7 +674,7 @@ def attention_backward(
     # 3. dQ: one program per query block
     dq = torch.empty_like(q)
     block_m, block_n, num_warps, num_stages = _launch_config(
-        "dq", D, q.dtype, dropout, q, k, v, grad_out, dq, lse, delta)
+        "dq", D, q.dtype, dropout, q, k, v, grad_out, dq)
     _attention_backward_dq_kernel[(triton.cdiv(N_Q, block_m), B * H)](
         q, k, v, grad_out, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),

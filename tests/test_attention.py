@@ -280,4 +280,6 @@ def test_operand_alignment_is_what_triton_specialises_on(device):
     x = torch.randn(2, 3, 40, 64, device=device)
     assert _operands_aligned(x, x.transpose(1, 2))
     assert not _operands_aligned(x[..., :40].contiguous())  # rows of 40 elements: a stride not divisible by 16
-    assert not _operands_aligned(x.view(-1)[1:].view(1, -1))  # a pointer 4 bytes past an aligned one
+    shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
+    assert shifted.stride() == x.stride() and not _operands_aligned(shifted)  # a pointer 4 bytes past alignment
+    assert not _operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
