@@ -501,7 +501,7 @@ _CONFIGS = {
 }
 # Tiles that replace the table's for some launches, as ((precision, BLOCK_D, kernel, dropout, arch, aligned),
 # tile); None in a key matches anything, and the first matching entry wins. `aligned`: every operand pointer
-# 16-byte aligned and every stride 1 or a multiple of 16 (_operands_aligned), the case Triton's JIT
+# 16-byte aligned, its last stride 1 and the others multiples of 16 (_operands_aligned), the case Triton's JIT
 # specialises for: loads are vectorised and pipelined into shared memory asynchronously. Misaligned operands
 # are loaded element by element through registers, which costs registers.
 _TILE_OVERRIDES = [
