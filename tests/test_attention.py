@@ -283,3 +283,24 @@ def test_operand_alignment_is_what_triton_specialises_on(device):
     shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
     assert shifted.stride() == x.stride() and not _operands_aligned(shifted)  # a pointer 4 bytes past alignment
     assert not _operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
+
+
+def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
+    """The launcher's plumbing on a (pretend) H100: aligned operands get the sm_90 wgmma tile, misaligned ones
+    the general tile, and an A100 the general tile either way."""
+    from types import SimpleNamespace
+
+    from kernels import flash_attention as fa
+
+    def operand(stride, data_ptr=4096):
+        return SimpleNamespace(device=torch.device("cuda"), stride=lambda *dim: stride[dim[0]] if dim else stride,
+                               data_ptr=lambda: data_ptr)
+
+    aligned, misaligned = operand((4096, 256, 1)), operand((4096, 200, 1))
+    for capability, arch in (((9, 0), 90), ((8, 0), 80)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        for operands, is_aligned in (((aligned, aligned), True), ((aligned, misaligned), False)):
+            expected = fa._table_config("forward", 256, torch.bfloat16, False, arch, is_aligned)
+            assert fa._launch_config("forward", 256, torch.bfloat16, False, *operands) == expected
+    assert fa._table_config("forward", 256, torch.bfloat16, False, 90, True) != \
+        fa._table_config("forward", 256, torch.bfloat16, False, 90, False)
