@@ -7,14 +7,15 @@ tile; without it a config is compiled for every target in TARGETS). Each is comp
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, as a launch would be.
 Triton's JIT specialises on its arguments: pointers aligned to 16 bytes and integers divisible by 16 are marked
 so, and the code it generates (vectorised, asynchronously pipelined loads) differs. So each config is compiled
-both ways: "aligned" marks every pointer and every stride_* argument divisible by 16 (contiguous tensors whose
-rows are a multiple of 16 elements, the usual case); "any" marks nothing, the worst case of misaligned
-operands. Then the wheel's own ptxas is run with `-v` on that PTX to read the registers, stack frame and spill
-bytes; the shared memory is what Triton allocates; the PTX shows whether the matrix products use wgmma (sm_90's
-warpgroup instructions) or mma.sync (sm_80's).
+both ways: "aligned" marks every pointer and every stride_* argument divisible by 16 as the JIT would, except the
+arguments a kernel opts out of that specialisation for (the attention kernels mark their strides themselves,
+from their ALIGNED constexpr); "any" marks nothing, the worst case of misaligned operands. Then the wheel's own
+ptxas is run with `-v` on that PTX to read the registers, stack frame and spill bytes; the shared memory is what
+Triton allocates; the PTX shows whether the matrix products use wgmma (sm_90's warpgroup instructions) or
+mma.sync (sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills, uses more
-shared memory than the arch allows, or does not compile. Compiles run in worker processes (one per core, at most 8)
+shared memory than the arch allows, does not compile, or runs mma.sync on sm_90 with aligned operands. Compiles run in worker processes (one per core, at most 8)
 started without TRITON_INTERPRET (the test suite sets it on CPU, and interpreted kernels cannot be compiled).
 """
 
@@ -79,6 +80,11 @@ def ptxas_usage(ptx, arch):
             "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
 
 
+def _jit_marks_divisibility(param):
+    """Whether Triton's JIT would mark this kernel argument divisible by 16 when it is (a kernel can opt out)."""
+    return not (param.do_not_specialize or param.do_not_specialize_on_alignment)
+
+
 def compile_config(module_name, name, arch, aligned):
     """Compile one shipped config for one arch, with aligned operands or any; a dict of what the report shows
     ("error" set when it failed)."""
@@ -93,8 +99,9 @@ def compile_config(module_name, name, arch, aligned):
         result.update(num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         fn = _jit_function(entry["kernel"])
         signature = entry["signature"]
-        divisible = [i for i, arg in enumerate(fn.arg_names) if aligned and (
-            signature.get(arg, "").startswith("*") or (signature.get(arg) == "i32" and arg.startswith("stride_")))]
+        divisible = [param.num for param in fn.params if aligned and _jit_marks_divisibility(param) and (
+            signature[param.name].startswith("*") or (signature[param.name] == "i32"
+                                                       and param.name.startswith("stride_")))]
         source = ASTSource(fn=fn, signature=signature, constexprs=entry["constexprs"],
                            attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -179,8 +186,9 @@ def to_markdown(results):
         f"Every shipped kernel config of {', '.join(KERNEL_MODULES)}, compiled without a GPU by triton "
         f"{triton.__version__} for sm_90 (sm_90a) and sm_80; registers, stack and spills from the wheel's "
         "ptxas -v on the PTX, shared memory as Triton allocates it, matrix instructions read off the PTX. "
-        "Operands \"aligned\": pointers and strides marked divisible by 16, as Triton's JIT marks contiguous "
-        "tensors whose rows are a multiple of 16 elements; \"any\": nothing marked, the worst case. A config is "
+        "Operands \"aligned\": pointers and strides known to be multiples of 16 bytes (marked by Triton's JIT, "
+        "or for the attention kernels' strides by the kernel itself); \"any\": nothing marked, the worst case. "
+        "A config is "
         "compiled for the (arch, operands) launches that run its tile (a name ends in the attention tile, "
         "BLOCK_M x BLOCK_N). Regenerate with `python -m bench.compile_report`.",
         "",

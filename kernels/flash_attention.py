@@ -19,6 +19,7 @@ forward, both backward kernels and `attention_dropout_mask` agree on the mask. T
 from torch's default (CPU) generator when not given, so `torch.manual_seed` reproduces a call.
 """
 
+import inspect
 import math
 from typing import Optional
 
@@ -43,6 +44,17 @@ DOT_PRECISION = tl.constexpr("ieee")
 # --------------------------------------------------------------------------------------------------
 
 
+def _attention_kernel(fn):
+    """triton.jit for the attention kernels. Triton's JIT compiles a variant per pattern of its integer
+    arguments (equal to 1, divisible by 16, or neither); these kernels opt out for the sizes and for the
+    strides' divisibility, so what a GPU runs is exactly one of the two variants the compile report checks
+    per tile: ALIGNED (strides marked inside the kernel, see _marked_strides) or not. A unit stride still
+    becomes a constant. The seed changes every call and is never specialised."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[name for name in ("seed", "H", "N_Q", "N_K") if name in names],
+                      do_not_specialize_on_alignment=[name for name in names if name.startswith("stride_")])
+
+
 @triton.jit
 def _dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
     """The dropout keep-mask of one tile, shared by every kernel that needs it.
@@ -64,6 +76,21 @@ def _dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
 def _head_ptr(X, bh, H, stride_b, stride_h):
     """Pointer to the (batch, head) = divmod(bh, H) slice of X, with 64-bit offsets: big tensors overflow i32."""
     return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _marked_strides(X, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
+    """X's batch, head and row strides, visibly multiples of 16 bytes' worth of X's elements when ALIGNED (the
+    launcher checked that they are). The kernels opt out of the JIT's own marking (see _attention_kernel),
+    which only knows divisibility by 16 elements: rows of e.g. 40 fp16 elements are 16-byte aligned too, and
+    marked here they are loaded in 16-byte vectors and pipelined like any aligned rows. (stride // m) * m
+    equals the stride and lets the compiler see its divisibility; tl.multiple_of cannot mark an argument."""
+    if ALIGNED:
+        elements: tl.constexpr = 128 // X.dtype.element_ty.primitive_bitwidth
+        stride_b = stride_b // elements * elements
+        stride_h = stride_h // elements * elements
+        stride_row = stride_row // elements * elements
+    return stride_b, stride_h, stride_row
 
 
 @triton.jit
@@ -144,7 +171,7 @@ def _forward_inner(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+@_attention_kernel
 def _attention_forward_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -153,7 +180,7 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Attention forward for one block of BLOCK_M queries of one (batch, head). Grid: (cdiv(Nq, BLOCK_M), B * H).
 
@@ -168,7 +195,13 @@ def _attention_forward_kernel(
     HEAD_DIM: the head size D; BLOCK_D: D padded to a power of two (>= 16).
     BLOCK_M, BLOCK_N: queries per program, keys per loop step.
     CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
+    ALIGNED: every tensor's pointer is 16-byte aligned, its last stride 1 and its other strides multiples of
+    16 bytes (see _marked_strides).
     """
+    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
+    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
+    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
+    stride_ob, stride_oh, stride_om = _marked_strides(O, stride_ob, stride_oh, stride_om, ALIGNED)
     bh = tl.program_id(1)
     Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
     K = _head_ptr(K, bh, H, stride_kb, stride_kh)
@@ -220,13 +253,13 @@ def _attention_forward_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@_attention_kernel
 def _attention_backward_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the term every row of dS = P * (dP - delta) subtracts.
     Grid: (cdiv(Nq, BLOCK_M), B * H).
@@ -234,8 +267,10 @@ def _attention_backward_preprocess_kernel(
     O:     (B, H, Nq, D) forward output, any strides.   DO: (B, H, Nq, D) its gradient, any strides.
     DELTA: (B, H, Nq) fp32, contiguous, written here.
     H: number of heads; N_Q: number of queries; HEAD_DIM, BLOCK_D: head size and its power-of-two padding.
-    BLOCK_M: rows per program.
+    BLOCK_M: rows per program. ALIGNED: as in the forward kernel.
     """
+    stride_ob, stride_oh, stride_om = _marked_strides(O, stride_ob, stride_oh, stride_om, ALIGNED)
+    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -289,7 +324,7 @@ def _backward_dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@_attention_kernel
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -301,6 +336,7 @@ def _attention_backward_dkdv_kernel(
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """dK and/or dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
     Grid: (cdiv(Nk, BLOCK_N), B * H). Each program owns its rows of dK, dV: no atomics, deterministic.
@@ -312,6 +348,12 @@ def _attention_backward_dkdv_kernel(
     fp32 accumulators do not fit in registers together).
     The remaining arguments mean what they mean in the forward kernel.
     """
+    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
+    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
+    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
+    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
+    stride_dkb, stride_dkh, stride_dkn = _marked_strides(DK, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
+    stride_dvb, stride_dvh, stride_dvn = _marked_strides(DV, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
     bh = tl.program_id(1)
     Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
     DO = _head_ptr(DO, bh, H, stride_dob, stride_doh)
@@ -392,7 +434,7 @@ def _backward_dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])
+@_attention_kernel
 def _attention_backward_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -402,7 +444,7 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """dQ for one block of BLOCK_M queries of one (batch, head), looping over key blocks of BLOCK_N.
     Grid: (cdiv(Nq, BLOCK_M), B * H). Each program owns its rows of dQ: deterministic.
@@ -410,6 +452,11 @@ def _attention_backward_dq_kernel(
     DQ: (B, H, Nq, D) gradient of the queries, written here in the input dtype, any strides.
     The remaining arguments mean what they mean in the dK/dV kernel.
     """
+    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
+    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
+    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
+    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
+    stride_dqb, stride_dqh, stride_dqm = _marked_strides(DQ, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     bh = tl.program_id(1)
     K = _head_ptr(K, bh, H, stride_kb, stride_kh)
     V = _head_ptr(V, bh, H, stride_vb, stride_vh)
@@ -492,7 +539,7 @@ _CONFIGS = {
         256: {"forward": (32, 32, 4, 2), "dk": (16, 32, 8, 1), "dv": (16, 64, 8, 2), "dq": (32, 16, 8, 2)},
     },
     "fp32": {
-        16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 1)},
+        16: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 8, 1)},
         32: {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 1)},
         64: {"forward": (32, 16, 4, 1), "dkdv": (32, 16, 8, 1), "dq": (32, 32, 8, 1)},
         128: {"forward": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1), "dq": (16, 16, 8, 1)},
@@ -501,9 +548,9 @@ _CONFIGS = {
 }
 # Tiles that replace the table's for some launches, as ((precision, BLOCK_D, kernel, dropout, arch, aligned),
 # tile); None in a key matches anything, and the first matching entry wins. `aligned`: every operand pointer
-# 16-byte aligned, its last stride 1 and the others multiples of 16 (_operands_aligned), the case Triton's JIT
-# specialises for: loads are vectorised and pipelined into shared memory asynchronously. Misaligned operands
-# are loaded element by element through registers, which costs registers.
+# 16-byte aligned, its last stride 1 and the others multiples of 16 bytes (_operands_aligned): loads are then
+# vectorised and pipelined into shared memory asynchronously. Misaligned operands are loaded element by
+# element through registers, which costs registers.
 _TILE_OVERRIDES = [
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256
     # fp32 accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma
@@ -520,6 +567,7 @@ _TILE_OVERRIDES = [
     (("16bit", 128, "dkdv", True, None, None), (32, 32, 4, 2)),
     (("16bit", 128, "dq", True, None, None), (128, 16, 8, 2)),
     (("16bit", 256, "dk", True, None, None), (16, 16, 8, 1)),
+    (("fp32", 256, "dv", True, None, None), (16, 16, 8, 1)),
 ]
 # GPUs older than Ampere have less shared memory: no software pipelining there. The CPU interpreter gets
 # small blocks: its cost grows with the number of elements computed, masked or not.
@@ -560,24 +608,22 @@ def _table_config(kernel, head_dim, dtype, dropout, arch, aligned):
 
 
 def _operands_aligned(*tensors):
-    """Whether these tensors are what the "aligned" tiles were compiled for (see _TILE_OVERRIDES): pointers that
-    Triton's JIT sees as 16-byte aligned, a unit last stride (which it makes a constant) and the other strides
-    multiples of 16 (which it marks divisible by 16)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
+    """The kernels' ALIGNED and the tables' `aligned`: every tensor whose strides a launch passes has a 16-byte
+    aligned pointer (which Triton's JIT marks), a unit last stride (which it makes a constant) and its other
+    strides multiples of 16 bytes (which the kernels mark, see _marked_strides). LSE and DELTA, allocated by
+    the launchers and indexed without strides, are aligned by construction."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
-def _launch_config(kernel, head_dim, dtype, dropout, *operands):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv", "dk", "dv" or "dq") on the
-    device of `operands`, the tensors whose strides the launch passes (LSE and DELTA, allocated here and
-    indexed without strides, do not count)."""
-    device = operands[0].device
+def _launch_config(kernel, head_dim, dtype, dropout, device, aligned):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for `kernel` ("forward", "dkdv", "dk", "dv" or "dq") on
+    `device`, for operands that are `aligned` (_operands_aligned) or not."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     major, minor = torch.cuda.get_device_capability(device)
     arch = major * 10 + minor
-    block_m, block_n, num_warps, num_stages = _table_config(
-        kernel, head_dim, dtype, dropout, arch, _operands_aligned(*operands))
+    block_m, block_n, num_warps, num_stages = _table_config(kernel, head_dim, dtype, dropout, arch, aligned)
     if major < 8:
         num_stages = 1
     return block_m, block_n, num_warps, num_stages
@@ -617,14 +663,15 @@ def attention_forward(
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     out, lse = _allocate_forward_outputs(q, k)
-    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q, k, v, out)
+    aligned = _operands_aligned(q, k, v, out)
+    block_m, block_n, num_warps, num_stages = _launch_config("forward", D, q.dtype, dropout_p > 0, q.device, aligned)
     grid = (triton.cdiv(N_Q, block_m), B * H)
     _attention_forward_kernel[grid](
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, N_Q, N_K, scale, dropout_p, _seed_value(seed),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout_p > 0,
+        CAUSAL=causal, DROPOUT=dropout_p > 0, ALIGNED=aligned,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -646,41 +693,38 @@ def attention_backward(
     block_d = _block_d(D)
     dropout = dropout_p > 0
     seed = _seed_value(seed)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    aligned = _operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
 
     # 1. delta = rowsum(dO * O)
     delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
     preprocess_block_m = _preprocess_block_m(block_d) if q.is_cuda else _INTERPRETER_CONFIG[0]
     _attention_backward_preprocess_kernel[(triton.cdiv(N_Q, preprocess_block_m), B * H)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N_Q,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m, ALIGNED=aligned,
     )
 
     # 2. dK, dV: one program per key block, in one launch or two (_key_block_passes)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     for kernel in _key_block_passes(block_d):
         compute_dk, compute_dv = _COMPUTED_GRADIENTS[kernel]
-        block_m, block_n, num_warps, num_stages = _launch_config(
-            kernel, D, q.dtype, dropout, q, k, v, grad_out, dk, dv)
+        block_m, block_n, num_warps, num_stages = _launch_config(kernel, D, q.dtype, dropout, q.device, aligned)
         _attention_backward_dkdv_kernel[(triton.cdiv(N_K, block_n), B * H)](
             q, k, v, grad_out, dk, dv, lse, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             H, N_Q, N_K, scale, dropout_p, seed,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            CAUSAL=causal, DROPOUT=dropout, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+            CAUSAL=causal, DROPOUT=dropout, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv, ALIGNED=aligned,
             num_warps=num_warps, num_stages=num_stages,
         )
 
     # 3. dQ: one program per query block
-    dq = torch.empty_like(q)
-    block_m, block_n, num_warps, num_stages = _launch_config(
-        "dq", D, q.dtype, dropout, q, k, v, grad_out, dq)
+    block_m, block_n, num_warps, num_stages = _launch_config("dq", D, q.dtype, dropout, q.device, aligned)
     _attention_backward_dq_kernel[(triton.cdiv(N_Q, block_m), B * H)](
         q, k, v, grad_out, dq, lse, delta,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
         H, N_Q, N_K, scale, dropout_p, seed,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=causal, DROPOUT=dropout,
+        CAUSAL=causal, DROPOUT=dropout, ALIGNED=aligned,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv
@@ -851,11 +895,11 @@ def _argument_type(name, pointer):
     return pointer  # Q, K, V, O, DO, DQ, DK, DV
 
 
-def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, tile):
-    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case and tile
-    (BLOCK_M, BLOCK_N, num_warps, num_stages; None for the preprocess kernel)."""
+def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, tile, aligned):
+    """One shipped_kernel_configs() entry: the kernel, its signature and constexprs for this case, tile
+    (BLOCK_M, BLOCK_N, num_warps, num_stages; None for the preprocess kernel) and operand alignment."""
     kernel = _SHIPPED_KERNELS[kernel_name]
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "ALIGNED": aligned}
     if kernel_name == "preprocess":
         constexprs["BLOCK_M"] = _preprocess_block_m(_block_d(head_dim))
         num_warps, num_stages = 4, 1
@@ -876,8 +920,9 @@ def _kernel_entry(kernel_name, dtype, head_dim, causal, dropout, tile):
     dtype_name = str(dtype).replace("torch.", "")
     flags = "" if kernel_name == "preprocess" else f"{'_causal' if causal else ''}{'_dropout' if dropout else ''}"
     tile_name = "" if tile is None else f"_{tile[0]}x{tile[1]}"
+    operands = "aligned" if aligned else "any"
     return {
-        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}{tile_name}",
+        "name": f"attention_{kernel_name}{flags}_{dtype_name}_d{head_dim}{tile_name}_{operands}",
         "kernel": kernel,
         "signature": signature,
         "constexprs": constexprs,
@@ -891,20 +936,21 @@ def shipped_kernel_configs():
     dtype and head-size class 16, 32, 64, 128, 256, the forward, dK/dV (or dK and dV) and dQ kernels, causal,
     with and without dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A
     padded head size (e.g. 48 -> 64) runs the tiles of its class with masked loads, so the classes stand for
-    it. Each entry's "targets" lists the (arch, aligned) launches that run its tile; its name ends in the tile
-    (BLOCK_M x BLOCK_N)."""
+    it. Each entry's "targets" lists the (arch, aligned) launches that run it; its name ends in the tile
+    (BLOCK_M x BLOCK_N) and the operands' alignment."""
     entries = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (16, 32, 64, 128, 256):
-            entries.append(_kernel_entry("preprocess", dtype, head_dim, False, False, None))
-            for kernel_name in ("forward", *_key_block_passes(_block_d(head_dim)), "dq"):
-                for dropout in (False, True):
-                    targets_by_tile = {}
-                    for arch in (90, 80):
-                        for aligned in (True, False):
+            for aligned in (True, False):
+                entry = _kernel_entry("preprocess", dtype, head_dim, False, False, None, aligned)
+                entries.append(dict(entry, targets=((90, aligned), (80, aligned))))
+                for kernel_name in ("forward", *_key_block_passes(_block_d(head_dim)), "dq"):
+                    for dropout in (False, True):
+                        archs_by_tile = {}
+                        for arch in (90, 80):
                             tile = _table_config(kernel_name, head_dim, dtype, dropout, arch, aligned)
-                            targets_by_tile.setdefault(tile, []).append((arch, aligned))
-                    for tile, targets in targets_by_tile.items():
-                        entry = _kernel_entry(kernel_name, dtype, head_dim, True, dropout, tile)
-                        entries.append(dict(entry, targets=tuple(targets)))
+                            archs_by_tile.setdefault(tile, []).append(arch)
+                        for tile, archs in archs_by_tile.items():
+                            entry = _kernel_entry(kernel_name, dtype, head_dim, True, dropout, tile, aligned)
+                            entries.append(dict(entry, targets=tuple((arch, aligned) for arch in archs)))
     return entries

@@ -18,7 +18,7 @@ from kernels.reference import attention_reference
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
-HEAD_SIZES = [8, 16, 32, 48, 64, 80, 96, 128, 256]
+HEAD_SIZES = [8, 16, 20, 32, 48, 64, 80, 96, 128, 256]  # 20: rows of 40 bytes in fp16, not 16-byte aligned
 
 
 def make_inputs(B, H, n_q, n_k, D, dtype, device, magnitude=1.0):
@@ -257,9 +257,10 @@ def test_every_launch_the_table_can_make_is_shipped():
         assert all(e["signature"][name] == "constexpr" for name in e["constexprs"]), e["name"]
         c = e["constexprs"]
         pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
-        for target in e.get("targets", ()):
+        for arch, aligned in e["targets"]:
+            assert c["ALIGNED"] == aligned, e["name"]
             shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
-                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), e["num_warps"], e["num_stages"], target))
+                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), e["num_warps"], e["num_stages"], arch, aligned))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in range(1, fa.MAX_HEAD_SIZE + 1):
             block_d = fa._block_d(head_dim)
@@ -269,38 +270,32 @@ def test_every_launch_the_table_can_make_is_shipped():
                 for dropout, arch, aligned in itertools.product((False, True), (90, 80), (True, False)):
                     block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout, arch, aligned)
                     key = (kernel, fa._POINTER_TYPE[dtype], block_d, block_m, block_n, dropout, compute_dk, compute_dv,
-                           warps, stages, (arch, aligned))
+                           warps, stages, arch, aligned)
                     assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
                                             f"aligned={aligned} is not shipped")
 
 
-def test_operand_alignment_is_what_triton_specialises_on(device):
+def test_operand_alignment_means_16_byte_rows(device):
     from kernels.flash_attention import _operands_aligned
 
     x = torch.randn(2, 3, 40, 64, device=device)
     assert _operands_aligned(x, x.transpose(1, 2))
-    assert not _operands_aligned(x[..., :40].contiguous())  # rows of 40 elements: a stride not divisible by 16
+    assert _operands_aligned(torch.randn(2, 3, 40, 40, device=device, dtype=torch.float16))  # rows of 80 bytes
+    assert not _operands_aligned(torch.randn(2, 3, 40, 36, device=device, dtype=torch.float16))  # rows of 72
     shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
     assert shifted.stride() == x.stride() and not _operands_aligned(shifted)  # a pointer 4 bytes past alignment
     assert not _operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
 
 
 def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
-    """The launcher's plumbing on a (pretend) H100: aligned operands get the sm_90 wgmma tile, misaligned ones
-    the general tile, and an A100 the general tile either way."""
-    from types import SimpleNamespace
-
+    """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
+    wgmma tile at head size 256 only for aligned operands."""
     from kernels import flash_attention as fa
 
-    def operand(stride, data_ptr=4096):
-        return SimpleNamespace(device=torch.device("cuda"), stride=lambda *dim: stride[dim[0]] if dim else stride,
-                               data_ptr=lambda: data_ptr)
-
-    aligned, misaligned = operand((4096, 256, 1)), operand((4096, 200, 1))
     for capability, arch in (((9, 0), 90), ((8, 0), 80)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
-        for operands, is_aligned in (((aligned, aligned), True), ((aligned, misaligned), False)):
-            expected = fa._table_config("forward", 256, torch.bfloat16, False, arch, is_aligned)
-            assert fa._launch_config("forward", 256, torch.bfloat16, False, *operands) == expected
+        for aligned in (True, False):
+            expected = fa._table_config("forward", 256, torch.bfloat16, False, arch, aligned)
+            assert fa._launch_config("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
     assert fa._table_config("forward", 256, torch.bfloat16, False, 90, True) != \
         fa._table_config("forward", 256, torch.bfloat16, False, 90, False)
