@@ -48,7 +48,7 @@ def _attention_kernel(fn):
     """triton.jit for the attention kernels. Triton's JIT compiles a variant per pattern of its integer
     arguments (equal to 1, divisible by 16, or neither); these kernels opt out for the sizes and for the
     strides' divisibility, so what a GPU runs is exactly one of the two variants the compile report checks
-    per tile: ALIGNED (strides marked inside the kernel, see _marked_strides) or not. A unit stride still
+    per tile: ALIGNED (strides marked inside the kernel, see _head_slice) or not. A unit stride still
     becomes a constant. The seed changes every call and is never specialised."""
     names = inspect.signature(fn).parameters
     return triton.jit(fn, do_not_specialize=[name for name in ("seed", "H", "N_Q", "N_K") if name in names],
@@ -73,24 +73,21 @@ def _dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
 
 
 @triton.jit
-def _head_ptr(X, bh, H, stride_b, stride_h):
-    """Pointer to the (batch, head) = divmod(bh, H) slice of X, with 64-bit offsets: big tensors overflow i32."""
-    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+def _head_slice(X, bh, H, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
+    """The (batch, head) = divmod(bh, H) slice of X: its pointer, with 64-bit offsets (big tensors overflow
+    i32), and its row stride.
 
-
-@triton.jit
-def _marked_strides(X, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
-    """X's batch, head and row strides, visibly multiples of 16 bytes' worth of X's elements when ALIGNED (the
-    launcher checked that they are). The kernels opt out of the JIT's own marking (see _attention_kernel),
-    which only knows divisibility by 16 elements: rows of e.g. 40 fp16 elements are 16-byte aligned too, and
-    marked here they are loaded in 16-byte vectors and pipelined like any aligned rows. (stride // m) * m
-    equals the stride and lets the compiler see its divisibility; tl.multiple_of cannot mark an argument."""
+    With ALIGNED (the launcher checked it), every stride is visibly a multiple of 16 bytes' worth of X's
+    elements. The kernels opt out of the JIT's own marking (see _attention_kernel), which only knows
+    divisibility by 16 elements: rows of e.g. 40 fp16 elements are 16-byte aligned too, and marked here they
+    are loaded in 16-byte vectors and pipelined like any aligned rows. (stride // m) * m equals the stride and
+    lets the compiler see its divisibility; tl.multiple_of cannot mark an argument."""
     if ALIGNED:
         elements: tl.constexpr = 128 // X.dtype.element_ty.primitive_bitwidth
         stride_b = stride_b // elements * elements
         stride_h = stride_h // elements * elements
         stride_row = stride_row // elements * elements
-    return stride_b, stride_h, stride_row
+    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h, stride_row
 
 
 @triton.jit
@@ -196,17 +193,13 @@ def _attention_forward_kernel(
     BLOCK_M, BLOCK_N: queries per program, keys per loop step.
     CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
     ALIGNED: every tensor's pointer is 16-byte aligned, its last stride 1 and its other strides multiples of
-    16 bytes (see _marked_strides).
+    16 bytes (see _head_slice).
     """
-    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
-    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
-    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
-    stride_ob, stride_oh, stride_om = _marked_strides(O, stride_ob, stride_oh, stride_om, ALIGNED)
     bh = tl.program_id(1)
-    Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
-    K = _head_ptr(K, bh, H, stride_kb, stride_kh)
-    V = _head_ptr(V, bh, H, stride_vb, stride_vh)
-    O = _head_ptr(O, bh, H, stride_ob, stride_oh)
+    Q, stride_qm = _head_slice(Q, bh, H, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = _head_slice(K, bh, H, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = _head_slice(V, bh, H, stride_vb, stride_vh, stride_vn, ALIGNED)
+    O, stride_om = _head_slice(O, bh, H, stride_ob, stride_oh, stride_om, ALIGNED)
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -269,13 +262,13 @@ def _attention_backward_preprocess_kernel(
     H: number of heads; N_Q: number of queries; HEAD_DIM, BLOCK_D: head size and its power-of-two padding.
     BLOCK_M: rows per program. ALIGNED: as in the forward kernel.
     """
-    stride_ob, stride_oh, stride_om = _marked_strides(O, stride_ob, stride_oh, stride_om, ALIGNED)
-    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
     bh = tl.program_id(1)
+    O, stride_om = _head_slice(O, bh, H, stride_ob, stride_oh, stride_om, ALIGNED)
+    DO, stride_dom = _head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(_head_ptr(O, bh, H, stride_ob, stride_oh), offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
-    do = _load_tile(_head_ptr(DO, bh, H, stride_dob, stride_doh), offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
+    o = _load_tile(O, offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
+    do = _load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
@@ -348,20 +341,18 @@ def _attention_backward_dkdv_kernel(
     fp32 accumulators do not fit in registers together).
     The remaining arguments mean what they mean in the forward kernel.
     """
-    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
-    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
-    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
-    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
-    stride_dkb, stride_dkh, stride_dkn = _marked_strides(DK, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
-    stride_dvb, stride_dvh, stride_dvn = _marked_strides(DV, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
     bh = tl.program_id(1)
-    Q = _head_ptr(Q, bh, H, stride_qb, stride_qh)
-    DO = _head_ptr(DO, bh, H, stride_dob, stride_doh)
+    Q, stride_qm = _head_slice(Q, bh, H, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = _head_slice(K, bh, H, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = _head_slice(V, bh, H, stride_vb, stride_vh, stride_vn, ALIGNED)
+    DO, stride_dom = _head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
+    DK, stride_dkn = _head_slice(DK, bh, H, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
+    DV, stride_dvn = _head_slice(DV, bh, H, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(_head_ptr(K, bh, H, stride_kb, stride_kh), offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
-    v = _load_tile(_head_ptr(V, bh, H, stride_vb, stride_vh), offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
+    k = _load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
+    v = _load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
     LSE += bh * N_Q
     DELTA += bh * N_Q
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -391,10 +382,8 @@ def _attention_backward_dkdv_kernel(
 
     if COMPUTE_DK:
         # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
-        DK = _head_ptr(DK, bh, H, stride_dkb, stride_dkh)
         _store_tile(DK, dk * scale, offs_n, N_K, stride_dkn, offs_d, stride_dkd, HEAD_DIM)
     if COMPUTE_DV:
-        DV = _head_ptr(DV, bh, H, stride_dvb, stride_dvh)
         _store_tile(DV, dv, offs_n, N_K, stride_dvn, offs_d, stride_dvd, HEAD_DIM)
 
 
@@ -452,19 +441,17 @@ def _attention_backward_dq_kernel(
     DQ: (B, H, Nq, D) gradient of the queries, written here in the input dtype, any strides.
     The remaining arguments mean what they mean in the dK/dV kernel.
     """
-    stride_qb, stride_qh, stride_qm = _marked_strides(Q, stride_qb, stride_qh, stride_qm, ALIGNED)
-    stride_kb, stride_kh, stride_kn = _marked_strides(K, stride_kb, stride_kh, stride_kn, ALIGNED)
-    stride_vb, stride_vh, stride_vn = _marked_strides(V, stride_vb, stride_vh, stride_vn, ALIGNED)
-    stride_dob, stride_doh, stride_dom = _marked_strides(DO, stride_dob, stride_doh, stride_dom, ALIGNED)
-    stride_dqb, stride_dqh, stride_dqm = _marked_strides(DQ, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     bh = tl.program_id(1)
-    K = _head_ptr(K, bh, H, stride_kb, stride_kh)
-    V = _head_ptr(V, bh, H, stride_vb, stride_vh)
+    Q, stride_qm = _head_slice(Q, bh, H, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = _head_slice(K, bh, H, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = _head_slice(V, bh, H, stride_vb, stride_vh, stride_vn, ALIGNED)
+    DO, stride_dom = _head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
+    DQ, stride_dqm = _head_slice(DQ, bh, H, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(_head_ptr(Q, bh, H, stride_qb, stride_qh), offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
-    do = _load_tile(_head_ptr(DO, bh, H, stride_dob, stride_doh), offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
+    q = _load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
+    do = _load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
     delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -491,7 +478,7 @@ def _attention_backward_dq_kernel(
 
     # dQ = scale * sum_j dS_ij k_j
     dq = dq * scale
-    _store_tile(_head_ptr(DQ, bh, H, stride_dqb, stride_dqh), dq, offs_m, N_Q, stride_dqm, offs_d, stride_dqd, HEAD_DIM)
+    _store_tile(DQ, dq, offs_m, N_Q, stride_dqm, offs_d, stride_dqd, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,7 +597,7 @@ def _table_config(kernel, head_dim, dtype, dropout, arch, aligned):
 def _operands_aligned(*tensors):
     """The kernels' ALIGNED and the tables' `aligned`: every tensor whose strides a launch passes has a 16-byte
     aligned pointer (which Triton's JIT marks), a unit last stride (which it makes a constant) and its other
-    strides multiples of 16 bytes (which the kernels mark, see _marked_strides). LSE and DELTA, allocated by
+    strides multiples of 16 bytes (which the kernels mark, see _head_slice). LSE and DELTA, allocated by
     the launchers and indexed without strides, are aligned by construction."""
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
