@@ -55,6 +55,29 @@ def assert_within_error_rule(fused, eager_low_precision, reference64, factor=2.0
     )
 
 
+def _logits_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_gpt_within_error_rule(fused, eager, idx, targets):
+    """A GPT with fused backends against the eager GPT holding the same weights, by the error rule: logits and
+    every parameter's gradient, with the eager GPT rerun in float64 as the reference."""
+    from gpt.model import GPT
+
+    reference = GPT(eager.config).to(idx.device).double()
+    reference.load_state_dict(eager.state_dict())
+    fused_logits, fused_grads = _logits_and_grads(fused, idx, targets)
+    eager_logits, eager_grads = _logits_and_grads(eager, idx, targets)
+    reference_logits, reference_grads = _logits_and_grads(reference, idx, targets)
+    assert_within_error_rule(fused_logits, eager_logits, reference_logits, name="logits")
+    assert fused_grads.keys() == reference_grads.keys()
+    for name in reference_grads:
+        assert_within_error_rule(fused_grads[name], eager_grads[name], reference_grads[name], name=f"grad {name}")
+
+
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
     """Every floating tensor made by torch.empty / torch.empty_like during a test starts as NaN,

@@ -3,7 +3,7 @@ the same weights: logits and every parameter's gradient, and checkpoints moving 
 
 import pytest
 import torch
-from conftest import assert_within_error_rule
+from conftest import assert_gpt_within_error_rule
 
 from gpt.model import GPT, GPTConfig
 from kernels import FusedLayerNorm
@@ -19,13 +19,6 @@ def _batch(device, generator):
     return idx, targets
 
 
-def _logits_and_grads(model, idx, targets):
-    model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, targets)
-    loss.backward()
-    return logits, {name: p.grad for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("attention", ["eager", "triton"])
 def test_fused_layernorm_gpt_matches_eager(device, attention):
     generator = torch.Generator().manual_seed(0)
@@ -38,18 +31,7 @@ def test_fused_layernorm_gpt_matches_eager(device, attention):
     fused = GPT(GPTConfig(**TINY, layernorm="triton", attention=attention)).to(device)
     fused.load_state_dict(eager.state_dict())
     assert all(isinstance(m, FusedLayerNorm) for m in (fused.ln_f, fused.blocks[0].ln1, fused.blocks[0].ln2))
-    reference = GPT(GPTConfig(**TINY)).to(device).double()
-    reference.load_state_dict(eager.state_dict())
-
-    idx, targets = _batch(device, generator)
-    fused_logits, fused_grads = _logits_and_grads(fused, idx, targets)
-    eager_logits, eager_grads = _logits_and_grads(eager, idx, targets)
-    reference_logits, reference_grads = _logits_and_grads(reference, idx, targets)
-
-    assert_within_error_rule(fused_logits, eager_logits, reference_logits, name="logits")
-    assert fused_grads.keys() == reference_grads.keys()
-    for name in reference_grads:
-        assert_within_error_rule(fused_grads[name], eager_grads[name], reference_grads[name], name=f"grad {name}")
+    assert_gpt_within_error_rule(fused, eager, *_batch(device, generator))
 
 
 def test_checkpoints_move_both_ways(device):
