@@ -15,8 +15,9 @@ Triton allocates; the PTX shows whether the matrix products use wgmma (sm_90's w
 mma.sync (sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills, uses more
-shared memory than the arch allows, does not compile, or runs mma.sync on sm_90 with aligned operands. Compiles run in worker processes (one per core, at most 8)
-started without TRITON_INTERPRET (the test suite sets it on CPU, and interpreted kernels cannot be compiled).
+shared memory than the arch allows, does not compile, or runs mma.sync on sm_90 with aligned operands. Compiles
+run in worker processes (one per core, at most 8) started without TRITON_INTERPRET (the test suite sets it on
+CPU, and interpreted kernels cannot be compiled).
 """
 
 import concurrent.futures
