@@ -55,27 +55,33 @@ def assert_within_error_rule(fused, eager_low_precision, reference64, factor=2.0
     )
 
 
-def _logits_and_grads(model, idx, targets):
+def _logits_and_grads(model, idx, targets, autocast_dtype=None):
     model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, targets)
+    with torch.autocast(idx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, loss = model(idx, targets)
     loss.backward()
     return logits, {name: p.grad for name, p in model.named_parameters()}
 
 
-def assert_gpt_within_error_rule(fused, eager, idx, targets):
+def assert_gpt_within_error_rule(fused, eager, idx, targets, autocast_dtype=None):
     """A GPT with fused backends against the eager GPT holding the same weights, by the error rule: logits and
-    every parameter's gradient, with the eager GPT rerun in float64 as the reference."""
+    every parameter's gradient, with the eager GPT rerun in float64 as the reference. With autocast_dtype,
+    the fused and the eager GPT both run under torch.autocast to that dtype (the reference never does), and
+    the floor is that dtype's."""
     from gpt.model import GPT
 
     reference = GPT(eager.config).to(idx.device).double()
     reference.load_state_dict(eager.state_dict())
-    fused_logits, fused_grads = _logits_and_grads(fused, idx, targets)
-    eager_logits, eager_grads = _logits_and_grads(eager, idx, targets)
+    fused_logits, fused_grads = _logits_and_grads(fused, idx, targets, autocast_dtype)
+    eager_logits, eager_grads = _logits_and_grads(eager, idx, targets, autocast_dtype)
     reference_logits, reference_grads = _logits_and_grads(reference, idx, targets)
-    assert_within_error_rule(fused_logits, eager_logits, reference_logits, name="logits")
+    floor = None if autocast_dtype is None else ABSOLUTE_FLOOR[autocast_dtype]
+    assert fused_logits.dtype == eager_logits.dtype, "the fused GPT's logits must have the eager GPT's dtype"
+    assert_within_error_rule(fused_logits, eager_logits, reference_logits, floor=floor, name="logits")
     assert fused_grads.keys() == reference_grads.keys()
     for name in reference_grads:
-        assert_within_error_rule(fused_grads[name], eager_grads[name], reference_grads[name], name=f"grad {name}")
+        assert_within_error_rule(fused_grads[name], eager_grads[name], reference_grads[name], floor=floor,
+                                 name=f"grad {name}")
 
 
 @pytest.fixture

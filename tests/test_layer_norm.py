@@ -274,10 +274,47 @@ def test_bad_inputs(device):
         layer_norm(x, eps=-1.0)
     with pytest.raises(ValueError, match=r"residual shape \(4, 7\) must equal x shape \(4, 8\)"):
         add_layer_norm(x, torch.randn(4, 7, device=device))
-    with pytest.raises(TypeError, match="residual has dtype torch.float16"):
-        add_layer_norm(x, x.half())
+    with pytest.raises(TypeError, match="residual has dtype torch.int32"):
+        add_layer_norm(x, torch.ones(4, 8, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x \\+ residual has dtype torch.float32"):
+        add_layer_norm(x.half(), x, w.half())
     with pytest.raises(ValueError, match="residual is on meta"):
         add_layer_norm(x, torch.empty(4, 8, device="meta"))
+
+
+def test_add_layer_norm_runs_in_the_dtype_of_the_sum(device):
+    """A 16-bit branch output added to an fp32 residual stream: s and y in fp32, as eager x + residual gives,
+    and each input's gradient in its own dtype."""
+    generator = torch.Generator().manual_seed(5)
+    x, residual, weight, bias = (_random(shape, generator).to(device) for shape in ((3, 40), (3, 40), 40, 40))
+    x16 = x.half().requires_grad_()
+    residual32 = residual.float().requires_grad_()
+    y, s = add_layer_norm(x16, residual32, weight.float(), bias.float(), EPS)
+    assert y.dtype == s.dtype == torch.float32
+    expected_s = x16.detach().float() + residual32.detach()
+    torch.testing.assert_close(s, expected_s, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.layer_norm(expected_s, (40,), weight.float(), bias.float(), EPS))
+    (y.sum() + s.sum()).backward()
+    assert x16.grad.dtype == torch.float16 and residual32.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_under_autocast_the_norm_returns_torchs_dtype(device, with_residual):
+    """CUDA autocast runs torch's layer_norm in fp32 whatever its input's dtype, CPU autocast in the input's:
+    ours return what torch's return, with fp32 weights."""
+    generator = torch.Generator().manual_seed(6)
+    x, residual = (_random((3, 40), generator).to(device).half() for _ in range(2))
+    weight, bias = (_random(40, generator).to(device).float() for _ in range(2))
+    with torch.autocast(device, dtype=torch.float16):
+        if with_residual:
+            fused, s = add_layer_norm(x, residual, weight, bias, EPS)
+            eager = F.layer_norm(x + residual, (40,), weight, bias, EPS)
+            assert s.dtype == eager.dtype
+        else:
+            fused = layer_norm(x, weight, bias, EPS)
+            eager = F.layer_norm(x, (40,), weight, bias, EPS)
+    assert fused.dtype == eager.dtype == (torch.float32 if device == "cuda" else torch.float16)
+    torch.testing.assert_close(fused, eager, rtol=1e-3, atol=2e-3)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

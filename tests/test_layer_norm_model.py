@@ -34,6 +34,17 @@ def test_fused_layernorm_gpt_matches_eager(device, attention):
     assert_gpt_within_error_rule(fused, eager, *_batch(device, generator))
 
 
+def test_fused_gpt_under_autocast_matches_eager_under_autocast(device):
+    """Mixed precision as training runs it: 16-bit attention and feed-forward outputs added to the fp32
+    residual stream, the norms in fp32 (torch.autocast's rule for layer_norm). fp16, which CPU autocast and
+    the interpreter handle too."""
+    generator = torch.Generator().manual_seed(2)
+    eager = GPT(GPTConfig(**TINY)).to(device)
+    fused = GPT(GPTConfig(**TINY, layernorm="triton", attention="triton")).to(device)
+    fused.load_state_dict(eager.state_dict())
+    assert_gpt_within_error_rule(fused, eager, *_batch(device, generator), autocast_dtype=torch.float16)
+
+
 def test_checkpoints_move_both_ways(device):
     generator = torch.Generator().manual_seed(1)
     fused = GPT(GPTConfig(**TINY, layernorm="triton")).to(device)

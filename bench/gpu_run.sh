@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU run for a short GPU slot: everything a lent GPU should tell us, within TOTAL_S seconds (default 500) from
+# a bare machine, each step bounded so a hang or a failure costs only its own share:
+#   1. env.txt     the card, driver, versions, commit
+#   2. tests.txt   the CUDA test suite (test_compile_report left out: CPU-only, CI runs it), 8 pytest workers
+#                  (pytest-xdist) so Triton's compiles run side by side; tests.xml has every test's outcome
+#   3. tune.txt    python -m bench.tune: candidate attention tiles timed (bench/results/<card>/tiles.md|json)
+#   4. suite.txt   python -m bench.suite --skip-tests with the time left: attention, LayerNorm, training,
+#                  the headline pytest-benchmark shapes (bench/results/<card>/)
+#   5. results.tgz bench/results, to commit under bench/results/<card>/
+# A step that fails is recorded and the run goes on. Everything lands in $OUT (default /tmp/gpu-out).
+# Run from the checkout's root on the GPU machine: bash bench/gpu_run.sh
+set -u
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-out}
+TOTAL_S=${TOTAL_S:-500}
+TESTS_S=${TESTS_S:-150}
+TUNE_S=${TUNE_S:-110}
+mkdir -p "$OUT"
+started=$(date +%s)
+left() { echo $(( TOTAL_S - ($(date +%s) - started) )); }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+  date -u; git log -1 --format='%H %s' 2>/dev/null; } > "$OUT/env.txt" 2>&1
+
+# pytest-xdist and pytest-timeout where installed (the GPU machines have both); SIGINT at the step's end, so
+# pytest still prints its summary of failures and writes the XML.
+plugins=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+plugins="$plugins $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")"
+timeout -s INT -k 20 "$TESTS_S" python -m pytest -v --tb=short $plugins -p no:cacheprovider -rfE \
+  --ignore=tests/test_compile_report.py --junitxml="$OUT/tests.xml" tests > "$OUT/tests.txt" 2>&1
+echo "tests exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tests.txt"
+
+timeout $(( TUNE_S + 60 )) python -m bench.tune --budget-s "$TUNE_S" > "$OUT/tune.txt" 2>&1
+echo "tune exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tune.txt"
+
+suite_s=$(( $(left) - 15 ))
+timeout $(( suite_s + 10 )) python -m bench.suite --skip-tests --total-s "$suite_s" > "$OUT/suite.txt" 2>&1
+echo "suite exit $? after $(( $(date +%s) - started )) s" >> "$OUT/suite.txt"
+
+tar czf "$OUT/results.tgz" bench/results 2>/dev/null
+cat "$OUT/env.txt"; grep -E "passed|failed|exit" "$OUT/tests.txt" | tail -3
+grep -A3 "should change" -m1 "$OUT/tune.txt"; tail -12 "$OUT/tune.txt" | grep exit; tail -20 "$OUT/suite.txt"

@@ -1,0 +1,224 @@
+"""python -m bench.tune: time candidate attention tiles on the GPU at hand and say which table entries should change.
+
+For each (kernel, head size) of the 16-bit causal launches with aligned operands, every candidate tile in
+CANDIDATES (the shipped one first) is forced into the launcher, checked against an fp32 reference on a small
+ragged shape (so a tile that breaks the masking shows as wrong, never as fast), then timed on the headline
+shapes. Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that
+kernel's tile changed, so differences between candidates are that kernel's. The registers, spills and shared
+memory of what was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit tiles; bf16 is timed.
+
+Writes bench/results/<card>/tiles.json and tiles.md. A candidate that fails to compile or launch is a result.
+`TRITON_INTERPRET=1 python -m bench.tune --dry-run` runs everything but the timing on CPU through Triton's
+interpreter, with tiny shapes and fp16 (the interpreter runs its own small tiles, so only the plumbing is checked).
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+
+import torch
+
+import kernels
+import kernels.flash_attention as fa
+from bench import common
+from kernels.reference import attention_reference
+
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per (kernel, head size), the shipped tile added first.
+# dK/dV holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
+# From issue 12's static look (spill-free on sm_90 with aligned operands) and the tutorial's choices.
+CANDIDATES = {
+    ("forward", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+    ("forward", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    ("dkdv", 64): [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
+    ("dkdv", 128): [(32, 128, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2)],
+    ("dq", 64): [(128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+}
+# Timed shapes per head size: FlashAttention's benchmark points (16k tokens, 2048 hidden) and, at head size 64,
+# the decoder's own (batch 64, 6 heads, 256 tokens).
+TIMED_SEQ_LENS = (1024, 4096)
+DECODER_SHAPE = (64, 6, 256, 64)
+CHECK_SHAPE = (1, 3, 300, 257)  # batch, heads, Nq, Nk: ragged, Nk < Nq, across several blocks of any tile
+# bf16 on the GPU; fp16 in a dry run (the interpreter computes bf16 products wrongly).
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
+
+
+def timed_shapes(head_dim, dry_run):
+    if dry_run:
+        return [(1, 2, 40, head_dim)]
+    shapes = [(16384 // n, 2048 // head_dim, n, head_dim) for n in TIMED_SEQ_LENS]
+    return shapes + ([DECODER_SHAPE] if head_dim == DECODER_SHAPE[3] else [])
+
+
+@contextlib.contextmanager
+def forced_tile(kernel, head_dim, tile):
+    """Make the launcher pick `tile` for `kernel` at this head size (16-bit, any dropout, arch and alignment)."""
+    entry = (("16bit", fa._block_d(head_dim), kernel, None, None, None), tile)
+    fa._TILE_OVERRIDES.insert(0, entry)
+    try:
+        yield
+    finally:
+        fa._TILE_OVERRIDES.remove(entry)
+
+
+def shipped_tile(kernel, head_dim, device):
+    """The tile the launcher picks today on this GPU (sm_90's in a dry run)."""
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    return fa._table_config(kernel, head_dim, DTYPES[device.type], False, major * 10 + minor, True)
+
+
+def compiled_kernels():
+    """Every kernel Triton has compiled so far in this process, by identity."""
+    found = {}
+    for jit_fn in (fa._attention_forward_kernel, fa._attention_backward_dkdv_kernel, fa._attention_backward_dq_kernel):
+        for kernel_cache, *_ in getattr(jit_fn, "device_caches", {}).values():
+            for compiled in kernel_cache.values():
+                found[id(compiled)] = compiled
+    return found
+
+
+def resources(new_kernels):
+    """Registers, spilled bytes and shared memory of the kernels a candidate compiled (None on the interpreter)."""
+    out = []
+    for compiled in new_kernels:
+        out.append({"kernel": getattr(compiled, "name", "?"), "registers": getattr(compiled, "n_regs", None),
+                    "spills": getattr(compiled, "n_spills", None),
+                    "shared_bytes": getattr(getattr(compiled, "metadata", None), "shared", None)})
+    return out
+
+
+def random_inputs(shape, device, seed):
+    batch, heads, n_q, head_dim = shape[:4]
+    n_k = shape[4] if len(shape) > 4 else n_q
+    generator = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[device.type]
+    make = lambda n: torch.randn((batch, heads, n, head_dim), generator=generator).to(device, dtype)  # noqa: E731
+    q, k, v, dout = make(n_q), make(n_k), make(n_k), make(n_q)
+    return [t.requires_grad_() for t in (q, k, v)], dout
+
+
+def check_candidate(head_dim, device):
+    """Output and gradients of the forced tile on CHECK_SHAPE against the fp32 reference; raises when wrong."""
+    batch, heads, n_q, n_k = CHECK_SHAPE
+    (q, k, v), dout = random_inputs((batch, heads, n_q, head_dim, n_k), device, seed=head_dim)
+    out = kernels.attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_inputs, causal=True)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dout.float())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        common.check_close(name, got, want, DTYPES[device.type])
+
+
+def time_candidate(kernel, shape, device):
+    """TFLOP/s of the forward (forward candidates) or of the whole backward (dK/dV and dQ candidates)."""
+    batch, heads, n, head_dim = shape
+    (q, k, v), dout = random_inputs(shape, device, seed=n)
+    forward_flops = 2 * batch * heads * n * n * head_dim  # causal: half of 4 B H N^2 D
+    if kernel == "forward":
+        ms = common.median_ms(lambda: kernels.attention(q, k, v, causal=True))
+        return common.tflops(forward_flops, ms), ms
+    out = kernels.attention(q, k, v, causal=True)
+    ms = common.median_ms(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
+    return common.tflops(2.5 * forward_flops, ms), ms
+
+
+def run_candidate(kernel, head_dim, tile, device, dry_run):
+    entry = {"tile": list(tile), "status": "ok", "timings": []}
+    before = compiled_kernels()
+    try:
+        with forced_tile(kernel, head_dim, tile):
+            assert fa._table_config(kernel, head_dim, DTYPES[device.type], False, 90, True) == tile
+            check_candidate(head_dim, device)
+            for shape in timed_shapes(head_dim, dry_run):
+                if dry_run:
+                    time_forward_and_backward_once(shape, device)
+                    continue
+                rate, ms = time_candidate(kernel, shape, device)
+                entry["timings"].append({"shape": list(shape), "tflops": rate, "ms": ms})
+    except Exception as exc:  # noqa: BLE001 - a tile that cannot compile, launch or compute right is a result
+        entry["status"] = common.describe_failure(exc)
+    entry["compiled"] = resources(c for i, c in compiled_kernels().items() if i not in before)
+    return entry
+
+
+def time_forward_and_backward_once(shape, device):
+    (q, k, v), dout = random_inputs(shape, device, seed=0)
+    kernels.attention(q, k, v, causal=True).backward(dout)
+
+
+def score(entry):
+    """A candidate's figure of merit: the mean TFLOP/s over the timed shapes (0 when it failed)."""
+    rates = [t["tflops"] for t in entry["timings"]]
+    return sum(rates) / len(rates) if entry["status"] == "ok" and rates else 0.0
+
+
+def to_markdown(run):
+    lines = [common.markdown_header(run, "Attention tiles timed on this card") if "ceilings" in run else "# Tiles",
+             "16-bit (bf16 timed) causal, aligned operands. Forward candidates: forward TFLOP/s; dK/dV and dQ "
+             "candidates: whole-backward TFLOP/s with only that kernel's tile changed. Shapes (B, H, N, D).", ""]
+    changes = []
+    for key in run["keys"]:
+        rows = []
+        best = max(key["candidates"], key=score)
+        for c in key["candidates"]:
+            regs = ", ".join(f"{r['registers']}r/{r['spills']}s" for r in c["compiled"]) or "—"
+            rates = " / ".join(f"{t['tflops']:.0f}" for t in c["timings"]) or "—"
+            mark = ("shipped" if c["tile"] == key["shipped"] else "") + (" best" if c is best and score(c) else "")
+            rows.append([tuple(c["tile"]), rates, f"{score(c):.0f}", regs, mark.strip(), c["status"]])
+        shapes = " / ".join(str(tuple(s)) for s in key["shapes"])
+        lines += [f"## {key['kernel']}, head size {key['head_dim']}", "",
+                  common.markdown_table(["tile (M, N, warps, stages)", f"TFLOP/s at {shapes}", "mean",
+                                         "registers/spills", "", "status"], rows), ""]
+        shipped = next(c for c in key["candidates"] if c["tile"] == key["shipped"])
+        if best is not shipped and score(best) > 1.03 * score(shipped):
+            changes.append(f"- {key['kernel']} d{key['head_dim']}: {tuple(key['shipped'])} -> {tuple(best['tile'])} "
+                           f"({score(best) / max(score(shipped), 1e-9):.2f}x)")
+    lines += ["## Table entries that should change (> 3% faster)", ""] + (changes or ["- none"])
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-s", type=float, default=240, help="no new candidate starts after this many seconds")
+    p.add_argument("--dry-run", action="store_true", help="no timing: CPU interpreter, tiny shapes")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<card>/)")
+    args = p.parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+        run = {"benchmark": "bench.tune", "dry_run": True}
+    else:
+        common.require_gpu("bench.tune")
+        device = torch.device("cuda")
+        run = {"benchmark": "bench.tune", "environment": common.environment(), "ceilings": common.measure_ceilings(),
+               "settings": {"warmup_ms": common.WARMUP_MS, "rep_ms": common.REP_MS, "dtype": "bf16"}}
+    started = time.perf_counter()
+    run["keys"] = []
+    for (kernel, head_dim), candidates in CANDIDATES.items():
+        shipped = shipped_tile(kernel, head_dim, device)
+        key = {"kernel": kernel, "head_dim": head_dim, "shipped": list(shipped),
+               "shapes": [list(s) for s in timed_shapes(head_dim, args.dry_run)], "candidates": []}
+        for tile in [shipped] + [t for t in candidates if t != shipped]:
+            if time.perf_counter() - started > args.budget_s:
+                key["candidates"].append({"tile": list(tile), "status": "skipped: time budget spent",
+                                          "timings": [], "compiled": []})
+                continue
+            entry = run_candidate(kernel, head_dim, tile, device, args.dry_run)
+            key["candidates"].append(entry)
+            print(f"  {kernel:<8} d{head_dim:<4} {str(tile):<18} {score(entry):7.1f} TFLOP/s  {entry['status']}",
+                  flush=True)
+        run["keys"].append(key)
+    run["seconds"] = time.perf_counter() - started
+    if args.dry_run:
+        print(to_markdown(run))
+        bad = [c["status"] for k in run["keys"] for c in k["candidates"] if c["status"] != "ok"]
+        return 1 if bad else 0
+    out_dir = common.write_results(run, "tiles", to_markdown(run), args.out)
+    print(f"tiles: {run['seconds']:.0f} s, {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
