@@ -753,7 +753,7 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+@torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def attention_dropout_seed() -> Tensor:
     """A dropout seed, a one-element int64 CPU tensor, drawn from torch's default CPU generator:
     `torch.manual_seed(s)` reproduces it, and drawing it costs no GPU synchronisation. An operator of its own,
