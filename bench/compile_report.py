@@ -1,27 +1,29 @@
-"""python -m bench.compile_report: compile every shipped kernel config for sm_90 and sm_80 on this machine (no GPU
-needed) and write registers, spills, shared memory and the matrix instructions to bench/results/compile_report.md.
+"""python -m bench.compile_report: compile every shipped kernel config for the checked architectures (sm_90 and sm_80)
+on this machine, no GPU needed, and write registers, spills, shared memory and the matrix instructions to
+bench/results/compile_report.md (or --output).
 
-Each kernel module ships its launch configs through `shipped_kernel_configs()` (a list of dicts: name, kernel,
-signature, constexprs, num_warps, num_stages, and optionally targets, the (arch, aligned) launches that run that
-tile; without it a config is compiled for every target in TARGETS). Each is compiled with
+The configs come from the kernels themselves: the attention launch tables (kernels/attention/tiles.py) and the
+LayerNorm tiles (kernels/layer_norm/tiles.py) say which tiles a launch can pick, and each kernel's signature is
+derived from its own parameters (`_signature`). Each config is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, as a launch would be.
 Triton's JIT specialises on its arguments: pointers aligned to 16 bytes and integers divisible by 16 are marked
 so, and the code it generates (vectorised, asynchronously pipelined loads) differs. So each config is compiled
 both ways: "aligned" marks every pointer and every stride_* argument divisible by 16 as the JIT would, except the
-arguments a kernel opts out of that specialisation for (the attention kernels mark their strides themselves,
-from their ALIGNED constexpr); "any" marks nothing, the worst case of misaligned operands. Then the wheel's own
-ptxas is run with `-v` on that PTX to read the registers, stack frame and spill bytes; the shared memory is what
-Triton allocates; the PTX shows whether the matrix products use wgmma (sm_90's warpgroup instructions) or
-mma.sync (sm_80's).
+arguments a kernel opts out of that specialisation for (the attention kernels mark their strides themselves, from
+their ALIGNED constexpr); "any" marks nothing, the worst case of misaligned operands. Then the wheel's own ptxas
+is run with `-v` on that PTX to read the registers, stack frame and spill bytes; the shared memory is what Triton
+allocates; the PTX shows whether the matrix products use wgmma (sm_90's warpgroup instructions) or mma.sync
+(sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills, uses more
 shared memory than the arch allows, does not compile, or runs mma.sync on sm_90 with aligned operands. Compiles
-run in worker processes (one per core, at most 8) started without TRITON_INTERPRET (the test suite sets it on
-CPU, and interpreted kernels cannot be compiled).
+run in worker processes (one per core, at most 8) started without TRITON_INTERPRET (the test suite sets it on CPU,
+and interpreted kernels cannot be compiled). Registers and spills depend on the compiler: the tiles were checked
+with triton TILES_CHECKED_WITH.
 """
 
+import argparse
 import concurrent.futures
-import importlib
 import multiprocessing
 import os
 import re
@@ -31,23 +33,152 @@ import tempfile
 import time
 from pathlib import Path
 
-KERNEL_MODULES = ("kernels.flash_attention", "kernels.layer_norm")
-ARCHS = (90, 80)
-# (arch, aligned operands): every pair a config is compiled for unless it names its own targets.
-TARGETS = tuple((arch, aligned) for arch in ARCHS for aligned in (True, False))
+OPS = ("attention", "layer_norm")
+# The Triton release whose compiler the shipped tiles were checked with: registers and spills are that compiler's
+# (3.9 spills where 3.6 does not). The report test runs only under it; on another version, retune first.
+TILES_CHECKED_WITH = "3.6.0"
 # The most shared memory one program may ask for (bytes): 227 KiB on sm_90, 163 KiB on sm_80.
 MAX_SHARED_BYTES = {90: 232448, 80: 166912}
 REPORT_PATH = Path(__file__).resolve().parent / "results" / "compile_report.md"
 # Compiles are single-threaded and CPU-bound: one worker per core, capped for memory (~0.6 GB each).
 WORKERS = max(1, min(8, os.cpu_count() or 1))
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+
+
+def _targets(aligned=None):
+    """(arch, aligned operands) pairs: every checked arch, with the given alignment or both."""
+    from kernels._gpu import CHECKED_ARCHS
+
+    alignments = (True, False) if aligned is None else (aligned,)
+    return tuple((arch, a) for arch in CHECKED_ARCHS for a in alignments)
+
+
+def _signature(kernel, pointer_type, constexprs):
+    """Triton's signature of `kernel` for one config, derived from the kernel's own parameters: constexprs as
+    given, annotated parameters (sizes, scales, fp32 buffers) as annotated, strides as the JIT types them (i32),
+    and every other tensor as `pointer_type` (the input dtype)."""
+    signature = {}
+    for param in _kernel_params(kernel):
+        if param.is_constexpr or param.name in constexprs:
+            signature[param.name] = "constexpr"
+        elif param.annotation:
+            signature[param.name] = param.annotation
+        elif param.name.startswith("stride_"):
+            signature[param.name] = "i32"
+        else:
+            signature[param.name] = pointer_type
+    return signature
+
+
+def _kernel_params(kernel):
+    """The kernel's parameters as Triton's JIT reads them (name, annotation), from the Python function under the
+    jit (or, in interpreter mode, the interpreter's) wrapper."""
+    import inspect
+
+    from triton.runtime.jit import KernelParam
+
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return [KernelParam(i, p, False, False) for i, p in enumerate(inspect.signature(kernel).parameters.values())]
+
+
+def _config(name, kernel, dtype_name, constexprs, num_warps, num_stages, targets):
+    return {"name": name, "kernel": kernel, "signature": _signature(kernel, POINTER_TYPES[dtype_name], constexprs),
+            "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets}
+
+
+def attention_configs():
+    """Every compile the attention launchers can cause on the checked archs, aligned operands and not: for each
+    dtype and head-size class 16 ... 256 (a padded head size, e.g. 48 -> 64, runs the tiles of its class with
+    masked loads), the forward, dK/dV (or dK and dV) and dQ kernels, causal, with and without dropout (dropout's
+    random numbers cost registers), plus the delta preprocess kernel. A config's name ends in its tile (BLOCK_M x
+    BLOCK_N) and the operands' alignment; its targets are the (arch, aligned) launches that run it. The last
+    dimension is contiguous in every realistic call and the JIT makes a unit stride a constant, so the dim strides
+    (stride_*d) are the constexpr 1."""
+    import torch
+
+    from kernels._gpu import CHECKED_ARCHS
+    from kernels.attention import backward, forward, tiles
+
+    kernel_of = {"preprocess": backward.attention_backward_preprocess_kernel,
+                 "forward": forward.attention_forward_kernel, "dkdv": backward.attention_backward_dkdv_kernel,
+                 "dk": backward.attention_backward_dkdv_kernel, "dv": backward.attention_backward_dkdv_kernel,
+                 "dq": backward.attention_backward_dq_kernel}
+    configs = []
+    for dtype_name in DTYPE_NAMES:
+        dtype = getattr(torch, dtype_name)
+        for head_dim in (16, 32, 64, 128, 256):
+            for aligned in (True, False):
+                base = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned}
+                kernels = ("preprocess", "forward", *tiles.key_block_passes(tiles.block_d(head_dim)), "dq")
+                for kernel_name in kernels:
+                    kernel = kernel_of[kernel_name]
+                    unit_strides = {p.name: 1 for p in _kernel_params(kernel)
+                                    if p.name.startswith("stride_") and p.name.endswith("d")}
+                    operands = "aligned" if aligned else "any"
+                    if kernel_name == "preprocess":
+                        constexprs = dict(base, BLOCK_M=tiles.preprocess_block_m(tiles.block_d(head_dim)),
+                                          **unit_strides)
+                        configs.append(_config(f"attention_preprocess_{dtype_name}_d{head_dim}_{operands}", kernel,
+                                               dtype_name, constexprs, 4, 1, _targets(aligned)))
+                        continue
+                    for dropout in (False, True):
+                        archs_by_tile = {}
+                        for arch in CHECKED_ARCHS:
+                            tile = tiles.table_tile(kernel_name, head_dim, dtype, dropout, arch, aligned)
+                            archs_by_tile.setdefault(tile, []).append(arch)
+                        for tile, archs in archs_by_tile.items():
+                            constexprs = dict(base, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CAUSAL=True,
+                                              DROPOUT=dropout, **unit_strides)
+                            if kernel_name in tiles.COMPUTED_GRADIENTS:
+                                constexprs["COMPUTE_DK"], constexprs["COMPUTE_DV"] = \
+                                    tiles.COMPUTED_GRADIENTS[kernel_name]
+                            name = (f"attention_{kernel_name}_causal{'_dropout' if dropout else ''}_{dtype_name}"
+                                    f"_d{head_dim}_{tile.block_m}x{tile.block_n}_{operands}")
+                            configs.append(_config(name, kernel, dtype_name, constexprs, tile.num_warps,
+                                                   tile.num_stages, tuple((arch, aligned) for arch in archs)))
+    return configs
+
+
+def layer_norm_configs():
+    """One config per (kernel, dtype, width class) the LayerNorm launchers can pick, with weight and bias
+    present (FusedLayerNorm's case): forward, add-forward, backward, and add-backward (with the gradient of s);
+    each for every checked arch, aligned and not."""
+    from kernels.layer_norm import kernels, tiles
+
+    configs = []
+    for dtype_name in DTYPE_NAMES:
+        short = POINTER_TYPES[dtype_name][1:]
+        for width in tiles.SHIPPED_WIDTHS:
+            for has_residual in (False, True):
+                add = "add_" if has_residual else ""
+                tile = tiles.forward_tile(width)
+                kernel = kernels.layer_norm_forward_streamed_kernel if tile.streamed else \
+                    kernels.layer_norm_forward_kernel
+                constexprs = {"HAS_RESIDUAL": has_residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                              "BLOCK_N": tile.block_n, **({} if tile.streamed else {"ROWS": tile.rows})}
+                configs.append(_config(f"layer_norm_{add}forward_{short}_n{width}", kernel, dtype_name, constexprs,
+                                       tile.num_warps, 3, _targets()))
+                tile = tiles.backward_tile(width)
+                kernel = kernels.layer_norm_backward_streamed_kernel if tile.streamed else \
+                    kernels.layer_norm_backward_kernel
+                constexprs = {"HAS_DSUM": has_residual, "HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True,
+                              "COMPUTE_DBIAS": True, "BLOCK_N": tile.block_n,
+                              **({} if tile.streamed else {"ROWS": tile.rows})}
+                configs.append(_config(f"layer_norm_{add}backward_{short}_n{width}", kernel, dtype_name, constexprs,
+                                       tile.num_warps, 1, _targets()))
+    return configs
+
+
+_CONFIGS_OF = {"attention": attention_configs, "layer_norm": layer_norm_configs}
 
 
 def shipped_configs():
-    """[(module name, config name, targets)] for every config the kernel modules ship (targets: the (arch,
-    aligned) pairs it is compiled for). Importing the modules is cheap and works in interpreter mode; the
-    kernels themselves are only touched by the workers."""
-    return [(module_name, entry["name"], tuple(entry.get("targets", TARGETS))) for module_name in KERNEL_MODULES
-            for entry in importlib.import_module(module_name).shipped_kernel_configs()]
+    """[(op, config name, targets)] for every config the ops ship (targets: the (arch, aligned) pairs it is
+    compiled for). Building them imports the kernels, which works in interpreter mode; compiling is left to the
+    workers."""
+    return [(op, entry["name"], entry["targets"]) for op in OPS for entry in _CONFIGS_OF[op]()]
 
 
 def _start_worker():
@@ -86,17 +217,17 @@ def _jit_marks_divisibility(param):
     return not (param.do_not_specialize or param.do_not_specialize_on_alignment)
 
 
-def compile_config(module_name, name, arch, aligned):
+def compile_config(op, name, arch, aligned):
     """Compile one shipped config for one arch, with aligned operands or any; a dict of what the report shows
     ("error" set when it failed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"module": module_name, "name": name, "arch": arch, "aligned": aligned}
+    result = {"op": op, "name": name, "arch": arch, "aligned": aligned}
     started = time.perf_counter()
     try:
-        entry = next(e for e in importlib.import_module(module_name).shipped_kernel_configs() if e["name"] == name)
+        entry = next(e for e in _CONFIGS_OF[op]() if e["name"] == name)
         result.update(num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         fn = _jit_function(entry["kernel"])
         signature = entry["signature"]
@@ -124,12 +255,11 @@ def _compile_task(task):
 
 
 def compile_all(configs=None, workers=WORKERS):
-    """Compile every (config, target) in `workers` spawned processes, one task at a time in KERNEL_MODULES order
+    """Compile every (config, target) in `workers` spawned processes, one task at a time in OPS order
     (the attention kernels, the longest, first, so no worker is left with one of them at the end); results in
     order."""
     configs = shipped_configs() if configs is None else configs
-    tasks = [(module_name, name, arch, aligned) for module_name, name, targets in configs
-             for arch, aligned in targets]
+    tasks = [(op, name, arch, aligned) for op, name, targets in configs for arch, aligned in targets]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker) as pool:
         return list(pool.map(_compile_task, tasks))
@@ -184,7 +314,7 @@ def to_markdown(results):
     lines = [
         "# Compile report",
         "",
-        f"Every shipped kernel config of {', '.join(KERNEL_MODULES)}, compiled without a GPU by triton "
+        f"Every shipped kernel config of {', '.join(OPS)}, compiled without a GPU by triton "
         f"{triton.__version__} for sm_90 (sm_90a) and sm_80; registers, stack and spills from the wheel's "
         "ptxas -v on the PTX, shared memory as Triton allocates it, matrix instructions read off the PTX. "
         "Operands \"aligned\": pointers and strides known to be multiples of 16 bytes (marked by Triton's JIT, "
@@ -206,16 +336,22 @@ def to_markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compile every shipped kernel config for the checked GPU architectures "
+                                "(no GPU needed) and write the report of registers, spills, shared memory and "
+                                "matrix instructions.")
+    p.add_argument("--output", type=Path, default=REPORT_PATH, help=f"the report to write (default {REPORT_PATH})")
+    p.add_argument("--workers", type=int, default=WORKERS, help=f"compile processes (default {WORKERS})")
+    args = p.parse_args(argv)
     started = time.perf_counter()
-    results = compile_all()
-    REPORT_PATH.parent.mkdir(parents=True, exist_ok=True)
-    REPORT_PATH.write_text(to_markdown(results))
+    results = compile_all(workers=args.workers)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(to_markdown(results))
     failing = [r for r in results if problems(r)]
     for r in failing:
         print(f"PROBLEM {r['name']} sm_{r['arch']} {operands_name(r['aligned'])}: {'; '.join(problems(r))}")
     print(f"compiled {len(results)} (config, target) pairs in {time.perf_counter() - started:.0f} s; "
-          f"{len(failing)} with problems; wrote {REPORT_PATH}")
+          f"{len(failing)} with problems; wrote {args.output}")
     return 1 if failing else 0
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 import kernels
-import kernels.flash_attention as fa
+from kernels.attention import backward, forward, tiles
 from bench import common
 from kernels.reference import attention_reference
 
@@ -55,24 +55,25 @@ def timed_shapes(head_dim, dry_run):
 @contextlib.contextmanager
 def forced_tile(kernel, head_dim, tile):
     """Make the launcher pick `tile` for `kernel` at this head size (16-bit, any dropout, arch and alignment)."""
-    entry = (("16bit", fa._block_d(head_dim), kernel, None, None, None), tile)
-    fa._TILE_OVERRIDES.insert(0, entry)
+    entry = (("16bit", tiles.block_d(head_dim), kernel, None, None, None), tiles.Tile(*tile))
+    tiles._OVERRIDES.insert(0, entry)
     try:
         yield
     finally:
-        fa._TILE_OVERRIDES.remove(entry)
+        tiles._OVERRIDES.remove(entry)
 
 
 def shipped_tile(kernel, head_dim, device):
     """The tile the launcher picks today on this GPU (sm_90's in a dry run)."""
     major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    return fa._table_config(kernel, head_dim, DTYPES[device.type], False, major * 10 + minor, True)
+    return tiles.table_tile(kernel, head_dim, DTYPES[device.type], False, major * 10 + minor, True)
 
 
 def compiled_kernels():
     """Every kernel Triton has compiled so far in this process, by identity."""
     found = {}
-    for jit_fn in (fa._attention_forward_kernel, fa._attention_backward_dkdv_kernel, fa._attention_backward_dq_kernel):
+    for jit_fn in (forward.attention_forward_kernel, backward.attention_backward_dkdv_kernel,
+                   backward.attention_backward_dq_kernel):
         for kernel_cache, *_ in getattr(jit_fn, "device_caches", {}).values():
             for compiled in kernel_cache.values():
                 found[id(compiled)] = compiled
@@ -130,7 +131,7 @@ def run_candidate(kernel, head_dim, tile, device, dry_run):
     before = compiled_kernels()
     try:
         with forced_tile(kernel, head_dim, tile):
-            assert fa._table_config(kernel, head_dim, DTYPES[device.type], False, 90, True) == tile
+            assert tiles.table_tile(kernel, head_dim, DTYPES[device.type], False, 90, True) == tile
             check_candidate(head_dim, device)
             for shape in timed_shapes(head_dim, dry_run):
                 if dry_run:

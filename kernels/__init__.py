@@ -1,5 +1,28 @@
-"""Fused Triton kernels for decoder-only transformers."""
+"""Fused Triton kernels for decoder-only transformers: causal softmax attention and LayerNorm.
 
-from .flash_attention import attention, attention_dropout_mask
+Each op is a folder whose files are its layers, read top to bottom as a call travels:
+
+    kernels.attention(q, k, v, ...)                          kernels.layer_norm(x, ...), add_layer_norm(...)
+      attention/api.py      checks the inputs, picks the softmax scale and the dropout seed
+      attention/ops.py      the torch.library operators: allocate outputs, pick a tile, launch; the autograd
+                            formula tying the forward operator to the backward one
+      attention/tiles.py    the launch tables: block sizes, warps and stages per precision, head size, kernel,
+                            GPU architecture and operand alignment
+      attention/forward.py, backward.py, shared.py    the Triton kernels
+    (layer_norm/ has the same api, ops, tiles and kernels files)
+
+Beside them: modules.py (thin nn.Modules holding parameters: FusedMultiHeadAttention, FusedLayerNorm),
+reference.py (the eager math the tests and benchmarks compare against), _validate.py (the input checks every op
+shares), _gpu.py (the architectures the tiles are checked for), _library.py (the operator namespace).
+A change to what is computed goes in a kernel file; to speed, in a tiles file; to what users may pass, in an api
+file; to autograd or torch.compile behaviour, in an ops file. bench/compile_report.py compiles every tile the
+tiles files can give, for every checked architecture, and fails on spills.
+
+Data flow of one fused decoder block (gpt/model.py): layer_norm (ln1) -> one qkv projection -> attention on
+strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fused with ln2) -> feed-forward ->
+residual add. Nothing of size T x T is stored; statistics and softmax are fp32; every backward is deterministic.
+"""
+
+from .attention import attention, attention_dropout_mask
 from .layer_norm import add_layer_norm, layer_norm
 from .modules import FusedLayerNorm, FusedMultiHeadAttention

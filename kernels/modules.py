@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .flash_attention import attention
+from .attention import attention
 from .layer_norm import add_layer_norm, layer_norm
 
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")

@@ -246,10 +246,14 @@ def test_public_api():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_every_launch_the_table_can_make_is_shipped():
-    from kernels import flash_attention as fa
+def test_every_launch_the_table_can_make_is_compiled_by_the_report():
+    """Every tile the launch tables can give, for every head size, dtype, dropout, checked arch and alignment, is
+    among the configs the compile report compiles (which are checked for spills in test_compile_report)."""
+    from bench import compile_report
+    from kernels._gpu import CHECKED_ARCHS
+    from kernels.attention import tiles
 
-    entries = fa.shipped_kernel_configs()
+    entries = compile_report.attention_configs()
     assert len({e["name"] for e in entries}) == len(entries)
     shipped = set()
     for e in entries:
@@ -261,41 +265,42 @@ def test_every_launch_the_table_can_make_is_shipped():
             assert c["ALIGNED"] == aligned, e["name"]
             shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
                          c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), e["num_warps"], e["num_stages"], arch, aligned))
+    kernel_of = {e["name"].split("_causal")[0].removeprefix("attention_"): e["kernel"] for e in entries}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in range(1, fa.MAX_HEAD_SIZE + 1):
-            block_d = fa._block_d(head_dim)
-            for name in ("forward", *fa._key_block_passes(block_d), "dq"):
-                kernel = fa._SHIPPED_KERNELS[name]
-                compute_dk, compute_dv = fa._COMPUTED_GRADIENTS.get(name, (None, None))
-                for dropout, arch, aligned in itertools.product((False, True), (90, 80), (True, False)):
-                    block_m, block_n, warps, stages = fa._table_config(name, head_dim, dtype, dropout, arch, aligned)
-                    key = (kernel, fa._POINTER_TYPE[dtype], block_d, block_m, block_n, dropout, compute_dk, compute_dv,
-                           warps, stages, arch, aligned)
+        for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
+            block_d = tiles.block_d(head_dim)
+            for name in ("forward", *tiles.key_block_passes(block_d), "dq"):
+                compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
+                for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
+                    tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
+                    key = (kernel_of[name], compile_report.POINTER_TYPES[str(dtype).removeprefix("torch.")],
+                           block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv, tile.num_warps,
+                           tile.num_stages, arch, aligned)
                     assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
-                                            f"aligned={aligned} is not shipped")
+                                            f"aligned={aligned} is not compiled by the report")
 
 
 def test_operand_alignment_means_16_byte_rows(device):
-    from kernels.flash_attention import _operands_aligned
+    from kernels.attention.shared import operands_aligned
 
     x = torch.randn(2, 3, 40, 64, device=device)
-    assert _operands_aligned(x, x.transpose(1, 2))
-    assert _operands_aligned(torch.randn(2, 3, 40, 40, device=device, dtype=torch.float16))  # rows of 80 bytes
-    assert not _operands_aligned(torch.randn(2, 3, 40, 36, device=device, dtype=torch.float16))  # rows of 72
+    assert operands_aligned(x, x.transpose(1, 2))
+    assert operands_aligned(torch.randn(2, 3, 40, 40, device=device, dtype=torch.float16))  # rows of 80 bytes
+    assert not operands_aligned(torch.randn(2, 3, 40, 36, device=device, dtype=torch.float16))  # rows of 72
     shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
-    assert shifted.stride() == x.stride() and not _operands_aligned(shifted)  # a pointer 4 bytes past alignment
-    assert not _operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
+    assert shifted.stride() == x.stride() and not operands_aligned(shifted)  # a pointer 4 bytes past alignment
+    assert not operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
 
 
 def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
     """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
     wgmma tile at head size 256 only for aligned operands."""
-    from kernels import flash_attention as fa
+    from kernels.attention import tiles
 
     for capability, arch in (((9, 0), 90), ((8, 0), 80)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
         for aligned in (True, False):
-            expected = fa._table_config("forward", 256, torch.bfloat16, False, arch, aligned)
-            assert fa._launch_config("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
-    assert fa._table_config("forward", 256, torch.bfloat16, False, 90, True) != \
-        fa._table_config("forward", 256, torch.bfloat16, False, 90, False)
+            expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
+            assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
+    assert tiles.table_tile("forward", 256, torch.bfloat16, False, 90, True) != \
+        tiles.table_tile("forward", 256, torch.bfloat16, False, 90, False)

@@ -1,0 +1,189 @@
+"""LayerNorm as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
+torch.compile sees each launch as one opaque node with known output shapes), and one autograd formula for
+layer_norm and add_layer_norm.
+
+Operators (namespace decoder_kernels): layer_norm_forward, layer_norm_backward.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .._library import NAMESPACE
+from . import tiles
+from .kernels import (
+    layer_norm_backward_kernel,
+    layer_norm_backward_streamed_kernel,
+    layer_norm_forward_kernel,
+    layer_norm_forward_streamed_kernel,
+)
+
+
+def _as_rows(tensor):
+    """A (rows, width) view of `tensor` with unit column stride, copying only when the last dimension
+    is not unit-stride or the leading dimensions cannot be flattened into one row stride."""
+    if tensor.stride(-1) != 1:
+        tensor = tensor.contiguous()
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    if rows.shape[0] > 1 and (rows.shape[0] - 1) * rows.stride(0) + rows.shape[1] >= tiles.MAX_ELEMENTS:
+        rows = rows.contiguous()  # a strided view spanning more than 32-bit offsets reach
+    return rows
+
+
+def _kernel_for(tile, one_tile_kernel, streamed_kernel):
+    """The kernel for a tile, and its ROWS argument (a streamed row is one per program: no ROWS)."""
+    return (streamed_kernel, {}) if tile.streamed else (one_tile_kernel, {"ROWS": tile.rows})
+
+
+def _allocate_forward_outputs(x, with_sum):
+    """y (and s), mean and rstd of the forward, allocated the same way by the launch and by its fake
+    implementation: y and s contiguous in x's shape, mean and rstd one fp32 value per row."""
+    n_rows = x.numel() // x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    return (y, torch.empty_like(y), mean, rstd) if with_sum else (y, None, mean, rstd)
+
+
+def _forward(x, residual, weight, bias, eps):
+    """Launch the forward kernel for the row width. Returns y, s (None without residual), mean, rstd."""
+    y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
+    x = _as_rows(x)
+    residual = _as_rows(residual) if residual is not None else None
+    n_rows, n_cols = x.shape
+    if n_rows == 0:
+        return y, s, mean, rstd
+    tile = tiles.forward_tile(n_cols)
+    kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
+    kernel[(triton.cdiv(n_rows, tile.rows),)](
+        x, residual if residual is not None else x, s if s is not None else y, y,
+        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=tile.block_n, num_warps=tile.num_warps, **rows,
+    )
+    return y, s, mean, rstd
+
+
+def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
+    """Launch the backward kernel for the row width; reduce the partial dweight / dbias rows. dy and dsum are made
+    contiguous (autograd's gradients almost always are already): they share dx's offsets, which saves the kernel
+    registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x = _as_rows(x)
+    dy = dy.contiguous()
+    dsum = dsum.contiguous() if dsum is not None else None
+    n_rows, n_cols = x.shape
+    tile = tiles.backward_tile(n_cols)
+    programs = max(1, min(triton.cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
+    # A streamed row accumulates into its partial rows, which must start at zero.
+    allocate = torch.zeros if tile.streamed else torch.empty
+    dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
+    dbias_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dbias else None
+    if n_rows > 0:
+        # num_stages=1: no prefetch buffers in the row loops, the register budget the tiles were sized for.
+        kernel, rows = _kernel_for(tile, layer_norm_backward_kernel, layer_norm_backward_streamed_kernel)
+        kernel[(programs,)](
+            dy, dsum if dsum is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
+            dweight_partial if compute_dweight else mean, dbias_partial if compute_dbias else mean,
+            x.stride(0), n_rows, n_cols,
+            HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
+            COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
+            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=1, **rows,
+        )
+    elif compute_dweight or compute_dbias:  # no rows: the gradients are zero
+        dweight_partial = dweight_partial.zero_() if compute_dweight else None
+        dbias_partial = dbias_partial.zero_() if compute_dbias else None
+    # A fixed-order sum over the programs' rows: deterministic, unlike float atomics.
+    dweight = dweight_partial.sum(0).to(weight.dtype) if compute_dweight else None
+    dbias = dbias_partial.sum(0).to(x.dtype) if compute_dbias else None
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The launches as PyTorch operators
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_forward", mutates_args=())
+def layer_norm_forward(
+    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s, mean, rstd) of LayerNorm over the last dimension of s = x (+ residual, when given). Without a
+    residual, s is an empty tensor (an operator's output may not alias its input)."""
+    y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@layer_norm_forward.register_fake
+def _(x, residual, weight, bias, eps):
+    y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_backward", mutates_args=())
+def layer_norm_backward(
+    dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    compute_dweight: bool, compute_dbias: bool,
+) -> list[Tensor]:
+    """[ds, dweight (when compute_dweight), dbias (when compute_dbias)] for the LayerNorm of s, whose output
+    received dy and s itself dsum (None when s is no output)."""
+    ds, dweight, dbias = _backward(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias)
+    return [ds] + ([dweight] if compute_dweight else []) + ([dbias] if compute_dbias else [])
+
+
+@layer_norm_backward.register_fake
+def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
+    width = s.shape[-1]
+    return (
+        [torch.empty(s.shape, dtype=s.dtype, device=s.device)]
+        + ([s.new_empty(width, dtype=weight.dtype)] if compute_dweight else [])
+        + ([s.new_empty(width)] if compute_dbias else [])
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autograd: one Function for both ops, the single place their backward is defined. The same setup_context and
+# backward are registered on the forward operator, so callers of the operator, opcheck and torch.compile all see
+# this formula.
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """forward(x, residual, weight, bias, eps) -> (y, s, mean, rstd); residual may be None (plain LayerNorm)."""
+
+    @staticmethod
+    def forward(x, residual, weight, bias, eps):
+        return layer_norm_forward(x, residual, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, residual, weight, bias, _ = inputs
+        y, s, mean, rstd = output
+        ctx.with_residual = residual is not None
+        # The rows that were normalized: the sum s when there is a residual, else x itself.
+        ctx.save_for_backward(s if ctx.with_residual else x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # a missing gradient of y or s is skipped, not read as zeros
+
+    @staticmethod
+    def backward(ctx, dy, dsum, _dmean, _drstd):
+        s, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(s)
+        compute_dweight = weight is not None and ctx.needs_input_grad[2]
+        compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
+        grads = layer_norm_backward(
+            dy, dsum if ctx.with_residual else None, s, weight, mean, rstd, compute_dweight, compute_dbias
+        )
+        ds = grads[0]
+        dweight = grads[1] if compute_dweight else None
+        dbias = grads[-1] if compute_dbias else None
+        # s = x + residual: both receive the gradient of s.
+        return ds, (ds if ctx.with_residual else None), dweight, dbias, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::layer_norm_forward", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
+)
