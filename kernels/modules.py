@@ -10,28 +10,22 @@ from .layer_norm import add_layer_norm, layer_norm
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")
 
 
-class _HeadProjections(nn.Module):
-    """The key, query and value projections of one head, named as in the eager `gpt.model.Head`,
-    so that state dicts move between the two unchanged."""
-
-    def __init__(self, n_embd, head_size):
-        super().__init__()
-        self.key = nn.Linear(n_embd, head_size, bias=False)
-        self.query = nn.Linear(n_embd, head_size, bias=False)
-        self.value = nn.Linear(n_embd, head_size, bias=False)
-
-
 class FusedMultiHeadAttention(nn.Module):
-    """Multi-head causal self-attention, a drop-in for the eager `gpt.model.MultiHeadAttention`: the same
-    parameter names and shapes (`heads.{i}.key/query/value.weight` of shape (head_size, n_embd),
-    `proj.weight`, `proj.bias`), so `load_state_dict` moves weights either way.
+    """Multi-head causal self-attention, a drop-in for the eager `gpt.model.MultiHeadAttention`: its state dict has
+    the same keys and shapes (`heads.{i}.key/query/value.weight` of shape (head_size, n_embd), `proj.weight`,
+    `proj.bias`), so `load_state_dict` moves weights either way.
 
-    The per-head weights are concatenated into one (3 * n_embd, n_embd) projection: one matmul, whose output
-    q, k and v are strided (B, H, T, D) views handed to the attention kernel without a copy.
-    backend: "triton" runs `kernels.attention`; "sdpa" runs torch's scaled_dot_product_attention (the
-    baseline the benchmarks compare against).
+    The per-head projections live packed in one nn.Linear(n_embd, 3 * n_embd, bias=False), `qkv`: rows for every
+    head's query, then every head's key, then every head's value. One matmul gives q, k and v as strided
+    (B, H, T, D) views handed to the attention kernel without a copy; state-dict hooks split and pack the per-head
+    names.
+    backend: "triton" runs `kernels.attention`; "sdpa" runs torch's scaled_dot_product_attention (the baseline the
+    benchmarks compare against).
     dropout: on the attention weights (inside the kernel) and on the output, in training mode only.
     """
+
+    _PACKED_ORDER = ("query", "key", "value")  # the packed rows: every head's query, then key, then value
+    _EAGER_ORDER = ("key", "query", "value")  # the eager Head's attributes, in its state-dict order
 
     def __init__(self, n_embd, n_head, dropout=0.0, backend="triton"):
         super().__init__()
@@ -44,15 +38,37 @@ class FusedMultiHeadAttention(nn.Module):
         self.n_head = n_head
         self.backend = backend
         self.attention_dropout = dropout
-        self.heads = nn.ModuleList([_HeadProjections(n_embd, n_embd // n_head) for _ in range(n_head)])
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)
+        self.register_state_dict_post_hook(FusedMultiHeadAttention._split_heads)
+        self.register_load_state_dict_pre_hook(FusedMultiHeadAttention._pack_heads)
+
+    def _head_key(self, prefix, head, name):
+        return f"{prefix}heads.{head}.{name}.weight"
+
+    @staticmethod
+    def _split_heads(module, state_dict, prefix, local_metadata):
+        """qkv.weight -> the eager per-head keys, in the eager model's order (the heads, then proj)."""
+        own = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+        rows = own.pop(prefix + "qkv.weight").chunk(3 * module.n_head)
+        for head in range(module.n_head):
+            for name in module._EAGER_ORDER:
+                state_dict[module._head_key(prefix, head, name)] = rows[
+                    module._PACKED_ORDER.index(name) * module.n_head + head]
+        state_dict.update(own)
+
+    @staticmethod
+    def _pack_heads(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """The eager per-head keys -> qkv.weight, when all of them are there (else load_state_dict reports the
+        missing qkv.weight)."""
+        keys = [module._head_key(prefix, head, name) for name in module._PACKED_ORDER for head in range(module.n_head)]
+        if all(key in state_dict for key in keys):
+            state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(key) for key in keys])
 
     def forward(self, x):
         B, T, C = x.shape
-        # Rows of the fused projection: every head's query, then every head's key, then every head's value.
-        qkv_weight = torch.cat([getattr(h, name).weight for name in ("query", "key", "value") for h in self.heads])
-        qkv = F.linear(x, qkv_weight).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), a view into qkv
         dropout_p = self.attention_dropout if self.training else 0.0
         if self.backend == "triton":

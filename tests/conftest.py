@@ -60,7 +60,22 @@ def _logits_and_grads(model, idx, targets, autocast_dtype=None):
     with torch.autocast(idx.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         logits, loss = model(idx, targets)
     loss.backward()
-    return logits, {name: p.grad for name, p in model.named_parameters()}
+    return logits, grads_by_state_dict_name(model)
+
+
+def grads_by_state_dict_name(model):
+    """Each parameter's gradient under its state-dict name: what state_dict() gives with every parameter's data
+    swapped for its gradient. A fused module that packs several eager parameters into one (the fused attention's
+    qkv projection) splits its gradient as it splits its weights, so gradients compare name by name with eager."""
+    parameters = list(model.parameters())
+    weights = [p.data for p in parameters]
+    try:
+        for p in parameters:
+            p.data = p.grad
+        return model.state_dict()
+    finally:
+        for p, weight in zip(parameters, weights):
+            p.data = weight
 
 
 def assert_gpt_within_error_rule(fused, eager, idx, targets, autocast_dtype=None):

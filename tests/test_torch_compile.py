@@ -8,7 +8,7 @@ interpreted kernels inside its own code); on CUDA the default Inductor backend i
 
 import pytest
 import torch
-from conftest import LOW_PRECISION_DTYPES, assert_within_error_rule
+from conftest import LOW_PRECISION_DTYPES, assert_within_error_rule, grads_by_state_dict_name
 
 import kernels
 from gpt.model import GPT, GPTConfig
@@ -154,7 +154,7 @@ def _gpt_logits_and_grads(model, idx, targets):
     model.zero_grad(set_to_none=True)
     logits, loss = model(idx, targets)
     loss.backward()
-    return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+    return logits.detach(), grads_by_state_dict_name(model)
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
