@@ -84,15 +84,35 @@ def test_custom_scale(device, dtype):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_magnitude_inputs_stay_finite_and_accurate(device, dtype):
-    # Scores of thousands: a softmax without the running max would overflow. Eager fp16 math itself
-    # overflows (q.k > 65504) beyond about x30, so fp16 uses x30 and fp32 x100. The softmax saturates, so
-    # eager's dS = P (dP - rowsum(P dP)) is exactly 0 where the kernel's uses delta = rowsum(dO O), equal only
-    # up to rounding at |dO||V|; dQ, dK multiply that by |K|, |Q| ~ magnitude, hence the floor's factor.
+    """Scores of thousands: a softmax without the running max would overflow. Eager fp16 math itself overflows
+    (q.k > 65504) beyond about x30, so fp16 uses x30 and fp32 x100.
+
+    q and k hold integers: every product and partial sum of q.k is then an integer below 2^24, exact in fp32 in
+    any summation order, so the backward's recomputed scores equal the forward's bit for bit. With real-valued
+    inputs they would not: at scores of ~4e4 one fp32 ulp is ~4e-3, and the forward and the backward sum q.k in
+    different orders (other tiles; under the interpreter, whatever order the machine's BLAS picks), which moves
+    the recomputed P by ~1e-3 relative where eager's, computed once, is exact: a machine-dependent error no
+    kernel bug is needed for. The softmax saturates, so eager's dS = P (dP - rowsum(P dP)) is exactly 0 where the
+    kernel's uses delta = rowsum(dO O), equal only up to rounding at |dO||V|; dQ, dK multiply that by |K|, |Q|
+    ~ magnitude, hence the floor's factor."""
     torch.manual_seed(2)
-    magnitude = 100.0 if dtype == torch.float32 else 30.0
-    q, k, v = make_inputs(1, 2, 70, 70, 16, dtype, device, magnitude=magnitude)
+    magnitude = 100 if dtype == torch.float32 else 30
+    q, k = (torch.randint(-magnitude, magnitude + 1, (1, 2, 70, 16), device=device).to(dtype).requires_grad_()
+            for _ in range(2))
+    v = torch.randn(1, 2, 70, 16, device=device).to(dtype).requires_grad_()
     fused = check_against_reference(q, k, v, causal=True, floor_scale=magnitude)
     assert all(torch.isfinite(t).all() for t in fused)
+
+
+def test_bf16_is_computed_right_on_every_device(device):
+    """bf16 by the error rule wherever the kernels run: on a GPU the bf16 kernels, under the interpreter (whose bf16
+    products are wrong) the fp32 kernels rounded to bf16. Dropout included, so its mask and seed survive the
+    detour."""
+    torch.manual_seed(5)
+    q, k, v = make_inputs(2, 2, 40, 40, 32, torch.bfloat16, device)
+    check_against_reference(q, k, v, causal=True)
+    keep = attention_dropout_mask(q, k, 0.3, seed=7)
+    check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.3, seed=7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

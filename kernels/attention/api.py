@@ -5,7 +5,7 @@ import math
 import torch
 import triton
 
-from .._validate import check_runnable, check_same_device_and_dtype, check_tensor
+from .._validate import TRITON_INTERPRETS, check_runnable, check_same_device_and_dtype, check_tensor
 from .forward import dropout_mask_kernel
 from .ops import AttentionFunction, attention_dropout_seed, seed_value
 from .tiles import MAX_HEAD_SIZE
@@ -65,6 +65,9 @@ def attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
     _check_inputs(q, k, v, dropout_p, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if TRITON_INTERPRETS and q.dtype == torch.bfloat16:
+        # Triton's interpreter multiplies bf16 tiles wrongly: run the fp32 kernels and round the result to bf16.
+        return attention(q.float(), k.float(), v.float(), causal, dropout_p, scale, seed).to(torch.bfloat16)
     seed = _seed_tensor(dropout_p, seed)
     out, _ = AttentionFunction.apply(q, k, v, bool(causal), float(dropout_p), float(scale), seed)
     return out
