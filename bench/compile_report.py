@@ -24,6 +24,7 @@ with triton TILES_CHECKED_WITH.
 
 import argparse
 import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import re
@@ -88,21 +89,28 @@ def _config(name, kernel, dtype_name, constexprs, num_warps, num_stages, targets
             "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets}
 
 
+# The attention masks a config is compiled with: the causal dense call (the decoder's, whose speed the tiles are
+# chosen for) and the most general one, a two-sided window over packed sequences (the most masking arithmetic
+# and scalar state). Full attention, one-sided windows and dense windows use a subset of the latter's code.
+ATTENTION_MASKS = {
+    "causal": dict(BOUNDED_LEFT=False, BOUNDED_RIGHT=True, VARLEN=False),
+    "window_varlen": dict(BOUNDED_LEFT=True, BOUNDED_RIGHT=True, VARLEN=True),
+}
+
+
 def attention_configs():
     """Every compile the attention launchers can cause on the checked archs, aligned operands and not: for each
     dtype and head-size class 16 ... 256 (a padded head size, e.g. 48 -> 64, runs the tiles of its class with
-    masked loads), the forward, dK/dV (or dK and dV) and dQ kernels, causal, with and without dropout (dropout's
-    random numbers cost registers), plus the delta preprocess kernel. A config's name ends in its tile (BLOCK_M x
-    BLOCK_N) and the operands' alignment; its targets are the (arch, aligned) launches that run it. The last
-    dimension is contiguous in every realistic call and the JIT makes a unit stride a constant, so the dim strides
-    (stride_*d) are the constexpr 1."""
+    masked loads), the forward, dK/dV (or dK and dV) and dQ kernels under each of ATTENTION_MASKS, with and without
+    dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A config's name ends in
+    its tile (BLOCK_M x BLOCK_N) and the operands' alignment; its targets are the (arch, aligned) launches that
+    run it."""
     import torch
 
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import backward, forward, tiles
 
-    kernel_of = {"preprocess": backward.attention_backward_preprocess_kernel,
-                 "forward": forward.attention_forward_kernel, "dkdv": backward.attention_backward_dkdv_kernel,
+    kernel_of = {"forward": forward.attention_forward_kernel, "dkdv": backward.attention_backward_dkdv_kernel,
                  "dk": backward.attention_backward_dkdv_kernel, "dv": backward.attention_backward_dkdv_kernel,
                  "dq": backward.attention_backward_dq_kernel}
     configs = []
@@ -110,34 +118,31 @@ def attention_configs():
         dtype = getattr(torch, dtype_name)
         for head_dim in (16, 32, 64, 128, 256):
             for aligned in (True, False):
+                operands = "aligned" if aligned else "any"
                 base = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned}
-                kernels = ("preprocess", "forward", *tiles.key_block_passes(tiles.block_d(head_dim)), "dq")
-                for kernel_name in kernels:
-                    kernel = kernel_of[kernel_name]
-                    unit_strides = {p.name: 1 for p in _kernel_params(kernel)
-                                    if p.name.startswith("stride_") and p.name.endswith("d")}
-                    operands = "aligned" if aligned else "any"
-                    if kernel_name == "preprocess":
-                        constexprs = dict(base, BLOCK_M=tiles.preprocess_block_m(tiles.block_d(head_dim)),
-                                          **unit_strides)
-                        configs.append(_config(f"attention_preprocess_{dtype_name}_d{head_dim}_{operands}", kernel,
-                                               dtype_name, constexprs, 4, 1, _targets(aligned)))
-                        continue
-                    for dropout in (False, True):
+                for varlen in (False, True):
+                    constexprs = dict(base, BLOCK_M=tiles.preprocess_block_m(tiles.block_d(head_dim)), VARLEN=varlen)
+                    configs.append(_config(
+                        f"attention_preprocess{'_varlen' if varlen else ''}_{dtype_name}_d{head_dim}_{operands}",
+                        backward.attention_backward_preprocess_kernel, dtype_name, constexprs, 4, 1,
+                        _targets(aligned)))
+                for kernel_name in ("forward", *tiles.key_block_passes(tiles.block_d(head_dim)), "dq"):
+                    for (mask_name, mask), dropout in itertools.product(ATTENTION_MASKS.items(), (False, True)):
                         archs_by_tile = {}
                         for arch in CHECKED_ARCHS:
                             tile = tiles.table_tile(kernel_name, head_dim, dtype, dropout, arch, aligned)
                             archs_by_tile.setdefault(tile, []).append(arch)
                         for tile, archs in archs_by_tile.items():
-                            constexprs = dict(base, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, CAUSAL=True,
-                                              DROPOUT=dropout, **unit_strides)
+                            constexprs = dict(base, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DROPOUT=dropout,
+                                              **mask)
                             if kernel_name in tiles.COMPUTED_GRADIENTS:
                                 constexprs["COMPUTE_DK"], constexprs["COMPUTE_DV"] = \
                                     tiles.COMPUTED_GRADIENTS[kernel_name]
-                            name = (f"attention_{kernel_name}_causal{'_dropout' if dropout else ''}_{dtype_name}"
+                            name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}"
                                     f"_d{head_dim}_{tile.block_m}x{tile.block_n}_{operands}")
-                            configs.append(_config(name, kernel, dtype_name, constexprs, tile.num_warps,
-                                                   tile.num_stages, tuple((arch, aligned) for arch in archs)))
+                            configs.append(_config(name, kernel_of[kernel_name], dtype_name, constexprs,
+                                                   tile.num_warps, tile.num_stages,
+                                                   tuple((arch, aligned) for arch in archs)))
     return configs
 
 

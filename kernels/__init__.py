@@ -23,6 +23,6 @@ strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fus
 residual add. Nothing of size T x T is stored; statistics and softmax are fp32; every backward is deterministic.
 """
 
-from .attention import attention, attention_dropout_mask
+from .attention import attention, attention_dropout_mask, attention_varlen, attention_varlen_dropout_mask
 from .layer_norm import add_layer_norm, layer_norm
 from .modules import FusedLayerNorm, FusedMultiHeadAttention

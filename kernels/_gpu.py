@@ -1,5 +1,7 @@
 """What the kernels know about GPUs: the architectures their tiles are made and checked for, and a device's own."""
 
+import contextlib
+
 import torch
 
 # The compute capabilities (major * 10 + minor) the launch tables are written for and the compile report checks,
@@ -11,3 +13,10 @@ def device_arch(device: torch.device) -> int:
     """The compute capability of a CUDA device as one number: 90 for sm_90."""
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def launch_device(tensor: torch.Tensor):
+    """The context a launch for `tensor` runs in: Triton launches on the current CUDA device and stream, which
+    need not be the tensor's (tensors on cuda:1 while cuda:0 is current), so the tensor's device is made current.
+    CPU tensors (Triton's interpreter) need none."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -4,6 +4,8 @@ raised before anything reaches Triton."""
 import torch
 import triton
 
+from ._gpu import device_arch
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: Triton fixes the mode when it is imported, and torch.compile cannot trace the lookup.
 TRITON_INTERPRETS = triton.knobs.runtime.interpret
@@ -32,9 +34,18 @@ def check_same_device_and_dtype(reference_name, reference, **others):
 
 
 def check_runnable(name, tensor):
-    """Check that Triton can run on `tensor`'s device: CUDA, or CPU under Triton's interpreter
-    (TRITON_INTERPRET=1 set before triton is imported)."""
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and TRITON_INTERPRETS):
+    """Check that the kernels can run on `tensor`'s device: a CUDA GPU of compute capability 8.0 or newer (older
+    ones have too little shared memory for the tiles, which are checked for sm_80 and up), or CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
+    if tensor.device.type == "cuda":
+        if device_arch(tensor.device) < 80:
+            raise ValueError(
+                f"{name} is on {torch.cuda.get_device_name(tensor.device)} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(tensor.device)))}); the kernels need compute "
+                "capability 8.0 or newer (Ampere, Ada, Hopper)"
+            )
+        return
+    if tensor.device.type == "cpu" and TRITON_INTERPRETS:
         return
     raise ValueError(
         f"{name} is on {tensor.device}; the kernels run on CUDA tensors, or on CPU tensors under Triton's "

@@ -1,60 +1,22 @@
 """kernels.attention against the eager attention in float64: values and the three gradients, over sequence
-lengths, head sizes, causal and full attention, dtypes, strides and magnitudes; dropout; bad input.
+lengths, head sizes, causal and full attention, grouped-query heads, sliding windows, dtypes, strides and
+magnitudes; the log-sum-exp; bad input.
 
 On CPU the kernels run through Triton's interpreter with 32 x 32 blocks, so the shapes are small but cover
 lengths that are not multiples of a block, several blocks, and the causal diagonal in every position."""
 
-import itertools
-import math
-
 import pytest
 import torch
-from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
+from attention_helpers import check_against_reference, make_inputs, values_and_grads
+from conftest import DTYPES
 
 import kernels
 from kernels import attention, attention_dropout_mask
-from kernels.reference import attention_reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
 HEAD_SIZES = [8, 16, 20, 32, 48, 64, 80, 96, 128, 256]  # 20: rows of 40 bytes in fp16, not 16-byte aligned
-
-
-def make_inputs(B, H, n_q, n_k, D, dtype, device, magnitude=1.0):
-    q = torch.randn(B, H, n_q, D, device=device) * magnitude
-    k = torch.randn(B, H, n_k, D, device=device) * magnitude
-    v = torch.randn(B, H, n_k, D, device=device)
-    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
-
-
-def values_and_grads(fn, inputs, grad_out):
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
-    return [out, *grads]
-
-
-def check_against_reference(q, k, v, grad_out=None, causal=True, scale=None, keep=None, dropout_p=0.0,
-                            floor_scale=1.0, **attention_kwargs):
-    """Fused (out, dq, dk, dv) vs the float64 eager reference, by the error rule against eager run in the
-    inputs' dtype; `floor_scale` multiplies the rule's absolute floor (for inputs far from magnitude 1)."""
-    dtype = q.dtype
-    if grad_out is None:
-        grad_out = torch.randn(q.shape, device=q.device, dtype=dtype)
-    fused = values_and_grads(
-        lambda q, k, v: attention(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p, **attention_kwargs),
-        (q, k, v), grad_out)
-
-    def eager(*inputs):
-        return attention_reference(*inputs, causal=causal, scale=scale, keep=keep, dropout_p=dropout_p)
-
-    reference = values_and_grads(eager, [t.double() for t in (q, k, v)], grad_out.double())
-    low = values_and_grads(eager, (q, k, v), grad_out)
-    for name, f, e, r in zip(("out", "dq", "dk", "dv"), fused, low, reference):
-        assert f.dtype == dtype, f"{name} has dtype {f.dtype}"
-        assert_within_error_rule(f, e, r, floor=ABSOLUTE_FLOOR[dtype] * floor_scale, name=name)
-    return fused
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,67 +122,77 @@ def test_backward_is_deterministic(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Dropout
+# Bad input
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_dropout_same_seed_same_output_different_seed_different_output(device):
-    q, k, v = make_inputs(2, 2, 33, 33, 16, torch.float32, device)
-    torch.manual_seed(10)
-    first = attention(q, k, v, dropout_p=0.3)
-    torch.manual_seed(10)
-    again = attention(q, k, v, dropout_p=0.3)
-    torch.manual_seed(11)
-    other = attention(q, k, v, dropout_p=0.3)
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
-    assert torch.equal(attention(q, k, v, dropout_p=0.3, seed=7), attention(q, k, v, dropout_p=0.3, seed=7))
-
-
-def test_dropout_mask_is_fresh_per_head_and_keeps_the_right_fraction(device):
-    q = torch.randn(2, 3, 64, 16, device=device)
-    keep = attention_dropout_mask(q, q, 0.25, seed=123)
-    assert keep.shape == (2, 3, 64, 64) and keep.dtype == torch.bool
-    assert abs(keep.float().mean().item() - 0.75) < 0.02  # 24576 draws: 5 standard errors
-    flat = keep.flatten(0, 1)
-    assert all(not torch.equal(flat[0], flat[i]) for i in range(1, 6))
-    assert torch.equal(attention_dropout_mask(q, q, 0.0, seed=123), torch.ones_like(keep))
-
-
-def test_no_dropout_draws_no_random_number(device):
-    q, k, v = make_inputs(1, 1, 8, 8, 16, torch.float32, device)
-    torch.manual_seed(0)
-    attention(q, k, v, dropout_p=0.0)
-    after_call = torch.rand(1)
-    torch.manual_seed(0)
-    assert torch.equal(after_call, torch.rand(1))
+# ---------------------------------------------------------------------------------------------------------
+# Grouped-query attention, sliding windows, the log-sum-exp
+# ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal,n_q,n_k,head_size", [
-    (True, 70, 70, 32), (False, 30, 75, 32), (True, 75, 30, 32),
-    (True, 40, 40, 200),  # head size 256 class: dK and dV in separate launches, each regenerating the mask
-])
-def test_dropout_matches_eager_with_the_helpers_mask_values_and_gradients(device, dtype, causal, n_q, n_k,
-                                                                          head_size):
-    """The seeded forward and its backward equal the eager path that applies the helper's mask."""
-    torch.manual_seed(12)
-    q, k, v = make_inputs(1, 2, n_q, n_k, head_size, dtype, device)
-    grad_out = torch.randn(q.shape, device=device).to(dtype)
-    torch.manual_seed(99)
-    keep = attention_dropout_mask(q, k, 0.2)
-    assert not keep.all()
-    torch.manual_seed(99)  # the attention call inside draws the same seed as the helper did
-    check_against_reference(q, k, v, grad_out=grad_out, causal=causal, keep=keep, dropout_p=0.2)
+@pytest.mark.parametrize("kv_heads", [1, 2, 3, 6], ids=lambda h: f"kv{h}")
+@pytest.mark.parametrize("causal,n_q,n_k", [(True, 40, 40), (False, 17, 70), (True, 70, 17)])
+def test_grouped_query_heads_match_repeated_keys_and_values(device, dtype, kv_heads, causal, n_q, n_k):
+    """6 query heads over 1 (multi-query), 2, 3 or 6 key/value heads: query head h reads key/value head
+    h // (6 / kv_heads), and dk, dv sum over each group (the reference repeats k and v per group)."""
+    torch.manual_seed(20 + kv_heads)
+    q, k, v = make_inputs(1, 6, n_q, n_k, 16, dtype, device, kv_heads=kv_heads)
+    fused = check_against_reference(q, k, v, causal=causal)
+    assert fused[2].shape == k.shape and fused[3].shape == v.shape
 
 
-def test_dropout_mean_over_seeds_approaches_no_dropout_output(device):
-    torch.manual_seed(13)
-    q, k, v = (t.detach() for t in make_inputs(1, 1, 16, 16, 16, torch.float32, device))
-    expected = attention(q, k, v)
-    samples = torch.stack([attention(q, k, v, dropout_p=0.5, seed=seed) for seed in range(100)])
-    standard_error = samples.std(0) / math.sqrt(len(samples))
-    assert ((samples.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all()
+def test_grouped_query_backward_is_deterministic(device):
+    torch.manual_seed(26)
+    inputs = make_inputs(1, 4, 40, 40, 32, DTYPES[-1], device, kv_heads=2)
+    grad_out = torch.randn(1, 4, 40, 32, device=device).to(DTYPES[-1])
+    first = values_and_grads(attention, inputs, grad_out)
+    second = values_and_grads(attention, inputs, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+WINDOWS = [(0, 0), (5, 3), (20, -1), (-1, 7), (200, 200), (40, 0)]  # (40, 0): a causal sliding window
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("causal,n_q,n_k", [(True, 80, 80), (False, 80, 80), (False, 33, 90), (True, 90, 33)])
+def test_sliding_windows_match_the_masked_reference(device, dtype, window, causal, n_q, n_k):
+    """Query i sees keys i + Nk - Nq - left <= j <= i + Nk - Nq + right (the right side at most 0 when causal),
+    over several key blocks, so blocks outside the window are skipped and the edges masked; windows wider than
+    the sequence and (0, 0) (each query sees one key) included."""
+    torch.manual_seed(sum(window) + n_q)
+    q, k, v = make_inputs(1, 2, n_q, n_k, 16, dtype, device, kv_heads=1)
+    check_against_reference(q, k, v, causal=causal, window=window)
+
+
+def test_windowed_rows_that_see_no_key_output_zero(device):
+    """A window right of 0 with Nq > Nk, or a left window that ends before any key: the empty rows are 0."""
+    torch.manual_seed(27)
+    q, k, v = make_inputs(1, 1, 50, 20, 16, torch.float32, device)
+    out = attention(q, k, v, causal=False, window=(0, 0))  # query i sees key i - 30 only: the first 30 see none
+    assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30])) and (out[:, :, 30:] != 0).any()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_log_sum_exp_is_the_natural_log_of_each_rows_softmax_denominator(device, causal):
+    """return_lse: (B, H, Nq) fp32, log(sum_j exp(scale q.k_j)) over the keys a row sees, -inf for a row that sees
+    none (causal with Nq > Nk), and out unchanged."""
+    torch.manual_seed(28)
+    q, k, v = make_inputs(2, 2, 40, 25, 16, torch.float16, device)
+    out, lse = attention(q, k, v, causal=causal, scale=0.3, return_lse=True)
+    assert lse.shape == (2, 2, 40) and lse.dtype == torch.float32 and not lse.requires_grad
+    assert torch.equal(out, attention(q, k, v, causal=causal, scale=0.3))
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.3
+    if causal:
+        scores = scores.masked_fill(torch.ones(40, 25, dtype=torch.bool, device=device).tril(-15).logical_not(),
+                                    float("-inf"))
+    expected = torch.logsumexp(scores, dim=-1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(lse[finite].double(), expected[finite], rtol=0, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,10 +205,12 @@ def test_bad_inputs_raise_clear_errors(device):
     cases = [
         (ValueError, "4 dimensions", lambda: attention(q[0], k[0], v[0])),
         (ValueError, "4 dimensions", lambda: attention(q, k, v[None])),
-        (ValueError, "batch and heads", lambda: attention(q, torch.randn(2, 2, 8, 16, device=device), v)),
-        (ValueError, "batch and heads", lambda: attention(q, k, torch.randn(1, 3, 8, 16, device=device))),
-        (ValueError, "head size", lambda: attention(q, torch.randn(1, 2, 8, 32, device=device), v)),
-        (ValueError, "same sequence length", lambda: attention(q, k, torch.randn(1, 2, 9, 16, device=device))),
+        (ValueError, "batch", lambda: attention(q, *(torch.randn(2, 2, 8, 16, device=device),) * 2)),
+        (ValueError, "multiple of the key/value heads", lambda: attention(
+            torch.randn(1, 3, 8, 16, device=device), k, v)),
+        (ValueError, "same shape", lambda: attention(q, k, torch.randn(1, 1, 8, 16, device=device))),
+        (ValueError, "same shape", lambda: attention(q, k, torch.randn(1, 2, 9, 16, device=device))),
+        (ValueError, "head size", lambda: attention(q, *(torch.randn(1, 2, 8, 32, device=device),) * 2)),
         (TypeError, "dtype", lambda: attention(q, k.half(), v)),
         (TypeError, "dtype", lambda: attention(q.double(), k.double(), v.double())),
         (TypeError, "dtype", lambda: attention(q.int(), k.int(), v.int())),
@@ -249,7 +223,15 @@ def test_bad_inputs_raise_clear_errors(device):
         (ValueError, "scale", lambda: attention(q, k, v, scale=0.0)),
         (ValueError, "scale", lambda: attention(q, k, v, scale=float("nan"))),
         (ValueError, "scale", lambda: attention(q, k, v, scale=float("inf"))),
+        (TypeError, "scale must be a real number", lambda: attention(q, k, v, scale=True)),
+        (TypeError, "causal must be a bool", lambda: attention(q, k, v, causal=None)),
+        (TypeError, "causal must be a bool", lambda: attention(q, k, v, causal=1)),
+        (ValueError, "window", lambda: attention(q, k, v, window=(-2, 0))),
+        (ValueError, "window", lambda: attention(q, k, v, window=3)),
+        (ValueError, "window", lambda: attention(q, k, v, window=(1.5, 2))),
         (ValueError, "seed", lambda: attention(q, k, v, dropout_p=0.1, seed=-1)),
+        (ValueError, "seed", lambda: attention(q, k, v, dropout_p=0.1, seed=2**31)),
+        (TypeError, "return_lse", lambda: attention(q, k, v, return_lse=1)),
         (ValueError, "dropout_p", lambda: attention_dropout_mask(q, k, 1.5)),
     ]
     for error, words, call in cases:
@@ -257,70 +239,19 @@ def test_bad_inputs_raise_clear_errors(device):
             call()
 
 
+def test_sdpas_positional_order_is_an_error_not_a_silent_misreading(device):
+    """SDPA's order is (q, k, v, attn_mask, dropout_p, is_causal): passed positionally here it would read None as
+    causal and a bool as a scale. Every option after v is keyword-only."""
+    q, k, v = (torch.randn(1, 2, 8, 16, device=device) for _ in range(3))
+    with pytest.raises(TypeError, match="positional"):
+        attention(q, k, v, None, 0.0, True)
+    with pytest.raises(TypeError, match="positional"):
+        attention(q, k, v, True)
+
+
 def test_public_api():
+    from kernels.attention import api
+
     assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Launch configurations (bench/compile_report.py compiles them; here only their bookkeeping)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_every_launch_the_table_can_make_is_compiled_by_the_report():
-    """Every tile the launch tables can give, for every head size, dtype, dropout, checked arch and alignment, is
-    among the configs the compile report compiles (which are checked for spills in test_compile_report)."""
-    from bench import compile_report
-    from kernels._gpu import CHECKED_ARCHS
-    from kernels.attention import tiles
-
-    entries = compile_report.attention_configs()
-    assert len({e["name"] for e in entries}) == len(entries)
-    shipped = set()
-    for e in entries:
-        assert set(e["signature"]) == set(e["kernel"].arg_names), e["name"]
-        assert all(e["signature"][name] == "constexpr" for name in e["constexprs"]), e["name"]
-        c = e["constexprs"]
-        pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
-        for arch, aligned in e["targets"]:
-            assert c["ALIGNED"] == aligned, e["name"]
-            shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
-                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), e["num_warps"], e["num_stages"], arch, aligned))
-    kernel_of = {e["name"].split("_causal")[0].removeprefix("attention_"): e["kernel"] for e in entries}
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
-            block_d = tiles.block_d(head_dim)
-            for name in ("forward", *tiles.key_block_passes(block_d), "dq"):
-                compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
-                for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
-                    tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
-                    key = (kernel_of[name], compile_report.POINTER_TYPES[str(dtype).removeprefix("torch.")],
-                           block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv, tile.num_warps,
-                           tile.num_stages, arch, aligned)
-                    assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
-                                            f"aligned={aligned} is not compiled by the report")
-
-
-def test_operand_alignment_means_16_byte_rows(device):
-    from kernels.attention.shared import operands_aligned
-
-    x = torch.randn(2, 3, 40, 64, device=device)
-    assert operands_aligned(x, x.transpose(1, 2))
-    assert operands_aligned(torch.randn(2, 3, 40, 40, device=device, dtype=torch.float16))  # rows of 80 bytes
-    assert not operands_aligned(torch.randn(2, 3, 40, 36, device=device, dtype=torch.float16))  # rows of 72
-    shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
-    assert shifted.stride() == x.stride() and not operands_aligned(shifted)  # a pointer 4 bytes past alignment
-    assert not operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
-
-
-def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
-    """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
-    wgmma tile at head size 256 only for aligned operands."""
-    from kernels.attention import tiles
-
-    for capability, arch in (((9, 0), 90), ((8, 0), 80)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
-        for aligned in (True, False):
-            expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
-            assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
-    assert tiles.table_tile("forward", 256, torch.bfloat16, False, 90, True) != \
-        tiles.table_tile("forward", 256, torch.bfloat16, False, 90, False)
+    assert kernels.attention_varlen is api.attention_varlen
+    assert kernels.attention_varlen_dropout_mask is api.attention_varlen_dropout_mask

@@ -43,24 +43,34 @@ def test_every_operator_is_registered():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION_DTYPES])
-@pytest.mark.parametrize("causal, dropout_p, n_q, n_k", [(True, 0.0, 17, 17), (False, 0.3, 5, 20), (True, 0.0, 20, 9)])
-def test_opcheck_attention(device, dtype, causal, dropout_p, n_q, n_k):
+@pytest.mark.parametrize("window, dropout_p, n_q, n_k, kv_heads", [
+    ((-1, 0), 0.0, 17, 17, 2), ((-1, -1), 0.3, 5, 20, 1), ((6, 0), 0.0, 20, 9, 2)])
+def test_opcheck_attention(device, dtype, window, dropout_p, n_q, n_k, kv_heads):
     ops = _ops()
     q = torch.randn(1, 2, n_q, 24, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, 2, n_k, 24, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, 2, n_k, 24, device=device, dtype=dtype, requires_grad=True)
-    seed = ops["attention_dropout_seed"]()
-    torch.library.opcheck(ops["attention_forward"], (q, k, v, causal, dropout_p, 24**-0.5, seed))
-    out, lse = ops["attention_forward"](q.detach(), k.detach(), v.detach(), causal, dropout_p, 24**-0.5, seed)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(
-        ops["attention_backward"],
-        (grad_out, q.detach(), k.detach(), v.detach(), out, lse, causal, dropout_p, 24**-0.5, seed),
-    )
+    k = torch.randn(1, kv_heads, n_k, 24, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, kv_heads, n_k, 24, device=device, dtype=dtype, requires_grad=True)
+    seed = ops["attention_dropout_seed"](q) if dropout_p else None
+    scalars = (None, None, n_q, n_k, *window, dropout_p, 24**-0.5, seed)
+    torch.library.opcheck(ops["attention_forward"], (q, k, v, *scalars))
+    out, lse = ops["attention_forward"](q.detach(), k.detach(), v.detach(), *scalars)
+    torch.library.opcheck(ops["attention_backward"],
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *scalars))
 
 
-def test_opcheck_dropout_seed():
-    torch.library.opcheck(_ops()["attention_dropout_seed"], ())
+def test_opcheck_packed_attention(device):
+    ops = _ops()
+    cu_seqlens = torch.tensor([0, 5, 5, 17], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(17, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    scalars = (cu_seqlens, cu_seqlens, 12, 12, 4, 0, 0.0, 0.25, None)
+    torch.library.opcheck(ops["attention_forward"], (q, k, v, *scalars))
+    out, lse = ops["attention_forward"](q.detach(), k.detach(), v.detach(), *scalars)
+    torch.library.opcheck(ops["attention_backward"],
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, *scalars))
+
+
+def test_opcheck_dropout_seed(device):
+    torch.library.opcheck(_ops()["attention_dropout_seed"], (torch.empty(1, device=device),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION_DTYPES])

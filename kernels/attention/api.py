@@ -1,79 +1,90 @@
-"""The public attention functions: input checks, the softmax scale and the dropout seed, then the operators."""
+"""The public attention functions: input checks, the layout the kernels read, the softmax scale, the visible band
+and the dropout seed, then the operators. Every option after the tensors is keyword-only, with FlashAttention's
+meanings."""
 
 import math
+import numbers
 
 import torch
 import triton
 
+from .._gpu import launch_device
 from .._validate import TRITON_INTERPRETS, check_runnable, check_same_device_and_dtype, check_tensor
 from .forward import dropout_mask_kernel
-from .ops import AttentionFunction, attention_dropout_seed, seed_value
+from .ops import AttentionFunction, attention_dropout_seed, rows_fit
 from .tiles import MAX_HEAD_SIZE
 
-
-def _check_inputs(q, k, v, dropout_p, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same_device_and_dtype("q", q, k=k, v=v)
-    check_runnable("q", q)
-    (B, H, N_Q, D), (Bk, Hk, N_K, Dk), (Bv, Hv, N_V, Dv) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv and H == Hk == Hv):
-        raise ValueError(
-            f"q, k, v must agree in batch and heads (dims 0 and 1), got {tuple(q.shape)}, {tuple(k.shape)}, "
-            f"{tuple(v.shape)}"
-        )
-    if not D == Dk == Dv:
-        raise ValueError(f"q, k, v must have the same head size (dim 3), got {D}, {Dk}, {Dv}")
-    if N_K != N_V:
-        raise ValueError(f"k and v must have the same sequence length (dim 2), got {N_K} and {N_V}")
-    if D > MAX_HEAD_SIZE:
-        raise ValueError(f"head size {D} is not supported; the largest is {MAX_HEAD_SIZE}")
-    if min(B, H, N_Q, N_K, D) == 0:
-        raise ValueError(f"q, k, v must not be empty, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and N_Q * N_K >= 2**31:
-        raise ValueError(f"dropout needs Nq * Nk < 2**31 (its random stream is indexed per head), got {N_Q} x {N_K}")
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number, got {scale}")
+_LN_2 = math.log(2.0)
 
 
-def _seed_tensor(dropout_p, seed):
-    """The seed operand of the operators: None without dropout; else the given seed, or a fresh one drawn from
-    torch's default CPU generator."""
-    if dropout_p == 0:
-        return None
-    if seed is None:
-        return attention_dropout_seed()
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return torch.tensor([seed], dtype=torch.int64)
+def attention(q, k, v, *, causal=True, dropout_p=0.0, scale=None, window=(-1, -1), seed=None, return_lse=False):
+    """Scaled dot-product attention, fused: softmax(scale * q k^T, masked to each query's band) with dropout,
+    times v.
 
-
-def attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None):
-    """Scaled dot-product attention, fused: softmax(scale * q k^T [causal mask]) with dropout, times v.
-
-    q: (B, H, Nq, D); k, v: (B, H, Nk, D); fp16, bf16 or fp32 on CUDA (or CPU under TRITON_INTERPRET=1);
-    any strides; D up to 256. Returns (B, H, Nq, D) in the input dtype.
+    q: (B, H, Nq, D); k, v: (B, H_KV, Nk, D) with H a multiple of H_KV (grouped-query attention: query head h
+        reads key/value head h // (H / H_KV); H_KV = 1 is multi-query attention). fp16, bf16 or fp32 on CUDA
+        (compute capability 8.0 or newer), or on CPU under TRITON_INTERPRET=1; any strides; D up to 256.
     causal: query i sees keys j <= i + Nk - Nq (bottom-right aligned; the lower triangle when Nq == Nk).
-        A query that sees no key (Nq > Nk) outputs 0 and gets zero gradients.
+    window: (left, right), a sliding window: query i sees keys i + Nk - Nq - left <= j <= i + Nk - Nq + right,
+        -1 for an unbounded side; with causal the right side is at most 0. Key blocks outside the window are
+        skipped, so the cost grows with N x window, not N^2.
+    A query that sees no key outputs 0 and gets zero gradients.
     dropout_p: probability of dropping each attention weight (kept ones are scaled by 1 / (1 - dropout_p)).
     scale: the softmax scale, D ** -0.5 when None.
-    seed: the dropout seed in [0, 2**31); when None (and dropout_p > 0) it is drawn from torch's default CPU
-        generator, so `torch.manual_seed` makes the call reproducible. `attention_dropout_mask` returns the mask.
+    seed: the dropout seed in [0, 2**31); when None (and dropout_p > 0) it is drawn from torch's generator for the
+        inputs' device, so `torch.manual_seed` makes the call reproducible. `attention_dropout_mask` returns the
+        mask.
+    return_lse: also return the log-sum-exp of each query row's scaled scores, (B, H, Nq) fp32, natural log,
+        -inf for a row that sees no key (what split-KV and ring attention combine partial results by).
+    Returns out, (B, H, Nq, D) in the input dtype, or (out, lse).
     """
-    _check_inputs(q, k, v, dropout_p, scale)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    _check_tensors("attention", q, k, v, ndim=4)
+    B, H, N_Q, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k, v must agree in batch (dim 0), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    window_left, window_right = _band(causal, window)
+    _check_options(dropout_p, scale, return_lse, q.shape[2], k.shape[2])
     if TRITON_INTERPRETS and q.dtype == torch.bfloat16:
-        # Triton's interpreter multiplies bf16 tiles wrongly: run the fp32 kernels and round the result to bf16.
-        return attention(q.float(), k.float(), v.float(), causal, dropout_p, scale, seed).to(torch.bfloat16)
-    seed = _seed_tensor(dropout_p, seed)
-    out, _ = AttentionFunction.apply(q, k, v, bool(causal), float(dropout_p), float(scale), seed)
-    return out
+        return _through_fp32(attention, q, k, v, causal=causal, dropout_p=dropout_p, scale=scale, window=window,
+                             seed=seed, return_lse=return_lse)
+    q, k, v = (_readable(t, t.stride(2), t.shape[2], t.contiguous) for t in (q, k, v))
+    out, lse = AttentionFunction.apply(q, k, v, None, None, N_Q, k.shape[2], window_left, window_right,
+                                       float(dropout_p), _scale(scale, D), _seed_tensor(dropout_p, seed, q))
+    return (out, _natural_log(lse)) if return_lse else out
 
 
-def attention_dropout_mask(q, k, dropout_p, seed=None):
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=True,
+                     dropout_p=0.0, scale=None, window=(-1, -1), seed=None, return_lse=False):
+    """Attention over a batch of sequences of different lengths packed one after another, without padding:
+    FlashAttention's flash_attn_varlen_func.
+
+    q: (total_q, H, D); k, v: (total_k, H_KV, D): the batch's sequences back to back.
+    cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) on the tensors' device, the cumulative lengths: sequence b is rows
+        [cu_seqlens[b], cu_seqlens[b + 1]) (so cu_seqlens[0] = 0 and cu_seqlens[B] = total). Lengths may be 0.
+    max_seqlen_q, max_seqlen_k: the longest sequence of each (they size the launch).
+    Each sequence attends within itself; causal, window, dropout_p, scale, seed mean what they mean in
+    `attention`, per sequence (causal aligned bottom-right in each). No work is spent past a sequence's end.
+    return_lse: also return the log-sum-exp, (H, total_q) fp32 (FlashAttention's varlen layout).
+    Returns out, (total_q, H, D) in the input dtype, or (out, lse).
+    """
+    _check_tensors("attention_varlen", q, k, v, ndim=3)
+    window_left, window_right = _band(causal, window)
+    _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_options(dropout_p, scale, return_lse, max_seqlen_q, max_seqlen_k)
+    if TRITON_INTERPRETS and q.dtype == torch.bfloat16:
+        return _through_fp32(attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             causal=causal, dropout_p=dropout_p, scale=scale, window=window, seed=seed,
+                             return_lse=return_lse)
+    q = _readable(q, q.stride(0), max_seqlen_q, lambda: _heads_apart(q))
+    k, v = (_readable(t, t.stride(0), max_seqlen_k, lambda t=t: _heads_apart(t)) for t in (k, v))
+    out, lse = AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                       window_right, float(dropout_p), _scale(scale, q.shape[-1]),
+                                       _seed_tensor(dropout_p, seed, q))
+    return (out, _natural_log(lse)) if return_lse else out
+
+
+def attention_dropout_mask(q, k, dropout_p, *, seed=None):
     """The boolean keep-mask (B, H, Nq, Nk) that `attention(q, k, ..., dropout_p=dropout_p, seed=seed)` uses.
 
     With seed=None the seed is drawn from torch's generator exactly as `attention` draws it, so
@@ -85,13 +96,172 @@ def attention_dropout_mask(q, k, dropout_p, seed=None):
     check_tensor("k", k, ndim=4)
     check_same_device_and_dtype("q", q, k=k)
     check_runnable("q", q)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout(dropout_p)
     B, H, N_Q, _ = q.shape
-    N_K = k.shape[2]
-    seed = seed_value(_seed_tensor(dropout_p, seed))
-    mask = torch.empty((B, H, N_Q, N_K), device=q.device, dtype=torch.bool)
-    block = 64 if q.is_cuda else 32
-    grid = (triton.cdiv(N_Q, block), triton.cdiv(N_K, block), B * H)
-    dropout_mask_kernel[grid](mask, H, N_Q, N_K, float(dropout_p), seed, BLOCK_M=block, BLOCK_N=block)
-    return mask
+    return _dropout_masks(_seed_tensor(dropout_p, seed, q), B, H, [(0, N_Q, k.shape[2])], dropout_p, q.device)[0]
+
+
+def attention_varlen_dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, dropout_p, *, seed=None):
+    """The keep-masks `attention_varlen(q, k, ..., dropout_p=dropout_p, seed=seed)` uses: a list with one boolean
+    (H, Nq_b, Nk_b) mask per sequence b. Drawn like `attention_dropout_mask`."""
+    check_tensor("q", q, ndim=3)
+    check_tensor("k", k, ndim=3)
+    check_same_device_and_dtype("q", q, k=k)
+    check_runnable("q", q)
+    _check_dropout(dropout_p)
+    lengths_q = torch.diff(cu_seqlens_q).tolist()
+    lengths_k = torch.diff(cu_seqlens_k).tolist()
+    sequences = [(b, n_q, n_k) for b, (n_q, n_k) in enumerate(zip(lengths_q, lengths_k))]
+    masks = _dropout_masks(_seed_tensor(dropout_p, seed, q), 1, q.shape[1], sequences, dropout_p, q.device)
+    return [mask[0] for mask in masks]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks: a clear error naming the problem, before anything reaches Triton
+
+
+def _check_tensors(function, q, k, v, ndim):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim)
+    check_same_device_and_dtype("q", q, k=k, v=v)
+    check_runnable("q", q)
+    heads, kv_heads, D = q.shape[1], k.shape[1], q.shape[-1]  # (B, H, N, D) and packed (total, H, D) alike
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"q, k, v must have the same head size (last dim), got {D} and {k.shape[-1]}")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"{function}: the query heads ({heads}) must be a multiple of the key/value heads "
+                         f"({kv_heads}), as grouped-query attention needs")
+    if D > MAX_HEAD_SIZE:
+        raise ValueError(f"head size {D} is not supported; the largest is {MAX_HEAD_SIZE}")
+    if min(q.shape) == 0 or (ndim == 4 and min(k.shape) == 0):
+        raise ValueError(f"q, k, v must not be empty, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _band(causal, window):
+    """(window_left, window_right) for the kernels, -1 for an unbounded side; causal bounds the right side at 0."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} (options after q, k, v are "
+                        "keyword-only: attention(q, k, v, causal=..., dropout_p=..., scale=...))")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right), two ints >= -1 (-1: unbounded), got {window!r}")
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _check_options(dropout_p, scale, return_lse, n_q, n_k):
+    _check_dropout(dropout_p)
+    if dropout_p > 0 and n_q * n_k >= 2**31:
+        raise ValueError(f"dropout needs Nq * Nk < 2**31 (its random stream is indexed per head), got {n_q} x {n_k}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+
+def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """cu_seqlens: int32 vectors of B + 1 non-decreasing offsets from 0 to the packed length, on the tensors'
+    device; max_seqlen at least the longest sequence. Reading the offsets costs one device synchronisation, so
+    it is skipped while torch.compile traces or a CUDA graph is being captured."""
+    for name, cu, packed, max_seqlen in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q),
+                                         ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{name} must be an int32 vector of batch + 1 offsets, got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"max_seqlen for {name} must be a positive int, got {max_seqlen!r}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.numel() - 1}"
+                         f" and {cu_seqlens_k.numel() - 1} sequences")
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    for name, cu, packed, max_seqlen in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q),
+                                         ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k)):
+        offsets = cu.tolist()
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if offsets[0] != 0 or min(lengths) < 0:
+            raise ValueError(f"{name} must start at 0 and never decrease, got {offsets}")
+        if offsets[-1] != packed.shape[0]:
+            raise ValueError(f"{name} must end at the packed length {packed.shape[0]}, got {offsets[-1]}")
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"the longest sequence of {name} has {max(lengths)} rows, more than max_seqlen "
+                             f"{max_seqlen}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the operators get
+
+
+def _readable(t, row_stride, n_rows, copy):
+    """t as the kernels read it: unchanged when its last dimension is contiguous and a sequence's rows lie within
+    32-bit offsets of each other, else `copy()`: a layout with each head's rows together (the kernels' offsets
+    inside a sequence are 32-bit). Too long a sequence even then is an error."""
+    if rows_fit(t, row_stride, n_rows):
+        return t
+    t = copy()
+    row_stride = t.stride(-2) if t.dim() == 4 else t.stride(0)
+    if not rows_fit(t, row_stride, n_rows):
+        raise ValueError(f"a sequence of {n_rows} rows of {t.shape[-1]} elements spans 2**31 elements or more, "
+                         "beyond the kernels' 32-bit offsets")
+    return t
+
+
+def _heads_apart(packed):
+    """A packed (total, H, D) tensor laid out head by head, (H, total, D) in memory: a row stride of D."""
+    return packed.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _through_fp32(function, q, k, v, *args, return_lse, **kwargs):
+    """The call on fp32 copies, its output rounded to bf16: Triton's interpreter multiplies bf16 tiles wrongly."""
+    result = function(q.float(), k.float(), v.float(), *args, return_lse=return_lse, **kwargs)
+    return (result[0].to(torch.bfloat16), result[1]) if return_lse else result.to(torch.bfloat16)
+
+
+def _scale(scale, head_dim):
+    return float(head_dim**-0.5 if scale is None else scale)
+
+
+def _seed_tensor(dropout_p, seed, like):
+    """The seed operand of the operators: None without dropout; else the given seed, or a fresh one drawn from
+    torch's generator for `like`'s device, as a one-element int64 tensor on that device."""
+    if dropout_p == 0:
+        return None
+    if seed is None:
+        return attention_dropout_seed(like)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return torch.tensor([seed], dtype=torch.int64, device=like.device)
+
+
+def _natural_log(lse):
+    """The kernels' log2-domain LSE (+inf for a row that sees no key) as a natural log (-inf for such a row)."""
+    return torch.where(torch.isinf(lse), float("-inf"), lse * _LN_2)
+
+
+def _dropout_masks(seed, batch, heads, sequences, dropout_p, device):
+    """The keep-masks of (first batch index, Nq, Nk) sequences, each (batch, heads, Nq, Nk); all kept without
+    dropout (no seed)."""
+    masks = []
+    for first_b, n_q, n_k in sequences:
+        mask = torch.ones((batch, heads, n_q, n_k), device=device, dtype=torch.bool)
+        if seed is not None and mask.numel():
+            block = 64 if mask.is_cuda else 32
+            grid = (triton.cdiv(n_q, block), triton.cdiv(n_k, block), batch * heads)
+            with launch_device(mask):
+                dropout_mask_kernel[grid](mask, seed, first_b, heads, n_q, n_k, float(dropout_p), BLOCK_M=block,
+                                          BLOCK_N=block)
+        masks.append(mask)
+    return masks

@@ -1,5 +1,6 @@
 """The attention backward kernels: delta = rowsum(dO * O), then dK and dV per key block, then dQ per query block.
-Each program owns the rows it writes: no atomics, deterministic."""
+Each program owns the rows it writes: no atomics, deterministic. With grouped-query attention a key/value head's
+dK and dV sum over its group of query heads inside one program, in a fixed order."""
 
 import triton
 import triton.language as tl
@@ -8,70 +9,78 @@ from .shared import (
     DOT_PRECISION,
     LOG2_E,
     attention_kernel,
+    band_bounds,
     dropout_keep,
     fresh_each_step,
-    head_slice,
     keys_seen_by_query_block,
     load_tile,
-    qkv_of_head,
+    matrix_of,
+    phase_range,
+    program_coordinates,
     queries_seeing_key_block,
+    row_statistics_of,
+    sequence_of,
     store_tile,
+    visible,
 )
 
 
 @attention_kernel
 def attention_backward_preprocess_kernel(
-    O, DO, DELTA: "*fp32",
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
+    O, DO, DELTA: "*fp32", CU_SEQLENS_Q: "*i32",
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
     H: tl.int32, N_Q: tl.int32,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """delta = rowsum(dO * O), the term every row of dS = P * (dP - delta) subtracts.
-    Grid: (cdiv(Nq, BLOCK_M), B * H).
+    Grid: (cdiv(N_Q, BLOCK_M) * B * H,).
 
-    O:     (B, H, Nq, D) forward output, any strides.   DO: (B, H, Nq, D) its gradient, any strides.
-    DELTA: (B, H, Nq) fp32, contiguous, written here.
-    H: number of heads; N_Q: number of queries; HEAD_DIM, BLOCK_D: head size and its power-of-two padding.
-    BLOCK_M: rows per program. ALIGNED: as in the forward kernel.
+    O:     the forward output, laid out like Q in the forward kernel.   DO: its gradient, laid out the same way.
+    DELTA: fp32, laid out like the forward's LSE, written here.
+    The other arguments mean what they mean in the forward kernel; BLOCK_M: rows per program.
     """
-    bh = tl.program_id(1)
-    O, stride_om = head_slice(O, bh, H, stride_ob, stride_oh, stride_om, ALIGNED)
-    DO, stride_dom = head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h = program_coordinates(N_Q, H, BLOCK_M)
+    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    if block * BLOCK_M >= n_q:  # past this packed sequence's end
+        return
+    O, stride_om = matrix_of(O, b, h, q_start, stride_ob, stride_oh, stride_om, ALIGNED)
+    DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = load_tile(O, offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
-    do = load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
+    o = load_tile(O, offs_m, n_q, stride_om, offs_d, HEAD_DIM)
+    do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    tl.store(row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh) + offs_m, delta, mask=offs_m < n_q)
 
 
 @triton.jit
 def _backward_dkdv_inner(
-    dk, dv, k, v,
-    Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
-    offs_n, offs_d, seed, bh, dropout_p, qk_scale,
-    lo, hi, N_Q, N_K,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE, DELTA,
+    offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_q, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
-    """Accumulate dK and/or dV of one key block over query blocks [lo, hi). Works on transposed tiles (keys x
-    queries) so the accumulations are plain matrix products. MASKED applies the causal mask; rows past Nq read
-    q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
+    """Accumulate dK and/or dV of one key block over query blocks [lo, hi) of one query head. Works on transposed
+    tiles (keys x queries) so the accumulations are plain matrix products. MASKED applies the band; rows past the
+    sequence's end read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
     offs_m0 = tl.arange(0, BLOCK_M)
     dropout_scale = 1.0 / (1.0 - dropout_p)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
-        lse = tl.load(LSE + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        q = load_tile(Q, offs_m, n_q, stride_qm, offs_d, HEAD_DIM)
+        lse = tl.load(LSE + offs_m, mask=offs_m < n_q, other=float("inf"))
         # P^T = 2^(s^T - LSE): the forward's probabilities, recomputed
-        s_t = tl.dot(fresh_each_step(k, start_m), tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        qk_t = tl.dot(fresh_each_step(k, start_m), tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (N_K - N_Q), p_t, 0.0)
-        do = load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
+                           p_t, 0.0)
+        do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_K, dropout_p)
+            keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], n_k, dropout_p)
         if COMPUTE_DV:
             # dV += P_dropped^T dO
             p_dropped_t = p_t
@@ -84,7 +93,7 @@ def _backward_dkdv_inner(
             if DROPOUT:
                 dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
             # dS^T = P^T * (dP^T - delta); dK += dS^T Q (times the scale, applied once at the end)
-            delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -92,95 +101,100 @@ def _backward_dkdv_inner(
 
 @attention_kernel
 def attention_backward_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE: "*fp32", DELTA: "*fp32",
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32, seed: tl.int32,
+    Q, K, V, DO, DK, DV, LSE: "*fp32", DELTA: "*fp32", SEED: "*i64", CU_SEQLENS_Q: "*i32", CU_SEQLENS_K: "*i32",
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    H: tl.int32, H_KV: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32,
+    window_left: tl.int32, window_right: tl.int32,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """dK and/or dV for one block of BLOCK_N keys of one (batch, head), looping over query blocks of BLOCK_M.
-    Grid: (cdiv(Nk, BLOCK_N), B * H). Each program owns its rows of dK, dV: no atomics, deterministic.
+    """dK and/or dV for one block of BLOCK_N keys of one (batch, key/value head), looping over the query heads of
+    its group and, for each, over query blocks of BLOCK_M. Grid: (cdiv(N_K, BLOCK_N) * B * H_KV,).
 
-    Q, K, V: forward inputs as in the forward kernel. DO: (B, H, Nq, D) gradient of the output, any strides.
-    DK, DV: (B, H, Nk, D) gradients, written here in the input dtype, any strides.
-    LSE: (B, H, Nq) fp32 from the forward. DELTA: (B, H, Nq) fp32 from the preprocess kernel.
+    DO: the gradient of the output, laid out like Q. DK, DV: gradients, laid out like K, written here in the
+    input dtype. DELTA: fp32 from the preprocess kernel, laid out like LSE.
     COMPUTE_DK, COMPUTE_DV: which of the two to compute and write (both, or one per launch where the two fp32
     accumulators do not fit in registers together).
-    The remaining arguments mean what they mean in the forward kernel.
+    The other arguments mean what they mean in the forward kernel.
     """
-    bh = tl.program_id(1)
-    Q, stride_qm, K, stride_kn, V, stride_vn = qkv_of_head(
-        Q, K, V, bh, H, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-        stride_vn, ALIGNED)
-    DO, stride_dom = head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
-    DK, stride_dkn = head_slice(DK, bh, H, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
-    DV, stride_dvn = head_slice(DV, bh, H, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
-    start_n = tl.program_id(0) * BLOCK_N
+    block, b, kv_head = program_coordinates(N_K, H_KV, BLOCK_N)
+    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
+    start_n = block * BLOCK_N
+    if start_n >= n_k:  # past this packed sequence's end
+        return
+    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
+    DK, stride_dkn = matrix_of(DK, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
+    DV, stride_dvn = matrix_of(DV, b, kv_head, k_start, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
-    v = load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
-    LSE += bh * N_Q
-    DELTA += bh * N_Q
+    k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
+    v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
+    seed = tl.load(SEED) if DROPOUT else 0
+    first, last = band_bounds(n_q, n_k, window_left, window_right)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * LOG2_E
 
-    # Two passes over the queries that see this key block: the diagonal (masked), then those that see it whole.
-    start, full_start = queries_seeing_key_block(start_n, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    for whole in tl.static_range(2):
-        if whole:
-            lo, hi = full_start, N_Q
-        else:
-            lo, hi = start, full_start
-        dk, dv = _backward_dkdv_inner(
-            dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod, LSE, DELTA,
-            offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, N_Q, N_K,
-            HEAD_DIM, BLOCK_M, whole == 0, DROPOUT, COMPUTE_DK, COMPUTE_DV,
-        )
+    # The queries that see this key block, in three ranges: the band's right edge (masked), those that see it
+    # whole (no mask), its left edge (masked, only with a left bound).
+    lo, full_lo, full_hi, hi = queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M, BLOCK_N, BOUNDED_LEFT,
+                                                        BOUNDED_RIGHT)
+    group = H // H_KV
+    for h in range(kv_head * group, (kv_head + 1) * group):  # the query heads that share this key/value head
+        Q_h, stride_qm_h = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
+        DO_h, stride_dom_h = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
+        LSE_h = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
+        DELTA_h = row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh)
+        for phase in tl.static_range(3):
+            if phase == 1 or (phase == 0 and BOUNDED_RIGHT) or (phase == 2 and BOUNDED_LEFT):
+                start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+                dk, dv = _backward_dkdv_inner(
+                    dk, dv, k, v, Q_h, DO_h, stride_qm_h, stride_dom_h, LSE_h, DELTA_h,
+                    offs_n, offs_d, seed, b * H + h, dropout_p, qk_scale, start, end, n_q, n_k, first, last,
+                    HEAD_DIM, BLOCK_M, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, COMPUTE_DK, COMPUTE_DV,
+                )
 
     if COMPUTE_DK:
         # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
-        store_tile(DK, dk * scale, offs_n, N_K, stride_dkn, offs_d, stride_dkd, HEAD_DIM)
+        store_tile(DK, dk * scale, offs_n, n_k, stride_dkn, offs_d, HEAD_DIM)
     if COMPUTE_DV:
-        store_tile(DV, dv, offs_n, N_K, stride_dvn, offs_d, stride_dvd, HEAD_DIM)
+        store_tile(DV, dv, offs_n, n_k, stride_dvn, offs_d, HEAD_DIM)
 
 
 @triton.jit
 def _backward_dq_inner(
-    dq, q, do, lse, delta,
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, seed, bh, dropout_p, qk_scale,
-    lo, hi, N_Q, N_K,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    dq, q, do, lse, delta, K, V, stride_kn, stride_vn,
+    offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [lo, hi). MASKED applies the causal mask and the key
-    tail (dQ sums over keys, so padded keys must contribute exactly 0)."""
+    """Accumulate dQ of one query block over key blocks [lo, hi). MASKED applies the band and the sequence's end
+    (dQ sums over keys, so keys past the end must contribute exactly 0)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
-        v = load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
+        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
+        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
         # P = 2^(s - LSE), recomputed
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            visible = offs_n[None, :] < N_K
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(visible(offs_m[:, None], offs_n[None, :], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
+                         p, 0.0)
         # dP = dO V^T, through the dropout mask
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], n_k, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # dS = P * (dP - delta); dQ += dS K (times the scale, applied once at the end)
         ds = p * (dp - delta[:, None])
@@ -190,50 +204,61 @@ def _backward_dq_inner(
 
 @attention_kernel
 def attention_backward_dq_kernel(
-    Q, K, V, DO, DQ, LSE: "*fp32", DELTA: "*fp32",
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32, seed: tl.int32,
+    Q, K, V, DO, DQ, LSE: "*fp32", DELTA: "*fp32", SEED: "*i64", CU_SEQLENS_Q: "*i32", CU_SEQLENS_K: "*i32",
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    H: tl.int32, H_KV: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32,
+    window_left: tl.int32, window_right: tl.int32,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """dQ for one block of BLOCK_M queries of one (batch, head), looping over key blocks of BLOCK_N.
-    Grid: (cdiv(Nq, BLOCK_M), B * H). Each program owns its rows of dQ: deterministic.
+    """dQ for one block of BLOCK_M queries of one (batch, query head), looping over key blocks of BLOCK_N.
+    Grid: (cdiv(N_Q, BLOCK_M) * B * H,). Each program owns its rows of dQ: deterministic.
 
-    DQ: (B, H, Nq, D) gradient of the queries, written here in the input dtype, any strides.
-    The remaining arguments mean what they mean in the dK/dV kernel.
+    DQ: the gradient of the queries, laid out like Q, written here in the input dtype.
+    The other arguments mean what they mean in the dK/dV kernel.
     """
-    bh = tl.program_id(1)
-    Q, stride_qm, K, stride_kn, V, stride_vn = qkv_of_head(
-        Q, K, V, bh, H, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-        stride_vn, ALIGNED)
-    DO, stride_dom = head_slice(DO, bh, H, stride_dob, stride_doh, stride_dom, ALIGNED)
-    DQ, stride_dqm = head_slice(DQ, bh, H, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
-    start_m = tl.program_id(0) * BLOCK_M
+    block, b, h = program_coordinates(N_Q, H, BLOCK_M)
+    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    start_m = block * BLOCK_M
+    if start_m >= n_q:  # past this packed sequence's end
+        return
+    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
+    kv_head = h // (H // H_KV)
+    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
+    DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
+    DQ, stride_dqm = matrix_of(DQ, b, h, q_start, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
-    do = load_tile(DO, offs_m, N_Q, stride_dom, offs_d, stride_dod, HEAD_DIM)
-    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    q = load_tile(Q, offs_m, n_q, stride_qm, offs_d, HEAD_DIM)
+    do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM)
+    lse = tl.load(row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh) + offs_m, mask=offs_m < n_q,
+                  other=float("inf"))
+    delta = tl.load(row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh) + offs_m, mask=offs_m < n_q,
+                    other=0.0)
+    seed = tl.load(SEED) if DROPOUT else 0
+    first, last = band_bounds(n_q, n_k, window_left, window_right)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * LOG2_E
 
-    # The same two passes over the keys as the forward: unmasked whole blocks, then the diagonal and the tail.
-    full_end, end = keys_seen_by_query_block(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    for masked in tl.static_range(2):
-        if masked:
-            lo, hi = full_end, end
-        else:
-            lo, hi = 0, full_end
-        dq = _backward_dq_inner(
-            dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, N_Q, N_K,
-            HEAD_DIM, BLOCK_N, masked == 1, CAUSAL, DROPOUT,
-        )
+    # The same three key ranges as the forward.
+    lo, full_lo, full_hi, hi = keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M, BLOCK_N,
+                                                        BOUNDED_LEFT, BOUNDED_RIGHT)
+    for phase in tl.static_range(3):
+        if phase != 0 or BOUNDED_LEFT:
+            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+            dq = _backward_dq_inner(
+                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, seed, b * H + h, dropout_p,
+                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_N, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT,
+                DROPOUT,
+            )
 
     # dQ = scale * sum_j dS_ij k_j
-    store_tile(DQ, dq * scale, offs_m, N_Q, stride_dqm, offs_d, stride_dqd, HEAD_DIM)
+    store_tile(DQ, dq * scale, offs_m, n_q, stride_dqm, offs_d, HEAD_DIM)

@@ -7,55 +7,57 @@ from .shared import (
     DOT_PRECISION,
     LOG2_E,
     attention_kernel,
+    band_bounds,
     dropout_keep,
-    head_slice,
     keys_seen_by_query_block,
     load_tile,
-    qkv_of_head,
+    matrix_of,
+    phase_range,
+    program_coordinates,
+    row_statistics_of,
+    sequence_of,
     store_tile,
+    visible,
 )
 
 
 @triton.jit
 def _forward_inner(
-    acc, l_i, m_i, q,
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, seed, bh, dropout_p, qk_scale,
-    lo, hi, N_Q, N_K,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
+    offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the causal mask and
-    the sequence tail; the others are known to be fully visible and skip both."""
+    """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the band and the
+    sequence's end; the others are known to be seen whole by every row and skip both."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = load_tile(K, offs_n, N_K, stride_kn, offs_d, stride_kd, HEAD_DIM)
-        # s = q k^T * scale * log2(e): scores in the log2 domain so exp2 can be used
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
-            visible = offs_n[None, :] < N_K
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (N_K - N_Q))
-            s = tl.where(visible, s, float("-inf"))
+            qk = tl.where(visible(offs_m[:, None], offs_n[None, :], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
+                          qk, float("-inf"))
+        # Scores in the log2 domain, s = q k^T * scale * log2(e), so exp2 can be used; the scale is applied to the
+        # row max and inside the exponent (one FMA per score), not to every score first.
         # m_new = max(m_old, rowmax(s)); a row that has seen no key yet keeps m = -inf, so exponentiate against 0
         # instead to get 0 rather than exp2(-inf - -inf) = NaN
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MASKED:
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_ref = m_new
         # p = 2^(s - m_new); alpha = 2^(m_old - m_new) rescales what was accumulated so far
-        p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         # l = alpha * l + rowsum(p): the softmax denominator sees every probability, dropped or not
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], n_k, dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
         # acc = alpha * acc + p v
-        v = load_tile(V, offs_n, N_K, stride_vn, offs_d, stride_vd, HEAD_DIM)
+        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -64,84 +66,100 @@ def _forward_inner(
 
 @attention_kernel
 def attention_forward_kernel(
-    Q, K, V, O, LSE: "*fp32",
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32, seed: tl.int32,
+    Q, K, V, O, LSE: "*fp32", SEED: "*i64", CU_SEQLENS_Q: "*i32", CU_SEQLENS_K: "*i32",
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    H: tl.int32, H_KV: tl.int32, N_Q: tl.int32, N_K: tl.int32, scale: tl.float32, dropout_p: tl.float32,
+    window_left: tl.int32, window_right: tl.int32,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ALIGNED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """Attention forward for one block of BLOCK_M queries of one (batch, head). Grid: (cdiv(Nq, BLOCK_M), B * H).
+    """Attention forward for one block of BLOCK_M queries of one (batch, query head).
+    Grid: (cdiv(N_Q, BLOCK_M) * B * H,), see program_coordinates.
 
-    Q:   (B, H, Nq, D) queries, fp16/bf16/fp32, any strides (stride_q*: batch, head, row, dim).
-    K:   (B, H, Nk, D) keys, same dtype, any strides.
-    V:   (B, H, Nk, D) values, same dtype, any strides.
-    O:   (B, H, Nq, D) output, written here in the input dtype, any strides.
-    LSE: (B, H, Nq) fp32, contiguous, written here: log2 of each row's softmax denominator in the log2-scaled
-         domain, log2(sum_j 2^(s * log2(e) * q.k_j)); +inf for a row that sees no key.
-    H:   number of heads; N_Q, N_K: sequence lengths of queries and keys/values.
-    scale: the softmax scale s. dropout_p: drop probability. seed: the dropout seed.
+    Q:   queries, fp16/bf16/fp32: (B, H, Nq, D), or packed (total_q, H, D) when VARLEN; last stride 1, the others
+         any (stride_q*: batch, head, row; stride_qb is 0 when packed).
+    K:   keys, same dtype: (B, H_KV, Nk, D), or packed (total_k, H_KV, D).
+    V:   values, laid out like K.
+    O:   output, laid out like Q, written here in the input dtype.
+    LSE: fp32, written here: (B, H, Nq) (stride_lb, stride_lh; rows contiguous), or (H, total_q) when packed
+         (stride_lb = 0): log2 of each row's softmax denominator in the log2-scaled domain,
+         log2(sum_j 2^(s * log2(e) * q.k_j)); +inf for a row that sees no key.
+    SEED: int64 (1,), the dropout seed; read only when DROPOUT.
+    CU_SEQLENS_Q, CU_SEQLENS_K: int32 (B + 1,) cumulative sequence lengths; read only when VARLEN.
+    H, H_KV: query heads and key/value heads (H a multiple of H_KV). N_Q, N_K: the sequence lengths (the longest
+    when packed). scale: the softmax scale s. dropout_p: drop probability.
+    window_left, window_right: the visible band's sides (see shared.py), used only where bounded.
     HEAD_DIM: the head size D; BLOCK_D: D padded to a power of two (>= 16).
     BLOCK_M, BLOCK_N: queries per program, keys per loop step.
-    CAUSAL: query i sees keys j <= i + Nk - Nq. DROPOUT: apply dropout (dropout_p > 0).
-    ALIGNED: every tensor's pointer is 16-byte aligned, its last stride 1 and its other strides multiples of
-    16 bytes (operands_aligned).
+    BOUNDED_LEFT, BOUNDED_RIGHT: which sides of the band apply (causal bounds the right at 0).
+    DROPOUT: apply dropout (dropout_p > 0). VARLEN: packed sequences.
+    ALIGNED: every tensor's pointer is 16-byte aligned and its strides multiples of 16 bytes (operands_aligned).
     """
-    bh = tl.program_id(1)
-    Q, stride_qm, K, stride_kn, V, stride_vn = qkv_of_head(
-        Q, K, V, bh, H, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-        stride_vn, ALIGNED)
-    O, stride_om = head_slice(O, bh, H, stride_ob, stride_oh, stride_om, ALIGNED)
-    start_m = tl.program_id(0) * BLOCK_M
+    block, b, h = program_coordinates(N_Q, H, BLOCK_M)
+    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    start_m = block * BLOCK_M
+    if start_m >= n_q:  # past this packed sequence's end
+        return
+    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
+    kv_head = h // (H // H_KV)
+    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
+    O, stride_om = matrix_of(O, b, h, q_start, stride_ob, stride_oh, stride_om, ALIGNED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    seed = tl.load(SEED) if DROPOUT else 0
+    first, last = band_bounds(n_q, n_k, window_left, window_right)
 
     # Running row max m, denominator l and unnormalised output acc, all fp32.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * LOG2_E  # log2(e) folded into the scale
-    q = load_tile(Q, offs_m, N_Q, stride_qm, offs_d, stride_qd, HEAD_DIM)
+    q = load_tile(Q, offs_m, n_q, stride_qm, offs_d, HEAD_DIM)
 
-    # Two passes over the keys this block sees: the blocks every row sees whole (no mask), then the diagonal
-    # and the tail (masked).
-    full_end, end = keys_seen_by_query_block(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    for masked in tl.static_range(2):
-        if masked:
-            lo, hi = full_end, end
-        else:
-            lo, hi = 0, full_end
-        acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, N_Q, N_K,
-            HEAD_DIM, BLOCK_N, masked == 1, CAUSAL, DROPOUT,
-        )
+    # The keys this block sees, in three ranges: the band's left edge (masked, only with a left bound), the
+    # blocks every row sees whole (no mask), the right edge and the sequence's last partial block (masked).
+    lo, full_lo, full_hi, hi = keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M, BLOCK_N,
+                                                        BOUNDED_LEFT, BOUNDED_RIGHT)
+    for phase in tl.static_range(3):
+        if phase != 0 or BOUNDED_LEFT:
+            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+            acc, l_i, m_i = _forward_inner(
+                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, seed, b * H + h, dropout_p,
+                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_N, phase != 1, BOUNDED_LEFT,
+                BOUNDED_RIGHT, DROPOUT,
+            )
 
     # out = acc / l; a row that saw no key has l = 0 and acc = 0: its output is 0 and its LSE +inf, so the
     # backward recomputes P = 2^(s - LSE) = 0 for it
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
-    store_tile(O, out, offs_m, N_Q, stride_om, offs_d, stride_od, HEAD_DIM)
+    tl.store(row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh) + offs_m, lse, mask=offs_m < n_q)
+    store_tile(O, acc / l_safe[:, None], offs_m, n_q, stride_om, offs_d, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["first_b"])
 def dropout_mask_kernel(
-    MASK, H, N_Q, N_K, dropout_p, seed,
+    MASK, SEED: "*i64", first_b, H, N_Q, N_K, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Write the keep-mask the attention kernels use. Grid: (cdiv(Nq, BLOCK_M), cdiv(Nk, BLOCK_N), B * H).
+    """Write the keep-mask the attention kernels use for batches first_b, first_b + 1, ... of B.
+    Grid: (cdiv(Nq, BLOCK_M), cdiv(Nk, BLOCK_N), B * H).
 
-    MASK: (B, H, Nq, Nk) bool, contiguous, written here (True = kept).
-    H: heads; N_Q, N_K: sequence lengths; dropout_p: fp32; seed: i32; BLOCK_M x BLOCK_N: tile per program.
+    MASK: (B, H, Nq, Nk) bool, contiguous, written here (True = kept). SEED: int64 (1,), the call's seed.
+    first_b: the batch index of MASK's first batch (a packed call's masks are written one sequence at a time).
+    H: query heads; N_Q, N_K: sequence lengths; dropout_p: fp32; BLOCK_M x BLOCK_N: tile per program.
     """
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+    keep = dropout_keep(tl.load(SEED), first_b * H + bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
     ptrs = MASK + (bh * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]
     tl.store(ptrs, keep, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))

@@ -2,7 +2,11 @@
 torch.compile sees each launch as one opaque node with known output shapes), and the autograd formula that ties
 the forward operator to the backward one.
 
-Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed.
+Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed. The forward
+and backward take a dense batch, q (B, H, Nq, D) and k, v (B, H_KV, Nk, D), or packed sequences (cu_seqlens_q and
+cu_seqlens_k given): q (total_q, H, D), k, v (total_k, H_KV, D). The band is (window_left, window_right), -1 for
+an unbounded side; causal attention is window_right = 0. Inputs arrive validated, with a contiguous last
+dimension and in-sequence offsets below 2^31 (api.py).
 """
 
 from typing import Optional
@@ -11,141 +15,191 @@ import torch
 import triton
 from torch import Tensor
 
+from .._gpu import launch_device
 from .._library import NAMESPACE
 from . import tiles
-from .backward import (
-    attention_backward_dkdv_kernel,
-    attention_backward_dq_kernel,
-    attention_backward_preprocess_kernel,
-)
+from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .forward import attention_forward_kernel
 from .shared import operands_aligned
 
-
-def _strides(t):
-    return tuple(t.stride())
-
-
-def seed_value(seed):
-    """The kernels' i32 seed from the operators' seed tensor (None when there is no dropout)."""
-    return 0 if seed is None else int(seed.item())
+# Offsets inside one (batch, head) sequence are 32-bit in the kernels.
+MAX_OFFSET = 2**31
 
 
-def _allocate_forward_outputs(q, k):
-    """out and lse of the forward, allocated the same way by the launch and by its fake implementation."""
-    B, H, N_Q, D = q.shape
-    # The output is laid out as (B, Nq, H, D) in memory, so the usual transpose(1, 2).reshape(B, Nq, H * D) that
-    # merges heads is free.
-    out = torch.empty((B, N_Q, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+def rows_fit(t, row_stride, n_rows):
+    """Whether the kernels can read t as it is: a contiguous last dimension, and every row of a sequence within
+    32-bit offsets of its first."""
+    return t.stride(-1) == 1 and (n_rows - 1) * row_stride + t.shape[-1] <= MAX_OFFSET - 1
+
+
+class _Launch:
+    """What every launch of one call shares: the sizes, the layout (dense or packed) and the band."""
+
+    def __init__(self, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right):
+        self.packed = cu_seqlens_q is not None
+        if self.packed:
+            self.batch, self.n_q, self.n_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+            self.heads, self.kv_heads = q.shape[1], k.shape[1]
+        else:
+            (self.batch, self.heads, self.n_q, _), self.n_k, self.kv_heads = q.shape, k.shape[2], k.shape[1]
+        self.head_dim = q.shape[-1]
+        self.block_d = tiles.block_d(self.head_dim)
+        # Unused pointers (no dropout, no packing) get a tensor the kernel never reads.
+        self.cu_seqlens = (cu_seqlens_q, cu_seqlens_k) if self.packed else (q, q)
+        self.window = (window_left, window_right)
+        self.constexprs = dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BOUNDED_LEFT=window_left >= 0,
+                               BOUNDED_RIGHT=window_right >= 0, VARLEN=self.packed)
+
+    def strides(self, t):
+        """(batch, head, row) strides of q, k, v or a tensor laid out like one: dense (B, H, N, D) or packed
+        (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
+        return (0, t.stride(1), t.stride(0)) if self.packed else (t.stride(0), t.stride(1), t.stride(2))
+
+    def statistics_strides(self, lse):
+        """(batch, head) strides of LSE or DELTA: dense (B, H, Nq), packed (H, total_q)."""
+        return (0, lse.stride(0)) if self.packed else (lse.stride(0), lse.stride(1))
+
+    def grid(self, n, heads, block):
+        return (triton.cdiv(n, block) * self.batch * heads,)
+
+
+def _allocate_forward_outputs(q, packed, n_q):
+    """out and lse of the forward, allocated the same way by the launch and by its fake implementation. The
+    output's heads sit side by side in memory ((B, Nq, H, D), or packed (total_q, H, D)), so the usual
+    transpose(1, 2).reshape(B, Nq, H * D) that merges heads is free, unless a sequence's rows would then lie more
+    than 2^31 elements apart: then each head is contiguous."""
+    heads, head_dim = q.shape[-2 if packed else 1], q.shape[-1]
+    heads_side_by_side = n_q * heads * head_dim < MAX_OFFSET
+    if packed:
+        total = q.shape[0]
+        out = torch.empty((total, heads, head_dim) if heads_side_by_side else (heads, total, head_dim),
+                          device=q.device, dtype=q.dtype)
+        out = out if heads_side_by_side else out.transpose(0, 1)
+        lse = torch.empty((heads, total), device=q.device, dtype=torch.float32)
+    else:
+        batch = q.shape[0]
+        if heads_side_by_side:
+            out = torch.empty((batch, n_q, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+        else:
+            out = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
+        lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     return out, lse
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())
 def attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor]
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, dropout_p: float, scale: float,
+    seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel on validated inputs. Returns (out, lse); see the kernel for their meaning.
-    `seed` (a one-element int64 CPU tensor, None without dropout) is an argument, so the call is a pure function
-    of its arguments and torch.compile can treat it as an opaque operator."""
-    B, H, N_Q, D = q.shape
-    N_K = k.shape[2]
-    out, lse = _allocate_forward_outputs(q, k)
+    """Launch the forward kernel. Returns (out, lse); see the kernel for their meaning. `seed` (a one-element int64
+    tensor on the inputs' device, None without dropout) is an argument, so the call is a pure function of its
+    arguments and torch.compile can treat it as an opaque operator."""
+    launch = _Launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right)
+    out, lse = _allocate_forward_outputs(q, launch.packed, launch.n_q)
     aligned = operands_aligned(q, k, v, out)
-    tile = tiles.launch_tile("forward", D, q.dtype, dropout_p > 0, q.device, aligned)
-    attention_forward_kernel[(triton.cdiv(N_Q, tile.block_m), B * H)](
-        q, k, v, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, N_Q, N_K, scale, dropout_p, seed_value(seed),
-        HEAD_DIM=D, BLOCK_D=tiles.block_d(D), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        CAUSAL=causal, DROPOUT=dropout_p > 0, ALIGNED=aligned,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
+    tile = tiles.launch_tile("forward", launch.head_dim, q.dtype, dropout_p > 0, q.device, aligned)
+    with launch_device(q):
+        attention_forward_kernel[launch.grid(launch.n_q, launch.heads, tile.block_m)](
+            q, k, v, out, lse, seed if seed is not None else lse, *launch.cu_seqlens,
+            *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(out),
+            *launch.statistics_strides(lse),
+            launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DROPOUT=dropout_p > 0, ALIGNED=aligned,
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **launch.constexprs,
+        )
     return out, lse
 
 
 @attention_forward.register_fake
-def _(q, k, v, causal, dropout_p, scale, seed):
-    return _allocate_forward_outputs(q, k)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale,
+      seed):
+    packed = cu_seqlens_q is not None
+    return _allocate_forward_outputs(q, packed, max_seqlen_q if packed else q.shape[2])
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())
 def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    causal: bool, dropout_p: float, scale: float, seed: Optional[Tensor],
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
+    dropout_p: float, scale: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype, laid out like q, k, v."""
-    B, H, N_Q, D = q.shape
-    N_K = k.shape[2]
-    block_d = tiles.block_d(D)
+    launch = _Launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right)
+    if not rows_fit(grad_out, launch.strides(grad_out)[2], launch.n_q):
+        grad_out = torch.empty_like(out).copy_(grad_out)  # e.g. the stride-0 gradient of out.sum(); out's layout
     dropout = dropout_p > 0
-    seed = seed_value(seed)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     aligned = operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
-
-    # 1. delta = rowsum(dO * O)
-    delta = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
-    preprocess_block_m = tiles.preprocess_block_m(block_d) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
-    attention_backward_preprocess_kernel[(triton.cdiv(N_Q, preprocess_block_m), B * H)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), H, N_Q,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m, ALIGNED=aligned,
-    )
-
-    # 2. dK, dV: one program per key block, in one launch or two (key_block_passes)
-    for kernel in tiles.key_block_passes(block_d):
-        compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
-        tile = tiles.launch_tile(kernel, D, q.dtype, dropout, q.device, aligned)
-        attention_backward_dkdv_kernel[(triton.cdiv(N_K, tile.block_n), B * H)](
-            q, k, v, grad_out, dk, dv, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            H, N_Q, N_K, scale, dropout_p, seed,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            CAUSAL=causal, DROPOUT=dropout, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv, ALIGNED=aligned,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+    delta = torch.empty_like(lse)
+    common = dict(DROPOUT=dropout, ALIGNED=aligned, **launch.constexprs)
+    seed = seed if seed is not None else lse
+    with launch_device(q):
+        # 1. delta = rowsum(dO * O)
+        block_m = tiles.preprocess_block_m(launch.block_d) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
+        attention_backward_preprocess_kernel[launch.grid(launch.n_q, launch.heads, block_m)](
+            out, grad_out, delta, launch.cu_seqlens[0], *launch.strides(out), *launch.strides(grad_out),
+            *launch.statistics_strides(delta), launch.heads, launch.n_q,
+            HEAD_DIM=launch.head_dim, BLOCK_D=launch.block_d, BLOCK_M=block_m, VARLEN=launch.packed,
+            ALIGNED=aligned,
         )
-
-    # 3. dQ: one program per query block
-    tile = tiles.launch_tile("dq", D, q.dtype, dropout, q.device, aligned)
-    attention_backward_dq_kernel[(triton.cdiv(N_Q, tile.block_m), B * H)](
-        q, k, v, grad_out, dq, lse, delta,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-        H, N_Q, N_K, scale, dropout_p, seed,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        CAUSAL=causal, DROPOUT=dropout, ALIGNED=aligned,
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
+        # 2. dK, dV: one program per key block of each key/value head, in one launch or two (key_block_passes)
+        for kernel in tiles.key_block_passes(launch.block_d):
+            compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
+            tile = tiles.launch_tile(kernel, launch.head_dim, q.dtype, dropout, q.device, aligned)
+            attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.kv_heads, tile.block_n)](
+                q, k, v, grad_out, dk, dv, lse, delta, seed, *launch.cu_seqlens,
+                *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
+                *launch.strides(dk), *launch.strides(dv), *launch.statistics_strides(lse),
+                launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+                num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+            )
+        # 3. dQ: one program per query block
+        tile = tiles.launch_tile("dq", launch.head_dim, q.dtype, dropout, q.device, aligned)
+        attention_backward_dq_kernel[launch.grid(launch.n_q, launch.heads, tile.block_m)](
+            q, k, v, grad_out, dq, lse, delta, seed, *launch.cu_seqlens,
+            *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
+            *launch.strides(dq), *launch.statistics_strides(lse),
+            launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            **common,
+        )
     return dq, dk, dv
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, causal, dropout_p, scale, seed):
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+      window_right, dropout_p, scale, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Autograd for attention, the one place its backward is defined: `attention` calls it, and the same
-    setup_context and backward are registered on the `attention_forward` operator (torch.library), so a caller
-    of the operator itself, opcheck and torch.compile all see the same formula.
-    forward(q, k, v, causal, dropout_p, scale, seed): every argument explicit, the seed included, so the dropout
-    mask is a function of the arguments and backward regenerates it."""
+    """Autograd for attention, the one place its backward is defined: `attention` and `attention_varlen` call it,
+    and the same setup_context and backward are registered on the `attention_forward` operator (torch.library), so
+    a caller of the operator itself, opcheck and torch.compile all see the same formula.
+    forward(...) takes the operator's arguments, the seed included, so the dropout mask is a function of the
+    arguments and backward regenerates it. The LSE output is not differentiable."""
 
     @staticmethod
-    def forward(q, k, v, causal, dropout_p, scale, seed):
-        return attention_forward(q, k, v, causal, dropout_p, scale, seed)
+    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                dropout_p, scale, seed):
+        return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                 window_right, dropout_p, scale, seed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, dropout_p, scale, seed = inputs
+        q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, seed = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, seed)
-        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
+        ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.scale, seed)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
+        return (dq, dk, dv) + (None,) * 9
 
 
 torch.library.register_autograd(
@@ -155,14 +209,15 @@ torch.library.register_autograd(
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(),
                          tags=(torch.Tag.nondeterministic_seeded,))
-def attention_dropout_seed() -> Tensor:
-    """A dropout seed, a one-element int64 CPU tensor, drawn from torch's default CPU generator:
-    `torch.manual_seed(s)` reproduces it, and drawing it costs no GPU synchronisation. An operator of its own,
-    tagged as random, so torch.compile neither replaces it by its own random numbers nor recomputes it in the
-    backward: compiled and eager calls draw the same seed."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+def attention_dropout_seed(like: Tensor) -> Tensor:
+    """A dropout seed in [0, 2^31): a one-element int64 tensor on `like`'s device, drawn from that device's
+    default generator, so `torch.manual_seed` reproduces it. On a GPU it is drawn by the device, not the host:
+    no synchronisation, and under CUDA-graph capture every replay draws a fresh seed (torch's generator advances
+    inside the graph). An operator of its own, tagged as random, so torch.compile neither replaces it by its own
+    random numbers nor recomputes it in the backward: compiled and eager calls draw the same seed."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=like.device)
 
 
 @attention_dropout_seed.register_fake
-def _():
-    return torch.empty(1, dtype=torch.int64)
+def _(like):
+    return torch.empty(1, dtype=torch.int64, device=like.device)

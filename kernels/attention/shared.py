@@ -1,23 +1,30 @@
-"""What every attention kernel shares: operand alignment, tile loads and stores, the dropout mask, the causal
-ranges. The kernels (forward.py, backward.py) compute, per batch b and head h (s = scale, default D^-0.5):
+"""What every attention kernel shares: the program's coordinates, sequence bounds and matrix slices, operand
+alignment, tile loads and stores, the visible band, and dropout. The kernels (forward.py, backward.py) compute,
+per batch b and query head h, against key/value head h // (H / H_KV) (grouped-query attention; H_KV = H is plain
+multi-head attention), with s = scale (default D^-0.5) and offset = Nk - Nq:
 
-    S = s * Q K^T                      (Nq, Nk) scores
-    S[i, j] = -inf where j > i + Nk - Nq     (causal=True: the mask is aligned bottom-right)
-    P = softmax(S, dim=-1)             rows that see no key at all (Nq > Nk) get P = 0, so out = 0
-    P = P * keep / (1 - dropout_p)     keep ~ Bernoulli(1 - dropout_p), drawn inside the kernel
-    out = P V                          (Nq, D)
+    S = s * Q K^T                        (Nq, Nk) scores
+    S[i, j] = -inf unless i + offset - left <= j <= i + offset + right
+                                         the visible band: causal is right = 0 (the mask aligned bottom-right),
+                                         a sliding window bounds left and/or right; an unbounded side is -1
+    P = softmax(S, dim=-1)               rows that see no key at all get P = 0, so out = 0
+    P = P * keep / (1 - dropout_p)       keep ~ Bernoulli(1 - dropout_p), drawn inside the kernel
+    out = P V                            (Nq, D)
 
+Sequences are either a dense batch (B, H, N, D), or packed one after another (VARLEN: (total, H, D) rows, with
+sequence b in rows [cu_seqlens[b], cu_seqlens[b + 1])): programs past their own sequence's end exit at once.
 Nothing of size Nq x Nk is ever stored: the forward keeps the output and one log-sum-exp per query row; the
 backward recomputes P from it and regenerates the dropout mask from (seed, position).
 
-Dropout randomness: Philox (`tl.rand`) with key (seed, batch * H + head) and counter query_row * Nk + key_col,
-so every (batch, head, row, col) has its own stream position and the forward, both backward kernels and the mask
-kernel agree on the mask.
+Dropout randomness: Philox (`tl.rand`) keyed by (seed, b * H + h) and counted by i * Nk + j within the sequence,
+so every (batch, query head, row, col) has its own stream position and the forward, both backward kernels and
+the mask kernel agree on the mask.
 
 Operand alignment (ALIGNED): the launcher sets it when every strided operand has a 16-byte-aligned pointer, a
 unit last stride and rows a multiple of 16 bytes (`operands_aligned`). The kernels opt out of Triton's own
-divisibility marks on their strides (`attention_kernel`) and mark them themselves from ALIGNED (`head_slice`),
-so a GPU compiles exactly one of two variants per tile, the two the compile report checks.
+divisibility marks on their strides (`attention_kernel`) and mark them themselves from ALIGNED (`matrix_of`), so
+a GPU compiles exactly one of two variants per tile, the two the compile report checks. The last dimension is
+always contiguous (the launchers copy a tensor whose is not, as FlashAttention does).
 """
 
 import inspect
@@ -30,32 +37,55 @@ LOG2_E = tl.constexpr(1.4426950408889634)
 # Every tl.dot multiplies in true fp32 for fp32 inputs (it would otherwise round them to TF32 on the GPU); 16-bit
 # inputs are multiplied exactly either way.
 DOT_PRECISION = tl.constexpr("ieee")
+# Sizes and bounds change from call to call: never specialised, so one compiled variant serves them all.
+_RUNTIME_SIZES = ("H", "H_KV", "N_Q", "N_K", "window_left", "window_right")
 
 
 def attention_kernel(fn):
     """triton.jit for the attention kernels. Triton's JIT compiles a variant per pattern of its integer arguments
     (equal to 1, divisible by 16, or neither); these kernels opt out for the sizes and for the strides'
     divisibility, so what a GPU runs is exactly one of the two variants the compile report checks per tile:
-    ALIGNED (strides marked inside the kernel, see head_slice) or not. A unit stride still becomes a constant.
-    The seed changes every call and is never specialised."""
+    ALIGNED (strides marked inside the kernel, see matrix_of) or not."""
     names = inspect.signature(fn).parameters
-    return triton.jit(fn, do_not_specialize=[name for name in ("seed", "H", "N_Q", "N_K") if name in names],
+    return triton.jit(fn, do_not_specialize=[name for name in _RUNTIME_SIZES if name in names],
                       do_not_specialize_on_alignment=[name for name in names if name.startswith("stride_")])
 
 
 def operands_aligned(*tensors):
     """The kernels' ALIGNED: every tensor whose strides a launch passes has a 16-byte aligned pointer (which
-    Triton's JIT marks), a unit last stride (which it makes a constant) and its other strides multiples of 16
-    bytes (which the kernels mark, see head_slice). LSE and DELTA, allocated by the launchers and indexed without
-    strides, are aligned by construction."""
+    Triton's JIT marks), a unit last stride and its other strides multiples of 16 bytes (which the kernels mark,
+    see matrix_of). LSE and DELTA, allocated by the launchers, are aligned by construction."""
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
                and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 @triton.jit
-def head_slice(X, bh, H, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
-    """The (batch, head) = divmod(bh, H) slice of X: its pointer, with 64-bit offsets (big tensors overflow i32),
-    and its row stride.
+def program_coordinates(N, H, BLOCK: tl.constexpr):
+    """(block, b, h) of this program on the one-dimensional grid cdiv(N, BLOCK) * B * H: its block of BLOCK rows
+    along a sequence of at most N, its batch and its head. Consecutive programs walk one head's sequence, so
+    they share its keys and values in L2; one axis has no 65535-program limit."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK)
+    bh = pid // blocks
+    return pid % blocks, bh // H, bh % H
+
+
+@triton.jit
+def sequence_of(b, CU_SEQLENS, N, VARLEN: tl.constexpr):
+    """(first row, length) of batch b's sequence: packed (VARLEN) from the cumulative lengths, else 0 and N."""
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b)
+        length = tl.load(CU_SEQLENS + b + 1) - start
+    else:
+        start = 0
+        length = N
+    return start, length
+
+
+@triton.jit
+def matrix_of(X, b, head, start, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
+    """Row 0 of the (batch b, head) matrix of X whose sequence starts at row `start` (0 unless packed), with
+    64-bit offsets (big tensors overflow i32), and its row stride.
 
     With ALIGNED (the launcher checked it), every stride is visibly a multiple of 16 bytes' worth of X's elements.
     The kernels opt out of the JIT's own marking (see attention_kernel), which only knows divisibility by 16
@@ -67,50 +97,112 @@ def head_slice(X, bh, H, stride_b, stride_h, stride_row, ALIGNED: tl.constexpr):
         stride_b = stride_b // elements * elements
         stride_h = stride_h // elements * elements
         stride_row = stride_row // elements * elements
-    return X + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h, stride_row
+    offset = tl.cast(b, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h
+    return X + offset + tl.cast(start, tl.int64) * stride_row, stride_row
 
 
 @triton.jit
-def qkv_of_head(Q, K, V, bh, H, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, ALIGNED: tl.constexpr):
-    """The (batch, head) = divmod(bh, H) slices of Q, K and V: (Q, stride_qm, K, stride_kn, V, stride_vn)."""
-    Q, stride_qm = head_slice(Q, bh, H, stride_qb, stride_qh, stride_qm, ALIGNED)
-    K, stride_kn = head_slice(K, bh, H, stride_kb, stride_kh, stride_kn, ALIGNED)
-    V, stride_vn = head_slice(V, bh, H, stride_vb, stride_vh, stride_vn, ALIGNED)
-    return Q, stride_qm, K, stride_kn, V, stride_vn
+def row_statistics_of(X, b, head, start, stride_b, stride_h):
+    """Row 0 of the (batch b, head) vector of a per-row statistic (LSE, DELTA: fp32, one per query row)."""
+    return X + tl.cast(b, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h + start
 
 
 @triton.jit
-def load_tile(X, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: tl.constexpr):
+def load_tile(X, rows, n_rows, stride_row, cols, HEAD_DIM: tl.constexpr):
     """Load the (rows, cols) tile of a (n_rows, HEAD_DIM) matrix at X, zeros past the sequence end and in the
     head-size padding. Pointers are formed from 32-bit offsets at each load, so no tile of 64-bit pointers stays
-    live across a loop."""
-    ptrs = X + rows[:, None] * stride_row + cols[None, :] * stride_col
+    live across a loop (the launchers keep every in-sequence offset below 2^31)."""
+    ptrs = X + rows[:, None] * stride_row + cols[None, :]
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
 
 
 @triton.jit
-def store_tile(X, values, rows, n_rows, stride_row, cols, stride_col, HEAD_DIM: tl.constexpr):
+def store_tile(X, values, rows, n_rows, stride_row, cols, HEAD_DIM: tl.constexpr):
     """Store a (rows, cols) tile into a (n_rows, HEAD_DIM) matrix at X, in X's dtype, skipping the padding."""
-    ptrs = X + rows[:, None] * stride_row + cols[None, :] * stride_col
+    ptrs = X + rows[:, None] * stride_row + cols[None, :]
     tl.store(ptrs, values.to(X.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def dropout_keep(seed, bh, query_idx, key_idx, N_K, dropout_p):
+def band_bounds(n_q, n_k, window_left, window_right):
+    """(first, last): query i sees keys i + first <= j <= i + last, offset = Nk - Nq aligning the band
+    bottom-right. Only the bounded sides are used."""
+    offset = n_k - n_q
+    return offset - window_left, offset + window_right
+
+
+@triton.jit
+def visible(query_idx, key_idx, n_k, first, last, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
+    """Where query i sees key j: j is a key of the sequence and lies in i's band (each side only when bounded).
+    query_idx and key_idx broadcast against each other (rows[:, None] and cols[None, :], or transposed)."""
+    seen = key_idx < n_k
+    if BOUNDED_LEFT:
+        seen = seen & (key_idx - query_idx >= first)
+    if BOUNDED_RIGHT:
+        seen = seen & (key_idx - query_idx <= last)
+    return seen
+
+
+@triton.jit
+def keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
+    """The keys the query block [start_m, start_m + BLOCK_M) sees, as three consecutive ranges of whole key
+    blocks: [lo, full_lo) masked (the band's left edge), [full_lo, full_hi) seen by every row of the block (no
+    mask needed), [full_hi, hi) masked (the band's right edge, e.g. the causal diagonal, and the sequence's
+    last partial block). Key blocks outside the band are never visited: cost grows with N x window."""
+    last_row = tl.minimum(start_m + BLOCK_M, n_q) - 1
+    lo = 0
+    full_lo = 0
+    hi = n_k
+    full_hi = n_k
+    if BOUNDED_LEFT:
+        lo = tl.maximum(start_m + first, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last_row + first, 0), BLOCK_N) * BLOCK_N
+    if BOUNDED_RIGHT:
+        hi = tl.maximum(tl.minimum(last_row + last + 1, n_k), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + last + 1, n_k), 0)
+    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)
+    full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
+    """The queries that see the key block [start_n, start_n + BLOCK_N), as three consecutive ranges of whole
+    query blocks: [lo, full_lo) masked, [full_lo, full_hi) see every key of the block, [full_hi, hi) masked.
+    Query i sees key j when j - last <= i <= j - first. Rows past the sequence's end add nothing (their q and dO
+    load as 0 and their LSE as +inf), so they need no mask."""
+    lo = 0
+    full_lo = 0
+    hi = n_q
+    full_hi = n_q
+    if BOUNDED_RIGHT:
+        lo = tl.maximum(start_n - last, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - last, 0), BLOCK_M) * BLOCK_M
+    if BOUNDED_LEFT:
+        hi = tl.maximum(tl.minimum(start_n + BLOCK_N - first, n_q), 0)
+        full_hi = tl.maximum(tl.minimum(start_n + 1 - first, n_q), 0) // BLOCK_M * BLOCK_M
+    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def dropout_keep(seed, bh, query_idx, key_idx, n_k, dropout_p):
     """The dropout keep-mask of one tile, shared by every kernel that needs it.
 
-    seed:      i32 scalar, the call's seed.
-    bh:        i32 scalar, batch * H + head.
-    query_idx: query row indices, broadcastable against key_idx (e.g. rows[:, None] or rows[None, :]).
-    key_idx:   key column indices.
-    N_K:       number of keys (the row length of the virtual (Nq, Nk) mask).
-    dropout_p: fp32 probability of dropping.
+    seed:      the call's seed (int64, below 2^31).
+    bh:        b * H + h, the batch and query head.
+    query_idx: query row indices within the sequence, broadcastable against key_idx.
+    key_idx:   key column indices within the sequence.
+    n_k:       the sequence's number of keys (the row length of the virtual (Nq, Nk) mask).
+    dropout_p: probability of dropping.
     Returns a boolean tile: True where the probability is kept.
     """
     # Philox key = (seed, bh) keeps heads independent; the counter row * Nk + col is unique inside a head.
     philox_key = seed.to(tl.uint64) + (bh.to(tl.uint64) << 32)
-    return tl.rand(philox_key, query_idx * N_K + key_idx) >= dropout_p
+    return tl.rand(philox_key, query_idx * n_k + key_idx) >= dropout_p
 
 
 @triton.jit
@@ -125,32 +217,13 @@ def fresh_each_step(x, step):
 
 
 @triton.jit
-def keys_seen_by_query_block(start_m, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              CAUSAL: tl.constexpr):
-    """The key range of the query block starting at start_m, in two parts: [0, full_end) is seen by every row of
-    the block (whole key blocks, no mask needed), [full_end, end) holds the diagonal block(s) and the key tail
-    (masked). A causal block stops at its diagonal; query i sees keys j <= i + Nk - Nq."""
-    if CAUSAL:
-        causal_offset = N_K - N_Q
-        full_end = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), N_K) // BLOCK_N * BLOCK_N
-        end = tl.minimum(tl.maximum(tl.minimum(start_m + BLOCK_M, N_Q) + causal_offset, 0), N_K)
+def phase_range(phase: tl.constexpr, lo, full_lo, full_hi, hi):
+    """[start, end) of one of the three consecutive ranges a block loops over (keys_seen_by_query_block,
+    queries_seeing_key_block): 0 the band's masked left edge, 1 the unmasked middle, 2 the masked right edge."""
+    if phase == 0:
+        start, end = lo, full_lo
+    elif phase == 1:
+        start, end = full_lo, full_hi
     else:
-        full_end = N_K // BLOCK_N * BLOCK_N
-        end = N_K
-    return full_end, end
-
-
-@triton.jit
-def queries_seeing_key_block(start_n, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              CAUSAL: tl.constexpr):
-    """The query range that sees the key block starting at start_n, in two parts: [start, full_start) holds the
-    diagonal (masked), [full_start, N_Q) sees the whole block (no mask). Both bounds are multiples of BLOCK_M."""
-    if CAUSAL:
-        causal_offset = N_K - N_Q
-        start = tl.minimum(tl.maximum(start_n - causal_offset, 0), N_Q) // BLOCK_M * BLOCK_M
-        full_start = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), N_Q)
-        full_start = tl.cdiv(full_start, BLOCK_M) * BLOCK_M
-    else:
-        start = 0
-        full_start = 0
-    return start, full_start
+        start, end = full_hi, hi
+    return start, end

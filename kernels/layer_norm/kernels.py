@@ -44,11 +44,11 @@ def _scale_and_shift(x_hat, WEIGHT, BIAS, cols, col_mask, HAS_WEIGHT: tl.constex
 
 
 @triton.jit
-def _store_output(Y, centered, rstd, rows, cols, mask, col_mask, n_cols, WEIGHT, BIAS, HAS_WEIGHT: tl.constexpr,
+def _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
-    """y = (x - mean) * rstd * w + b from the centered tile, stored to Y in Y's dtype."""
+    """y = (x - mean) * rstd * w + b from the centered tile, stored at the rows' pointers y_rows in Y's dtype."""
     y = _scale_and_shift(centered * rstd[:, None], WEIGHT, BIAS, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
-    tl.store(Y + rows[:, None] * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_rows + cols[None, :], y.to(y_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -71,10 +71,10 @@ def _chunk_gradients(X, DY, WEIGHT, rows, row_mask, start, mean, rstd, stride_x,
 @triton.jit
 def _store_dx(DSUM, DX, dx, rows, cols, mask, n_cols, HAS_DSUM: tl.constexpr):
     """dx (plus the gradient reaching s from its other uses, when HAS_DSUM) to DX, in DX's dtype."""
-    offsets = rows[:, None] * n_cols + cols[None, :]
     if HAS_DSUM:
-        dx += tl.load(DSUM + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        dsum = tl.load(DSUM + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+        dx += dsum.to(tl.float32)
+    tl.store(DX + rows[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -105,17 +105,20 @@ def layer_norm_forward_kernel(
     """
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
+    x_rows = X + rows[:, None] * stride_x
+    residual_rows = RESIDUAL + rows[:, None] * stride_residual
+    sum_rows = SUM + rows[:, None] * n_cols
+    y_rows = Y + rows[:, None] * n_cols
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = _load_input(X + rows[:, None] * stride_x, RESIDUAL + rows[:, None] * stride_residual,
-                    SUM + rows[:, None] * n_cols, cols, mask, HAS_RESIDUAL, True)
+    x = _load_input(x_rows, residual_rows, sum_rows, cols, mask, HAS_RESIDUAL, True)
     # mean = sum(x) / N;  var = sum((x - mean)^2) / N, both from the registers
     mean = tl.sum(x, axis=1) / n_cols
     centered = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centered * centered, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
-    _store_output(Y, centered, rstd, rows, cols, mask, col_mask, n_cols, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
+    _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -134,6 +137,7 @@ def layer_norm_forward_streamed_kernel(
     x_rows = X + rows[:, None] * stride_x
     residual_rows = RESIDUAL + rows[:, None] * stride_residual
     sum_rows = SUM + rows[:, None] * n_cols
+    y_rows = Y + rows[:, None] * n_cols
     # Pass 1: mean and sum of squared deviations, merged chunk by chunk (Chan et al.), which stays accurate when
     # the mean is large against the spread, unlike sum(x^2) - sum(x)^2 / N.
     mean = tl.zeros((ROWS,), dtype=tl.float32)
@@ -162,7 +166,7 @@ def layer_norm_forward_streamed_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         x = _load_input(x_rows, residual_rows, sum_rows, cols, mask, HAS_RESIDUAL, False)
         centered = tl.where(mask, x - mean[:, None], 0.0)
-        _store_output(Y, centered, rstd, rows, cols, mask, col_mask, n_cols, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
+        _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -195,13 +199,16 @@ def layer_norm_backward_kernel(
     n_rows, n_cols: sizes. ROWS: rows per tile. BLOCK_N: columns per tile, a power of two.
     """
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    partial_offset = pid * n_cols
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]  # once, for every tile
     dweight = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+    for tile in range(pid, n_tiles, programs):
         rows = tile * ROWS + tl.arange(0, ROWS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
@@ -223,9 +230,9 @@ def layer_norm_backward_kernel(
         dweight += tl.sum(dy * x_hat, axis=0)
         dbias += tl.sum(dy, axis=0)
     if COMPUTE_DWEIGHT:
-        tl.store(DWEIGHT_PARTIAL + pid * n_cols + cols, dweight, mask=col_mask)
+        tl.store(DWEIGHT_PARTIAL + partial_offset + cols, dweight, mask=col_mask)
     if COMPUTE_DBIAS:
-        tl.store(DBIAS_PARTIAL + pid * n_cols + cols, dbias, mask=col_mask)
+        tl.store(DBIAS_PARTIAL + partial_offset + cols, dbias, mask=col_mask)
 
 
 @triton.jit
@@ -239,9 +246,12 @@ def layer_norm_backward_streamed_kernel(
     pid takes rows pid, pid + programs, ... Arguments as in layer_norm_backward_kernel, except that
     DWEIGHT_PARTIAL and DBIAS_PARTIAL are accumulated into, so the caller passes them zeroed."""
     ROWS: tl.constexpr = 1
-    partial_offset = tl.program_id(0) * n_cols
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        rows = row + tl.arange(0, ROWS)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    partial_offset = pid * n_cols
+    for tile in range(pid, n_tiles, programs):
+        rows = tile * ROWS + tl.arange(0, ROWS)
         row_mask = rows < n_rows
         mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)

@@ -11,6 +11,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._gpu import launch_device
 from .._library import NAMESPACE
 from . import tiles
 from .kernels import (
@@ -57,13 +58,14 @@ def _forward(x, residual, weight, bias, eps):
         return y, s, mean, rstd
     tile = tiles.forward_tile(n_cols)
     kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
-    kernel[(triton.cdiv(n_rows, tile.rows),)](
-        x, residual if residual is not None else x, s if s is not None else y, y,
-        weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0, n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=tile.block_n, num_warps=tile.num_warps, **rows,
-    )
+    with launch_device(x):
+        kernel[(triton.cdiv(n_rows, tile.rows),)](
+            x, residual if residual is not None else x, s if s is not None else y, y,
+            weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
+            x.stride(0), residual.stride(0) if residual is not None else 0, n_rows, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_N=tile.block_n, num_warps=tile.num_warps, **rows,
+        )
     return y, s, mean, rstd
 
 
@@ -85,14 +87,15 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     if n_rows > 0:
         # num_stages=1: no prefetch buffers in the row loops, the register budget the tiles were sized for.
         kernel, rows = _kernel_for(tile, layer_norm_backward_kernel, layer_norm_backward_streamed_kernel)
-        kernel[(programs,)](
-            dy, dsum if dsum is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
-            dweight_partial if compute_dweight else mean, dbias_partial if compute_dbias else mean,
-            x.stride(0), n_rows, n_cols,
-            HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
-            COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
-            BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=1, **rows,
-        )
+        with launch_device(x):
+            kernel[(programs,)](
+                dy, dsum if dsum is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
+                dweight_partial if compute_dweight else mean, dbias_partial if compute_dbias else mean,
+                x.stride(0), n_rows, n_cols,
+                HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
+                COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
+                BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=1, **rows,
+            )
     elif compute_dweight or compute_dbias:  # no rows: the gradients are zero
         dweight_partial = dweight_partial.zero_() if compute_dweight else None
         dbias_partial = dbias_partial.zero_() if compute_dbias else None

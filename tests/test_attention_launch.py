@@ -1,0 +1,149 @@
+"""How attention is launched: every tile the tables can give is compiled by the compile report, operand alignment,
+the tile picked per GPU, the grid, the device, 32-bit offsets, GPUs too old for the tiles."""
+
+import itertools
+
+import pytest
+import torch
+
+
+def test_every_launch_the_table_can_make_is_compiled_by_the_report():
+    """Every tile the launch tables can give, for every head size, dtype, dropout, checked arch and alignment, is
+    among the configs the compile report compiles under each of its masks (checked for spills in
+    test_compile_report)."""
+    from bench import compile_report
+    from kernels._gpu import CHECKED_ARCHS
+    from kernels.attention import backward, forward, tiles
+
+    entries = compile_report.attention_configs()
+    assert len({e["name"] for e in entries}) == len(entries)
+    mask_names = ("BOUNDED_LEFT", "BOUNDED_RIGHT", "VARLEN")
+    shipped = set()
+    for e in entries:
+        assert set(e["signature"]) == set(e["kernel"].arg_names), e["name"]
+        assert all(e["signature"][name] == "constexpr" for name in e["constexprs"]), e["name"]
+        c = e["constexprs"]
+        pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
+        for arch, aligned in e["targets"]:
+            assert c["ALIGNED"] == aligned, e["name"]
+            shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
+                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), *(c.get(name) for name in mask_names),
+                         e["num_warps"], e["num_stages"], arch, aligned))
+    kernel_of = {"forward": forward.attention_forward_kernel, "dq": backward.attention_backward_dq_kernel,
+                 **dict.fromkeys(tiles.COMPUTED_GRADIENTS, backward.attention_backward_dkdv_kernel)}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
+            block_d = tiles.block_d(head_dim)
+            for name in ("forward", *tiles.key_block_passes(block_d), "dq"):
+                compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
+                for dropout, arch, aligned, mask in itertools.product(
+                        (False, True), CHECKED_ARCHS, (True, False), compile_report.ATTENTION_MASKS.values()):
+                    tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
+                    key = (kernel_of[name], compile_report.POINTER_TYPES[str(dtype).removeprefix("torch.")],
+                           block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv,
+                           *(mask[name] for name in mask_names), tile.num_warps, tile.num_stages, arch, aligned)
+                    assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
+                                            f"aligned={aligned} {mask} is not compiled by the report")
+
+
+def test_operand_alignment_means_16_byte_rows(device):
+    from kernels.attention.shared import operands_aligned
+
+    x = torch.randn(2, 3, 40, 64, device=device)
+    assert operands_aligned(x, x.transpose(1, 2))
+    assert operands_aligned(torch.randn(2, 3, 40, 40, device=device, dtype=torch.float16))  # rows of 80 bytes
+    assert not operands_aligned(torch.randn(2, 3, 40, 36, device=device, dtype=torch.float16))  # rows of 72
+    shifted = torch.randn(x.numel() + 1, device=device)[1:].view(x.shape)
+    assert shifted.stride() == x.stride() and not operands_aligned(shifted)  # a pointer 4 bytes past alignment
+    assert not operands_aligned(x.transpose(2, 3))  # a last dimension that is not contiguous
+
+
+def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
+    """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
+    wgmma tile at head size 256 only for aligned operands."""
+    from kernels.attention import tiles
+
+    for capability, arch in (((9, 0), 90), ((8, 0), 80)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        for aligned in (True, False):
+            expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
+            assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
+    assert tiles.table_tile("forward", 256, torch.bfloat16, False, 90, True) != \
+        tiles.table_tile("forward", 256, torch.bfloat16, False, 90, False)
+
+
+def test_the_grid_is_one_axis_with_no_65535_program_limit():
+    """Batch x heads beyond 65535 (4096 sequences of 16 heads at short lengths) fit: programs run on one grid axis
+    (2**31 - 1 programs), blocks of a head's sequence first. A unit test of the grid the launcher computes: a
+    65k-program interpreter run would take minutes."""
+    from kernels.attention.ops import _Launch
+
+    q = torch.empty(4096, 16, 256, 64, device="meta")
+    launch = _Launch(q, q, None, None, 256, 256, -1, 0)
+    (programs,) = launch.grid(launch.n_q, launch.heads, 128)
+    assert programs == 2 * 4096 * 16 > 65535
+
+
+def test_every_launch_runs_on_the_inputs_device(device, monkeypatch):
+    """Triton launches on the current device; every attention and LayerNorm launch makes the inputs' device
+    current first (tensors on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU)."""
+    import kernels._gpu
+    from kernels import add_layer_norm, attention, attention_dropout_mask, layer_norm
+    from kernels.attention import api as attention_api
+    from kernels.attention import ops as attention_ops
+    from kernels.layer_norm import ops as layer_norm_ops
+
+    entered = []
+    real_launch_device = kernels._gpu.launch_device
+
+    def recording(tensor):
+        entered.append(tensor.device)
+        return real_launch_device(tensor)
+
+    for module in (attention_ops, attention_api, layer_norm_ops):
+        monkeypatch.setattr(module, "launch_device", recording)
+    q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+    attention(q, q, q, dropout_p=0.1).sum().backward()
+    attention_dropout_mask(q, q, 0.1)
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    layer_norm(x).sum().backward()
+    add_layer_norm(x, x)[0].sum().backward()
+    assert entered == [q.device] * 3 + [x.device] * 4  # attention: forward, backward, mask
+
+
+def test_sequences_whose_rows_lie_2_31_elements_apart_are_copied_or_refused():
+    """The kernels' offsets inside one sequence are 32-bit: a view whose rows lie further apart is copied head by
+    head; an output that would is laid out head by head; a single head too long even then is a clear error.
+    Checked on meta tensors: nothing this size is allocated."""
+    from kernels.attention.api import _heads_apart, _readable
+    from kernels.attention.ops import _allocate_forward_outputs, rows_fit
+
+    wide_rows = torch.empty_strided((1, 1, 4096, 64), (0, 64, 2**20, 1), device="meta")  # 2**32 apart in total
+    assert not rows_fit(wide_rows, wide_rows.stride(2), 4096)
+    copied = _readable(wide_rows, wide_rows.stride(2), 4096, wide_rows.contiguous)
+    assert copied.stride(2) == 64
+    packed = torch.empty_strided((40000, 4, 64), (2**16, 64, 1), device="meta")
+    apart = _readable(packed, packed.stride(0), 40000, lambda: _heads_apart(packed))
+    assert apart.stride() == (64, 40000 * 64, 1)
+    with pytest.raises(ValueError, match="beyond the kernels' 32-bit offsets"):
+        too_long = torch.empty((1, 1, 2**25, 64), device="meta")
+        _readable(too_long, too_long.stride(2), 2**25, too_long.contiguous)
+    # Outputs: heads side by side (B, Nq, H, D) while that fits, else head by head.
+    out, _ = _allocate_forward_outputs(torch.empty(1, 8, 1000, 64, device="meta"), False, 1000)
+    assert out.stride(2) == 8 * 64
+    out, _ = _allocate_forward_outputs(torch.empty(1, 64, 2**19, 128, device="meta"), False, 2**19)
+    assert out.stride(2) == 128
+
+
+def test_gpus_older_than_ampere_are_refused_clearly(monkeypatch):
+    """sm_75 (T4, RTX 20xx) has too little shared memory for the tiles: a clear error, not a Triton crash."""
+    import types
+
+    import kernels._validate
+
+    monkeypatch.setattr(kernels._validate, "device_arch", lambda device: 75)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    on_a_t4 = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="Tesla T4 .compute capability 7.5.; the kernels need compute capability 8.0"):
+        kernels._validate.check_runnable("q", on_a_t4)
