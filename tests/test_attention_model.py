@@ -51,6 +51,29 @@ def test_module_with_dropout_trains_and_is_reproducible(device):
     assert torch.equal(module(x), module(x))  # no dropout in eval mode
 
 
+def test_module_applies_its_attention_dropout(device):
+    """With the output dropout off, train mode differs from eval mode, and equals the eager per-head math with the
+    kernel's own dropout mask on the attention weights (a module that never passed dropout_p to the kernel, or
+    dropped the wrong tensor, fails)."""
+    from kernels import attention_dropout_mask
+    from kernels.reference import attention_reference
+
+    torch.manual_seed(4)
+    module = FusedMultiHeadAttention(32, 2, dropout=0.4).to(device)
+    module.dropout = torch.nn.Identity()  # only the attention-weight dropout remains
+    x = torch.randn(2, 11, 32, device=device)
+    torch.manual_seed(5)
+    trained = module.train()(x)
+    evaluated = module.eval()(x)
+    assert not torch.allclose(trained, evaluated)
+    q, k, v = module.qkv(x).view(2, 11, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.manual_seed(5)  # the module's call drew its seed right after this point: draw the same one
+    keep = attention_dropout_mask(q, k, 0.4)
+    weights = attention_reference(q, k, v, causal=True, keep=keep, dropout_p=0.4)
+    expected = module.proj(weights.transpose(1, 2).reshape(2, 11, 32))
+    torch.testing.assert_close(trained, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_module_rejects_bad_configuration():
     with pytest.raises(ValueError, match="divisible"):
         FusedMultiHeadAttention(30, 4)

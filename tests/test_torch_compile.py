@@ -8,11 +8,13 @@ interpreted kernels inside its own code); on CUDA the default Inductor backend i
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import LOW_PRECISION_DTYPES, assert_within_error_rule, grads_by_state_dict_name
 
 import kernels
 from gpt.model import GPT, GPTConfig
 from kernels._library import NAMESPACE
+from kernels.reference import attention_reference
 
 COMPILE_BACKENDS = ["aot_eager", "inductor"] if torch.cuda.is_available() else ["aot_eager"]
 
@@ -107,21 +109,27 @@ def _values_and_grads(fn, inputs):
     return [o.detach() for o in outputs], [t.grad for t in inputs]
 
 
-def _assert_compiled_matches_eager(fn, inputs, backend):
+def _assert_compiled_matches(fn, reference, inputs, backend):
+    """The compiled fn against the eager fn (the same kernels run in both: the results agree to the last bit, or
+    nearly, where Inductor fuses the surrounding elementwise work differently), and against `reference`, the
+    eager math, by the float64 error rule: a compiled graph that fed the kernels wrong inputs fails the second."""
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
     eager_out, eager_grads = _values_and_grads(fn, inputs)
     compiled_out, compiled_grads = _values_and_grads(compiled, inputs)
-    # The same kernels run in both: the results agree to the last bit (or nearly, where Inductor fuses
-    # the surrounding elementwise work differently).
     for expected, actual in zip(eager_out + eager_grads, compiled_out + compiled_grads):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    low_out, low_grads = _values_and_grads(reference, inputs)
+    reference_out, reference_grads = _values_and_grads(reference, [t.double() for t in inputs])
+    for actual, low, exact in zip(compiled_out + compiled_grads, low_out + low_grads, reference_out + reference_grads):
+        assert_within_error_rule(actual, low, exact)
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION_DTYPES])
 def test_compiled_attention(device, backend, dtype):
     q, k, v = (torch.randn(2, 2, 19, 32, device=device, dtype=dtype) for _ in range(3))
-    _assert_compiled_matches_eager(lambda q, k, v: kernels.attention(q, k, v, causal=True), (q, k, v), backend)
+    _assert_compiled_matches(lambda q, k, v: kernels.attention(q, k, v, causal=True), attention_reference, (q, k, v),
+                             backend)
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
@@ -129,8 +137,14 @@ def test_compiled_attention(device, backend, dtype):
 def test_compiled_layer_norms(device, backend, dtype):
     x, residual = (torch.randn(4, 7, 48, device=device, dtype=dtype) for _ in range(2))
     weight, bias = (torch.randn(48, device=device, dtype=dtype) for _ in range(2))
-    _assert_compiled_matches_eager(kernels.layer_norm, (x, weight, bias), backend)
-    _assert_compiled_matches_eager(kernels.add_layer_norm, (x, residual, weight, bias), backend)
+
+    def add_then_norm(x, residual, weight, bias):
+        s = x + residual
+        return F.layer_norm(s, (48,), weight, bias), s
+
+    _assert_compiled_matches(kernels.layer_norm, lambda x, w, b: F.layer_norm(x, (48,), w, b), (x, weight, bias),
+                             backend)
+    _assert_compiled_matches(kernels.add_layer_norm, add_then_norm, (x, residual, weight, bias), backend)
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)
@@ -202,7 +216,13 @@ def test_no_graph_break_in_fused_gpt_forward_and_backward(device):
     assert explanation.graph_count == 1
     # The backward of the one compiled graph runs the kernels' backward operators, also without a break.
     torch._dynamo.utils.counters.clear()
-    loss = torch.compile(train_step, fullgraph=True, backend="aot_eager")(idx)
-    loss.backward()
+    torch.manual_seed(3)
+    torch.compile(train_step, fullgraph=True, backend="aot_eager")(idx).backward()
     assert not torch._dynamo.utils.counters["graph_break"]
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    compiled_grads = {name: p.grad for name, p in model.named_parameters()}
+    # And it computes what the eager model computes, dropout included: the same seed, the same gradients.
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    train_step(idx).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
