@@ -1,0 +1,124 @@
+"""python tests/mutants.py [NAME ...]: how strong the suite is. Each mutant below is a small, plausible bug; this
+plants them one at a time in a scratch copy of the checkout, runs the tests that should catch it, and reports which
+survive. Not part of the default test run (minutes, not seconds): run it (`make mutants`) after changing the
+kernels or the tests, and add a mutant for every bug a test was written to catch.
+
+A mutant whose text is no longer in its file is reported as stale: update it with the code it was written for.
+Exit status: 0 when every mutant is caught, 1 otherwise.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COPIED = ("kernels", "gpt", "bench", "tests", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the checkout
+    original: str  # text that occurs exactly once in the file
+    mutated: str
+    tests: tuple  # pytest arguments that should fail with the mutant planted
+
+
+MUTANTS = [
+    # Attention kernels
+    Mutant("causal mask one key short", "kernels/attention/shared.py", "seen = seen & (key_idx - query_idx <= last)",
+           "seen = seen & (key_idx - query_idx < last)", ("tests/test_attention.py",)),
+    Mutant("window's left edge one key off", "kernels/attention/shared.py",
+           "seen = seen & (key_idx - query_idx >= first)", "seen = seen & (key_idx - query_idx > first)",
+           ("tests/test_attention.py", "-k", "window")),
+    Mutant("online softmax forgets to rescale the accumulator", "kernels/attention/forward.py",
+           "acc = acc * alpha[:, None]", "acc = acc", ("tests/test_attention.py",)),
+    Mutant("dS without the delta term", "kernels/attention/backward.py", "ds = p * (dp - delta[:, None])",
+           "ds = p * dp", ("tests/test_attention.py",)),
+    Mutant("dK without the softmax scale", "kernels/attention/backward.py", "store_tile(DK, dk * scale,",
+           "store_tile(DK, dk,", ("tests/test_attention.py",)),
+    Mutant("query heads mapped to key/value heads round-robin", "kernels/attention/forward.py",
+           "kv_head = h // (H // H_KV)", "kv_head = h % H_KV", ("tests/test_attention.py", "-k", "grouped")),
+    Mutant("packed keys start where the queries start", "kernels/attention/forward.py",
+           "k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)",
+           "k_start, n_k = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)", ("tests/test_attention_varlen.py",)),
+    Mutant("log-sum-exp left in log2", "kernels/attention/api.py", "lse * _LN_2", "lse",
+           ("tests/test_attention.py", "-k", "log_sum_exp")),
+    Mutant("bf16 sent to the interpreter's wrong products", "kernels/attention/api.py",
+           "if TRITON_INTERPRETS and q.dtype == torch.bfloat16:\n        return _through_fp32(attention,",
+           "if False:\n        return _through_fp32(attention,", ("tests/test_attention.py", "-k", "bf16")),
+    # Dropout
+    Mutant("dropout mask constant along each row", "kernels/attention/shared.py",
+           "tl.rand(philox_key, query_idx * n_k + key_idx)", "tl.rand(philox_key, query_idx * n_k)",
+           ("tests/test_attention_dropout.py",)),
+    Mutant("kept weights not scaled up", "kernels/attention/forward.py",
+           "p = tl.where(keep, p * dropout_scale, 0.0)", "p = tl.where(keep, p, 0.0)",
+           ("tests/test_attention_dropout.py",)),
+    Mutant("the module never applies its attention dropout", "kernels/modules.py",
+           "dropout_p = self.attention_dropout if self.training else 0.0", "dropout_p = 0.0",
+           ("tests/test_attention_model.py",)),
+    # LayerNorm
+    Mutant("eps outside the square root", "kernels/layer_norm/kernels.py", "rstd = 1.0 / tl.sqrt(var + eps)",
+           "rstd = 1.0 / tl.sqrt(var) + eps", ("tests/test_layer_norm.py",)),
+    Mutant("dx without the mean(g) term", "kernels/layer_norm/kernels.py",
+           "dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]\n        _store_dx",
+           "dx = (g - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]\n        _store_dx", ("tests/test_layer_norm.py",)),
+    Mutant("dweight from the first program's rows only", "kernels/layer_norm/ops.py",
+           "dweight = dweight_partial.sum(0)", "dweight = dweight_partial[0]", ("tests/test_layer_norm.py",)),
+    # Model
+    Mutant("attention block without its residual", "gpt/model.py", "x = x + self.sa(self.ln1(x))",
+           "x = self.sa(self.ln1(x))", ("tests/test_model.py",)),
+]
+
+
+def _scratch_copy(destination):
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, destination / name)
+
+
+def run(mutant, scratch):
+    """'caught', 'SURVIVED' or 'stale' for one mutant, planted in the scratch copy and removed again."""
+    path = scratch / mutant.path
+    original = path.read_text()
+    if original.count(mutant.original) != 1:
+        return "stale"
+    path.write_text(original.replace(mutant.original, mutant.mutated))
+    try:
+        env = dict(os.environ, PYTHONPATH=str(scratch))
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 *mutant.tests], cwd=scratch, env=env, capture_output=True, text=True)
+        return "caught" if result.returncode != 0 else "SURVIVED"
+    finally:
+        path.write_text(original)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only the mutants whose name contains one of these words")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or any(word in m.name for word in args.names)]
+    outcomes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        _scratch_copy(scratch)
+        for mutant in chosen:
+            started = time.perf_counter()
+            outcomes[mutant.name] = run(mutant, scratch)
+            print(f"{outcomes[mutant.name]:>9}  {mutant.name}  ({time.perf_counter() - started:.0f} s)", flush=True)
+    caught = sum(outcome == "caught" for outcome in outcomes.values())
+    print(f"\n{caught} of {len(outcomes)} mutants caught")
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
