@@ -103,8 +103,8 @@ def attention_configs():
     dtype and head-size class 16 ... 256 (a padded head size, e.g. 48 -> 64, runs the tiles of its class with
     masked loads), the forward, dK/dV (or dK and dV) and dQ kernels under each of ATTENTION_MASKS, with and without
     dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A config's name ends in
-    its tile (BLOCK_M x BLOCK_N) and the operands' alignment; its targets are the (arch, aligned) launches that
-    run it."""
+    its tile (BLOCK_M x BLOCK_N, warps, stages) and the operands' alignment; its targets are the (arch, aligned)
+    launches that run it."""
     import torch
 
     from kernels._gpu import CHECKED_ARCHS
@@ -139,7 +139,8 @@ def attention_configs():
                                 constexprs["COMPUTE_DK"], constexprs["COMPUTE_DV"] = \
                                     tiles.COMPUTED_GRADIENTS[kernel_name]
                             name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}"
-                                    f"_d{head_dim}_{tile.block_m}x{tile.block_n}_{operands}")
+                                    f"_d{head_dim}_{tile.block_m}x{tile.block_n}w{tile.num_warps}s{tile.num_stages}"
+                                    f"_{operands}")
                             configs.append(_config(name, kernel_of[kernel_name], dtype_name, constexprs,
                                                    tile.num_warps, tile.num_stages,
                                                    tuple((arch, aligned) for arch in archs)))

@@ -55,12 +55,14 @@ def timed_shapes(head_dim, dry_run):
 @contextlib.contextmanager
 def forced_tile(kernel, head_dim, tile):
     """Make the launcher pick `tile` for `kernel` at this head size (16-bit, any dropout, arch and alignment)."""
-    entry = (("16bit", tiles.block_d(head_dim), kernel, None, None, None), tiles.Tile(*tile))
-    tiles._OVERRIDES.insert(0, entry)
+    head = tiles.block_d(head_dim)
+    rules = tiles.RULES
+    tiles.RULES = [rule for rule in rules if (rule.precision, rule.head, rule.kernel) != ("16bit", head, kernel)]
+    tiles.RULES.append(tiles.TileRule("16bit", head, kernel, tiles.Tile(*tile), "forced by bench.tune"))
     try:
         yield
     finally:
-        tiles._OVERRIDES.remove(entry)
+        tiles.RULES = rules
 
 
 def shipped_tile(kernel, head_dim, device):

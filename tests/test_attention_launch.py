@@ -147,3 +147,19 @@ def test_gpus_older_than_ampere_are_refused_clearly(monkeypatch):
     on_a_t4 = types.SimpleNamespace(device=torch.device("cuda", 0))
     with pytest.raises(ValueError, match="Tesla T4 .compute capability 7.5.; the kernels need compute capability 8.0"):
         kernels._validate.check_runnable("q", on_a_t4)
+
+
+def test_exactly_one_tile_rule_matches_every_launch():
+    """The tile table is explicit: no launch is matched by two rules (no order decides between them), none by
+    zero, and no rule is dead. Every rule says why its tile is what it is."""
+    from kernels.attention import tiles
+
+    used = set()
+    for precision, head in itertools.product(("16bit", "fp32"), (16, 32, 64, 128, 256)):
+        for kernel in ("forward", *tiles.key_block_passes(head), "dq"):
+            for launch in itertools.product((False, True), (90, 80), (True, False)):
+                matching = [rule for rule in tiles.RULES if rule.matches(precision, head, kernel, *launch)]
+                assert len(matching) == 1, (precision, head, kernel, launch, matching)
+                used.add(matching[0])
+    assert used == set(tiles.RULES)
+    assert all(rule.why for rule in tiles.RULES)

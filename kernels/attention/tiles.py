@@ -9,6 +9,8 @@ wgmma.
 """
 
 from collections import namedtuple
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -19,51 +21,106 @@ Tile = namedtuple("Tile", "block_m block_n num_warps num_stages")
 
 MAX_HEAD_SIZE = 256
 
-# Tiles keyed by the input precision and BLOCK_D (the head size padded to a power of two).
-# Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 or more with
-# num_warps = 8, so tl.dot becomes wgmma on sm_90; the same tiles run mma.sync on Ampere. Each is the largest
-# tile tried that compiles without register spills for sm_90 and sm_80, with aligned operands and without
-# (ptxas -v; the committed bench/results/compile_report.md). fp32 is multiplied in true fp32 without tensor
-# cores, whose operands are register-hungry: small tiles.
-_TABLE = {
-    "16bit": {
-        16: {"forward": Tile(128, 64, 8, 3), "dkdv": Tile(32, 128, 8, 3), "dq": Tile(128, 64, 8, 3)},
-        32: {"forward": Tile(128, 64, 8, 3), "dkdv": Tile(32, 128, 8, 3), "dq": Tile(128, 64, 8, 3)},
-        64: {"forward": Tile(128, 64, 8, 3), "dkdv": Tile(16, 128, 8, 2), "dq": Tile(128, 64, 8, 3)},
-        128: {"forward": Tile(128, 32, 8, 3), "dkdv": Tile(32, 64, 8, 2), "dq": Tile(64, 32, 8, 2)},
-        256: {"forward": Tile(32, 32, 4, 2), "dk": Tile(16, 32, 8, 1), "dv": Tile(16, 64, 8, 2),
-              "dq": Tile(32, 16, 8, 2)},
-    },
-    "fp32": {
-        16: {"forward": Tile(32, 32, 4, 1), "dkdv": Tile(16, 32, 8, 1), "dq": Tile(32, 32, 8, 1)},
-        32: {"forward": Tile(32, 32, 4, 1), "dkdv": Tile(16, 32, 8, 1), "dq": Tile(32, 32, 4, 1)},
-        64: {"forward": Tile(32, 16, 4, 1), "dkdv": Tile(32, 16, 8, 1), "dq": Tile(32, 32, 8, 1)},
-        128: {"forward": Tile(32, 16, 8, 1), "dkdv": Tile(16, 16, 8, 1), "dq": Tile(16, 16, 8, 1)},
-        256: {"forward": Tile(16, 16, 4, 1), "dk": Tile(16, 16, 8, 1), "dv": Tile(16, 16, 4, 1),
-              "dq": Tile(16, 32, 8, 1)},
-    },
-}
-# Tiles that replace the table's for some launches, as ((precision, BLOCK_D, kernel, dropout, arch, aligned), tile);
-# None in a key matches anything, and the first matching entry wins. `aligned`: every operand pointer 16-byte
-# aligned, its last stride 1 and the others multiples of 16 bytes (kernels.operands_aligned): loads are then
-# vectorised and pipelined into shared memory asynchronously. Misaligned operands are loaded element by element
-# through registers, which costs registers.
-_OVERRIDES = [
+
+@dataclass(frozen=True)
+class TileRule:
+    """The tile of the launches a rule matches: each key field given must equal the launch's; None matches any.
+    Exactly one rule matches each launch (tests/test_attention_launch.py checks every key)."""
+
+    precision: str  # "16bit" (fp16, bf16) or "fp32"
+    head: int  # BLOCK_D: the head size padded to a power of two
+    kernel: str  # "forward", "dkdv" (or "dk" and "dv" at head size 256), "dq"
+    tile: Tile
+    why: str
+    dropout: Optional[bool] = None
+    arch: Optional[int] = None  # 90 for sm_90; 80 stands for every other architecture
+    aligned: Optional[bool] = None  # every operand 16-byte aligned (shared.operands_aligned)
+
+    def matches(self, precision, head, kernel, dropout, arch, aligned):
+        return (self.precision, self.head, self.kernel) == (precision, head, kernel) and all(
+            want is None or want == have
+            for want, have in ((self.dropout, dropout), (self.arch, arch), (self.aligned, aligned)))
+
+
+# Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 per warpgroup of 4 warps
+# become wgmma on sm_90 (fewer rows per warpgroup would repeat work across warpgroups); the same tiles run mma.sync
+# elsewhere. Every tile compiles without register spills for its architectures, aligned or not as it says (the
+# compile report). "Timed" tiles won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal,
+# aligned): each is the fastest spill-free candidate there, its gain over the tile it replaced in brackets.
+# Misaligned operands are loaded element by element through registers, which costs registers. fp32 is multiplied
+# in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
+RULES = [
+    TileRule("16bit", 16, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile"),
+    TileRule("16bit", 16, "dkdv", Tile(32, 128, 8, 3), "the largest spill-free tile"),
+    TileRule("16bit", 16, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile"),
+    TileRule("16bit", 32, "forward", Tile(128, 64, 8, 3), "as head size 16"),
+    TileRule("16bit", 32, "dkdv", Tile(32, 128, 8, 3), "as head size 16"),
+    TileRule("16bit", 32, "dq", Tile(128, 64, 8, 3), "as head size 16"),
+    TileRule("16bit", 64, "forward", Tile(64, 64, 4, 3), "timed on sm_90 (1.04x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "untimed: the largest spill-free tile", arch=90,
+             aligned=False),
+    TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 64, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.61x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "untimed: the largest spill-free tile", arch=90,
+             aligned=False),
+    TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 64, "dq", Tile(64, 64, 4, 2), "timed on sm_90 (1.07x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "dq", Tile(128, 64, 8, 3), "untimed: the largest spill-free tile", arch=90, aligned=False),
+    TileRule("16bit", 64, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 128, "forward", Tile(128, 64, 8, 3), "timed on sm_90 (1.22x)", arch=90, aligned=True),
+    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: the largest spill-free tile", arch=90,
+             aligned=False),
+    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 128, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.56x)", dropout=False, arch=90,
+             aligned=True),
+    TileRule("16bit", 128, "dkdv", Tile(32, 64, 8, 2), "untimed: the largest spill-free tile", dropout=False,
+             arch=90, aligned=False),
+    TileRule("16bit", 128, "dkdv", Tile(32, 64, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
+    TileRule("16bit", 128, "dkdv", Tile(16, 64, 8, 2), "dropout's random numbers take registers: every larger key "
+             "tile spills; wgmma", dropout=True, arch=90),
+    TileRule("16bit", 128, "dkdv", Tile(32, 32, 4, 2), "dropout: sm_90's 16 x 64 spills 36 B on sm_80", dropout=True,
+             arch=80),
+    TileRule("16bit", 128, "dq", Tile(128, 64, 8, 2), "timed on sm_90 (1.17x)", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "untimed: the largest spill-free tile", dropout=False, arch=90,
+             aligned=False),
+    TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
+    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True),
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256 fp32
     # accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma tile tried
-    # spills (the streamed tiles pass through registers), so those launches keep the table's mma.sync tiles.
-    (("16bit", 256, "forward", None, 90, True), Tile(128, 32, 8, 2)),
-    (("16bit", 256, "dq", None, 90, True), Tile(128, 16, 8, 2)),
-    (("16bit", 256, "dk", None, 90, True), Tile(32, 128, 8, 2)),
-    (("16bit", 256, "dv", None, 90, True), Tile(32, 128, 8, 2)),
-    # Dropout's random numbers take registers; where the table's tile then spills, dropout runs a smaller one.
-    # dK/dV at head size 128 on sm_90: 64 keys x 16 queries with 8 warps is wgmma without spills but spills 36 B
-    # on sm_80, and every larger key tile spills on both.
-    (("16bit", 128, "dkdv", True, 90, None), Tile(16, 64, 8, 2)),
-    (("16bit", 128, "dkdv", True, None, None), Tile(32, 32, 4, 2)),
-    (("16bit", 128, "dq", True, None, None), Tile(128, 16, 8, 2)),
-    (("16bit", 256, "dk", True, None, None), Tile(16, 16, 8, 1)),
-    (("fp32", 256, "dv", True, None, None), Tile(16, 16, 8, 1)),
+    # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles.
+    TileRule("16bit", 256, "forward", Tile(128, 32, 8, 2), "wgmma", arch=90, aligned=True),
+    TileRule("16bit", 256, "forward", Tile(32, 32, 4, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
+    TileRule("16bit", 256, "forward", Tile(32, 32, 4, 2), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 256, "dk", Tile(32, 128, 8, 2), "wgmma", arch=90, aligned=True),
+    TileRule("16bit", 256, "dk", Tile(16, 32, 8, 1), "misaligned: no wgmma tile fits", dropout=False, arch=90,
+             aligned=False),
+    TileRule("16bit", 256, "dk", Tile(16, 32, 8, 1), "the largest spill-free tile", dropout=False, arch=80),
+    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 1), "dropout: 32 queries per step spill", dropout=True, arch=90,
+             aligned=False),
+    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 1), "dropout: 32 queries per step spill", dropout=True, arch=80),
+    TileRule("16bit", 256, "dv", Tile(32, 128, 8, 2), "wgmma", arch=90, aligned=True),
+    TileRule("16bit", 256, "dv", Tile(16, 64, 8, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
+    TileRule("16bit", 256, "dv", Tile(16, 64, 8, 2), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 256, "dq", Tile(128, 16, 8, 2), "wgmma", arch=90, aligned=True),
+    TileRule("16bit", 256, "dq", Tile(32, 16, 8, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
+    TileRule("16bit", 256, "dq", Tile(32, 16, 8, 2), "the largest spill-free tile", arch=80),
+    TileRule("fp32", 16, "forward", Tile(32, 32, 4, 1), "fp32 operands"),
+    TileRule("fp32", 16, "dkdv", Tile(16, 32, 8, 1), "fp32 operands"),
+    TileRule("fp32", 16, "dq", Tile(32, 32, 8, 1), "fp32 operands"),
+    TileRule("fp32", 32, "forward", Tile(32, 32, 4, 1), "fp32 operands"),
+    TileRule("fp32", 32, "dkdv", Tile(16, 32, 8, 1), "fp32 operands"),
+    TileRule("fp32", 32, "dq", Tile(32, 32, 4, 1), "fp32 operands; 8 warps spill"),
+    TileRule("fp32", 64, "forward", Tile(32, 16, 4, 1), "fp32 operands"),
+    TileRule("fp32", 64, "dkdv", Tile(32, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 64, "dq", Tile(32, 32, 8, 1), "fp32 operands"),
+    TileRule("fp32", 128, "forward", Tile(32, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 128, "dkdv", Tile(16, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 128, "dq", Tile(16, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 256, "forward", Tile(16, 16, 4, 1), "fp32 operands"),
+    TileRule("fp32", 256, "dk", Tile(16, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 256, "dv", Tile(16, 16, 4, 1), "fp32 operands", dropout=False),
+    TileRule("fp32", 256, "dv", Tile(16, 16, 8, 1), "dropout: 4 warps spill", dropout=True),
+    TileRule("fp32", 256, "dq", Tile(16, 32, 8, 1), "fp32 operands"),
 ]
 # The CPU interpreter gets small blocks: its cost grows with the number of elements computed, masked or not.
 INTERPRETER_TILE = Tile(32, 32, 1, 1)
@@ -94,13 +151,9 @@ def _precision(dtype):
 
 
 def table_tile(kernel, head_dim, dtype, dropout, arch, aligned):
-    """The tile `kernel` runs on `arch` (90 for sm_90; other archs get the general tiles, chosen for sm_80)."""
-    precision = _precision(dtype)
-    launch = (precision, block_d(head_dim), kernel, dropout, arch, aligned)
-    for key, tile in _OVERRIDES:
-        if all(want is None or want == have for want, have in zip(key, launch)):
-            return tile
-    return _TABLE[precision][block_d(head_dim)][kernel]
+    """The tile `kernel` runs on `arch` (90 for sm_90; every other arch gets the general tiles, made for sm_80)."""
+    launch = (_precision(dtype), block_d(head_dim), kernel, dropout, 90 if arch == 90 else 80, aligned)
+    return next(rule.tile for rule in RULES if rule.matches(*launch))
 
 
 def launch_tile(kernel, head_dim, dtype, dropout, device, aligned):
