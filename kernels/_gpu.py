@@ -4,9 +4,12 @@ import contextlib
 
 import torch
 
-# The compute capabilities (major * 10 + minor) the launch tables are written for and the compile report checks,
-# Hopper first. Every other architecture runs the tiles of the general case, written for sm_80.
+# The compute capabilities (major * 10 + minor) the launch tables are written for and the compile report compiles,
+# Hopper first. Every other architecture from 8.0 up runs the tiles of the general case, written for sm_80;
+# sm_86 and sm_89 (RTX 30xx and 40xx, A10, L4) run the same instructions with less shared memory, and the report
+# checks sm_80's compiles against their limit too. Older GPUs are refused (_validate.check_runnable).
 CHECKED_ARCHS = (90, 80)
+ARCHS_RUNNING_SM80_CODE = (86, 89)
 
 
 def device_arch(device: torch.device) -> int:

@@ -26,6 +26,12 @@ from .shared import operands_aligned
 MAX_OFFSET = 2**31
 
 
+def _stride(t, dim):
+    """t's stride along dim as the kernels take it: 0 where the dimension has one element, so that a stride that
+    never moves a pointer cannot exceed the kernels' integer types."""
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
 def rows_fit(t, row_stride, n_rows):
     """Whether the kernels can read t as it is: a contiguous last dimension, and every row of a sequence within
     32-bit offsets of its first."""
@@ -53,11 +59,11 @@ class _Launch:
     def strides(self, t):
         """(batch, head, row) strides of q, k, v or a tensor laid out like one: dense (B, H, N, D) or packed
         (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
-        return (0, t.stride(1), t.stride(0)) if self.packed else (t.stride(0), t.stride(1), t.stride(2))
+        return (0, _stride(t, 1), _stride(t, 0)) if self.packed else (_stride(t, 0), _stride(t, 1), _stride(t, 2))
 
     def statistics_strides(self, lse):
         """(batch, head) strides of LSE or DELTA: dense (B, H, Nq), packed (H, total_q)."""
-        return (0, lse.stride(0)) if self.packed else (lse.stride(0), lse.stride(1))
+        return (0, _stride(lse, 0)) if self.packed else (_stride(lse, 0), _stride(lse, 1))
 
     def grid(self, n, heads, block):
         return (triton.cdiv(n, block) * self.batch * heads,)

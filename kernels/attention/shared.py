@@ -42,13 +42,20 @@ _RUNTIME_SIZES = ("H", "H_KV", "N_Q", "N_K", "window_left", "window_right")
 
 
 def attention_kernel(fn):
-    """triton.jit for the attention kernels. Triton's JIT compiles a variant per pattern of its integer arguments
-    (equal to 1, divisible by 16, or neither); these kernels opt out for the sizes and for the strides'
-    divisibility, so what a GPU runs is exactly one of the two variants the compile report checks per tile:
-    ALIGNED (strides marked inside the kernel, see matrix_of) or not."""
-    names = inspect.signature(fn).parameters
-    return triton.jit(fn, do_not_specialize=[name for name in _RUNTIME_SIZES if name in names],
-                      do_not_specialize_on_alignment=[name for name in names if name.startswith("stride_")])
+    """triton.jit for the attention kernels, typed so that what a GPU compiles is exactly one of the two variants
+    per tile the compile report checks: ALIGNED (strides marked inside the kernel, see matrix_of) or not.
+
+    Triton's JIT would compile a variant per pattern of its integer arguments (equal to 1, divisible by 16) and
+    type each by its value (i32 below 2^31, else i64). Here no size or stride is specialised, and the strides'
+    types are fixed by their names, stride_<tensor><dim>: batch and head strides (dim b, h) are int64, since a
+    whole tensor may span more than 2^31 elements; row strides are int32, since the launchers keep each
+    sequence's rows within 32-bit offsets (ops.rows_fit) and pass 0 for a dimension of size 1."""
+    parameters = inspect.signature(fn).parameters
+    strides = [name for name in parameters if name.startswith("stride_")]
+    for name in strides:
+        fn.__annotations__[name] = tl.int64 if name[-1] in "bh" else tl.int32
+    return triton.jit(fn, do_not_specialize=[name for name in _RUNTIME_SIZES if name in parameters] + strides,
+                      do_not_specialize_on_alignment=strides)
 
 
 def operands_aligned(*tensors):
