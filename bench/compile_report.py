@@ -26,6 +26,7 @@ with triton TILES_CHECKED_WITH.
 import argparse
 import concurrent.futures
 import itertools
+import json
 import multiprocessing
 import os
 import re
@@ -86,9 +87,14 @@ def _kernel_params(kernel):
     return [KernelParam(i, p, False, False) for i, p in enumerate(inspect.signature(kernel).parameters.values())]
 
 
-def _config(name, kernel, dtype_name, constexprs, num_warps, num_stages, targets):
-    return {"name": name, "kernel": kernel, "signature": _signature(kernel, POINTER_TYPES[dtype_name], constexprs),
-            "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets}
+def _config(name, jit_kernel, dtype_name, constexprs, num_warps, num_stages, targets, **meta):
+    """One config: what to compile (the jit kernel, signature, constexprs, warps, stages), where it runs (targets)
+    and what it is (meta: the launch's kernel name, dtype, head size or width, mask, dropout, tile), for the JSON
+    records."""
+    return {"name": name, "kernel": jit_kernel,
+            "signature": _signature(jit_kernel, POINTER_TYPES[dtype_name], constexprs),
+            "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets,
+            "meta": dict(dtype=dtype_name, **meta)}
 
 
 # The attention masks a config is compiled with: the causal dense call (the decoder's, whose speed the tiles are
@@ -127,7 +133,8 @@ def attention_configs():
                     configs.append(_config(
                         f"attention_preprocess{'_varlen' if varlen else ''}_{dtype_name}_d{head_dim}_{operands}",
                         backward.attention_backward_preprocess_kernel, dtype_name, constexprs, 4, 1,
-                        _targets(aligned)))
+                        _targets(aligned), kernel="preprocess", head_dim=head_dim,
+                        mask="varlen" if varlen else "dense", dropout=False))
                 for kernel_name in ("forward", *tiles.key_block_passes(tiles.block_d(head_dim)), "dq"):
                     for (mask_name, mask), dropout in itertools.product(ATTENTION_MASKS.items(), (False, True)):
                         archs_by_tile = {}
@@ -145,7 +152,9 @@ def attention_configs():
                                     f"_{operands}")
                             configs.append(_config(name, kernel_of[kernel_name], dtype_name, constexprs,
                                                    tile.num_warps, tile.num_stages,
-                                                   tuple((arch, aligned) for arch in archs)))
+                                                   tuple((arch, aligned) for arch in archs), kernel=kernel_name,
+                                                   head_dim=head_dim, mask=mask_name, dropout=dropout,
+                                                   block_m=tile.block_m, block_n=tile.block_n))
     return configs
 
 
@@ -167,7 +176,7 @@ def layer_norm_configs():
                 constexprs = {"HAS_RESIDUAL": has_residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
                               "BLOCK_N": tile.block_n, **({} if tile.streamed else {"ROWS": tile.rows})}
                 configs.append(_config(f"layer_norm_{add}forward_{short}_n{width}", kernel, dtype_name, constexprs,
-                                       tile.num_warps, 3, _targets()))
+                                       tile.num_warps, 3, _targets(), kernel=f"{add}forward", width=width))
                 tile = tiles.backward_tile(width)
                 kernel = kernels.layer_norm_backward_streamed_kernel if tile.streamed else \
                     kernels.layer_norm_backward_kernel
@@ -175,7 +184,7 @@ def layer_norm_configs():
                               "COMPUTE_DBIAS": True, "BLOCK_N": tile.block_n,
                               **({} if tile.streamed else {"ROWS": tile.rows})}
                 configs.append(_config(f"layer_norm_{add}backward_{short}_n{width}", kernel, dtype_name, constexprs,
-                                       tile.num_warps, 1, _targets()))
+                                       tile.num_warps, 1, _targets(), kernel=f"{add}backward", width=width))
     return configs
 
 
@@ -236,7 +245,7 @@ def compile_config(op, name, arch, aligned):
     started = time.perf_counter()
     try:
         entry = next(e for e in _CONFIGS_OF[op]() if e["name"] == name)
-        result.update(num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+        result.update(entry["meta"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
         fn = _jit_function(entry["kernel"])
         signature = entry["signature"]
         # Aligned: every pointer and every integer the JIT would mark divisible by 16 is marked (the shipped
@@ -254,10 +263,43 @@ def compile_config(op, name, arch, aligned):
         result["dots"] = len(re.findall(r"\btt\.dot\b", compiled.asm["ttir"]))
         result["wgmma"] = "wgmma.mma_async" in ptx
         result["mma_sync"] = "mma.sync" in ptx
+        result.update(_speed(result, compiled.asm["cubin"]))
     except Exception as exc:  # noqa: BLE001 - a failed compile is what the report and the test are for
         result["error"] = f"{type(exc).__name__}: {str(exc).strip()[:2000]}"
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _speed(result, cubin):
+    """The speed model's reading of a 16-bit attention tile's main loop (bench/speed_model.py): modelled clocks per
+    128 x 128 block and their limiter, or None where no model applies (fp32, LayerNorm, the delta kernel); and
+    whether its warpgroups duplicate work."""
+    from bench import speed_model
+
+    record = {"model_clocks": None, "limiter": None, "duplicated": False}
+    if result["op"] != "attention" or result["kernel"] == "preprocess" or result["dtype"] == "float32":
+        return record
+    record["duplicated"] = result["wgmma"] and speed_model.duplicates_work(
+        result["kernel"], result["block_m"], result["block_n"], result["num_warps"])
+    loop = speed_model.main_loop(_disassemble(cubin, result["arch"]))
+    if loop is not None and result["arch"] in speed_model.RATES:
+        clocks, limiter = speed_model.block_clocks(loop, result["arch"], result["num_warps"], result["block_m"],
+                                                   result["block_n"])
+        record.update(model_clocks=round(clocks[limiter]), limiter=limiter,
+                      unit_clocks={unit: round(value) for unit, value in clocks.items()},
+                      loop_instructions=loop.instructions, loop_exp2=loop.mufu, wgmma_shapes=list(loop.wgmma))
+    return record
+
+
+def _disassemble(cubin, arch):
+    """cuobjdump -sass of a cubin, with the tool the Triton wheel ships."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        tool = Path(get_ptxas(arch).path).parent / "cuobjdump"
+        return subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
 
 
 def _compile_task(task):
@@ -283,6 +325,8 @@ def problems(result):
     found = []
     if result["arch"] == 90 and result["aligned"] and result["mma_sync"] and not result["wgmma"]:
         found.append("mma.sync where sm_90 has wgmma")
+    if result["arch"] == 90 and result.get("duplicated"):
+        found.append("warpgroups duplicate work (fewer than 64 rows per warpgroup)")
     if result["spill_store_bytes"] or result["spill_load_bytes"]:
         found.append(f"spills {result['spill_store_bytes']} B stored / {result['spill_load_bytes']} B loaded")
     for arch in _archs_running(result["arch"]):
@@ -312,34 +356,82 @@ def operands_name(aligned):
     return "aligned" if aligned else "any"
 
 
+# Goals of the speed model for the headline configs (16-bit, causal, aligned, sm_90, no dropout), in modelled clocks
+# per 128 x 128 block, and the Triton tutorial's fused attention (06-fused-attention.py) under the same model: a
+# static estimate from issue 12, not a timing. The floor is the tensor cores' alone: 2 products of 128 x 128 x D
+# in the forward, 7 in the backward (dK/dV + dQ).
+MODEL_GOALS = {64: {"forward": 1075, "backward": 3950}, 128: {"forward": 2150, "backward": 7900}}
+TUTORIAL_MODEL = {64: {"forward": 1088, "backward": 4608}, 128: {"forward": 2048, "backward": 8960}}
+
+
+def headline_model(results):
+    """[(head_dim, part, modelled clocks, floor, goal, tutorial)] for the headline configs: the forward, and the
+    backward as the sum of its key-block launches and dQ (the delta kernel aside)."""
+    rows = []
+    for head_dim in sorted(MODEL_GOALS):
+        picked = {r["kernel"]: r["model_clocks"] for r in results
+                  if r["op"] == "attention" and r["arch"] == 90 and r["aligned"] and r.get("mask") == "causal"
+                  and not r.get("dropout") and r.get("dtype") == "bfloat16" and r.get("head_dim") == head_dim
+                  and r.get("model_clocks") is not None}
+        backward = [picked.get(kernel) for kernel in ("dkdv", "dq")]
+        floor = 128 * 128 * head_dim // 2048
+        rows.append((head_dim, "forward", picked.get("forward"), 2 * floor, MODEL_GOALS[head_dim]["forward"],
+                     TUTORIAL_MODEL[head_dim]["forward"]))
+        rows.append((head_dim, "backward (dK/dV + dQ)", sum(backward) if None not in backward else None, 7 * floor,
+                     MODEL_GOALS[head_dim]["backward"], TUTORIAL_MODEL[head_dim]["backward"]))
+    return rows
+
+
 def to_markdown(results):
     import triton
 
+    from bench import speed_model
+
     headers = ["config", "arch", "operands", "warps", "stages", "registers", "spills (st/ld B)", "stack B",
-               "shared KiB", "tl.dot", "matrix instr.", "status"]
+               "shared KiB", "tl.dot", "matrix instr.", "model clk", "limiter", "status"]
     rows = []
     for r in results:
         base = [r["name"], f"sm_{r['arch']}", operands_name(r["aligned"]), r.get("num_warps", "—"),
                 r.get("num_stages", "—")]
         if "error" in r:
-            rows.append(base + ["—"] * 6 + ["FAILS TO COMPILE"])
+            rows.append(base + ["—"] * 8 + ["FAILS TO COMPILE"])
             continue
         found = problems(r)
         rows.append(base + [r["registers"], f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", r["stack_bytes"],
                             f"{r['shared_bytes'] / 1024:.1f}", r["dots"], matrix_instructions(r),
+                            r.get("model_clocks") or "—", r.get("limiter") or "—",
                             "; ".join(found) if found else "ok"])
     failing = [r for r in results if problems(r)]
+    model_rows = [[f"d{head_dim}", part, clocks if clocks is not None else "—", floor, goal, tutorial,
+                   "yes" if clocks is not None and clocks <= goal else "no"]
+                  for head_dim, part, clocks, floor, goal, tutorial in headline_model(results)]
+    rates = ", ".join(f"sm_{arch}: " + ", ".join(f"{unit} {rate}" for unit, rate in units.items())
+                      for arch, units in speed_model.RATES.items())
     lines = [
         "# Compile report",
         "",
         f"Every shipped kernel config of {', '.join(OPS)}, compiled without a GPU by triton "
-        f"{triton.__version__} for sm_90 (sm_90a) and sm_80; registers, stack and spills from the wheel's "
-        "ptxas -v on the PTX, shared memory as Triton allocates it, matrix instructions read off the PTX. "
+        f"{triton.__version__} for sm_90 (sm_90a) and sm_80 (whose code sm_86 and sm_89 run: held to their shared "
+        "memory too); registers, stack and spills from the wheel's ptxas -v on the PTX, shared memory as Triton "
+        "allocates it, matrix instructions read off the PTX. "
         "Operands \"aligned\": pointers and strides known to be multiples of 16 bytes (marked by Triton's JIT, "
         "or for the attention kernels' strides by the kernel itself); \"any\": nothing marked, the worst case. "
-        "A config is "
-        "compiled for the (arch, operands) launches that run its tile (a name ends in the attention tile, "
-        "BLOCK_M x BLOCK_N). Regenerate with `python -m bench.compile_report`.",
+        "A config is compiled for the (arch, operands) launches that run its tile (a name ends in the attention "
+        "tile, BLOCK_M x BLOCK_N, warps and stages). Regenerate with `python -m bench.compile_report`.",
+        "",
+        "\"model clk\": the speed model's clocks per 128 x 128 block of (query, key) pairs for one SM, a lower bound "
+        "read off the SASS of the main loop (bench/speed_model.py; per SM per clock " + rates + "), and the unit "
+        "that limits it. A static estimate, not a timing.",
+        "",
+        "## The headline configs under the model (bf16, causal, aligned, sm_90, no dropout)",
+        "",
+        "| head size | kernels | model clk | tensor floor | goal | tutorial (model) | meets goal |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in model_rows]
+    lines += [
+        "",
+        "## Every config",
         "",
         f"{len(results)} compiles, {len(failing)} with problems.",
         "",
@@ -354,17 +446,36 @@ def to_markdown(results):
     return "\n".join(lines) + "\n"
 
 
+JSON_FIELDS = ("op", "name", "kernel", "dtype", "head_dim", "width", "causal", "mask", "dropout", "arch", "aligned",
+               "block_m", "block_n", "num_warps", "num_stages", "registers", "spills", "shared_bytes", "model_clocks",
+               "limiter", "duplicated", "unit_clocks", "loop_instructions", "loop_exp2", "wgmma_shapes", "error")
+
+
+def json_records(results):
+    """The results for machines to read: one object per (config, arch, operands), the fields of JSON_FIELDS that
+    apply (spills: bytes stored plus loaded; causal: the causal mask variant)."""
+    records = []
+    for r in results:
+        record = dict(r, spills=r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0),
+                      causal=r.get("mask") == "causal" if r["op"] == "attention" else None)
+        records.append({field: record.get(field) for field in JSON_FIELDS})
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Compile every shipped kernel config for the checked GPU architectures "
                                 "(no GPU needed) and write the report of registers, spills, shared memory and "
                                 "matrix instructions.")
     p.add_argument("--output", type=Path, default=REPORT_PATH, help=f"the report to write (default {REPORT_PATH})")
     p.add_argument("--workers", type=int, default=WORKERS, help=f"compile processes (default {WORKERS})")
+    p.add_argument("--json", type=Path, help="also write every record as JSON to this file")
     args = p.parse_args(argv)
     started = time.perf_counter()
     results = compile_all(workers=args.workers)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(to_markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps(json_records(results), indent=1) + "\n")
     failing = [r for r in results if problems(r)]
     for r in failing:
         print(f"PROBLEM {r['name']} sm_{r['arch']} {operands_name(r['aligned'])}: {'; '.join(problems(r))}")

@@ -55,8 +55,11 @@ MUTANTS = [
            "if False:\n        return _through_fp32(attention,", ("tests/test_attention.py", "-k", "bf16")),
     # Dropout
     Mutant("dropout mask constant along each row", "kernels/attention/shared.py",
-           "tl.rand(philox_key, query_idx * n_k + key_idx)", "tl.rand(philox_key, query_idx * n_k)",
+           "rows[:, None] * tl.cdiv(n_k, 4) + groups[None, :]", "rows[:, None] * tl.cdiv(n_k, 4) + groups[None, :] * 0",
            ("tests/test_attention_dropout.py",)),
+    Mutant("one Philox draw for four keys", "kernels/attention/shared.py",
+           "keep = tl.join(tl.join(keep0, keep2), tl.join(keep1, keep3))",
+           "keep = tl.join(tl.join(keep0, keep0), tl.join(keep0, keep0))", ("tests/test_attention_dropout.py",)),
     Mutant("kept weights not scaled up", "kernels/attention/forward.py",
            "p = tl.where(keep, p * dropout_scale, 0.0)", "p = tl.where(keep, p, 0.0)",
            ("tests/test_attention_dropout.py",)),

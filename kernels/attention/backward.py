@@ -1,6 +1,6 @@
 """The attention backward kernels: delta = rowsum(dO * O), then dK and dV per key block, then dQ per query block.
-Each program owns the rows it writes: no atomics, deterministic. With grouped-query attention a key/value head's
-dK and dV sum over its group of query heads inside one program, in a fixed order."""
+Each program owns the rows it writes: no atomics, deterministic. With grouped-query attention each query head
+writes its share of dK and dV, which the launcher sums over each group in a fixed order."""
 
 import triton
 import triton.language as tl
@@ -59,13 +59,15 @@ def attention_backward_preprocess_kernel(
 @triton.jit
 def _backward_dkdv_inner(
     dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE, DELTA,
-    offs_n, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_q, n_k, first, last,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, BOUNDED_LEFT: tl.constexpr,
+    start_n, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_q, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr,
     BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
 ):
     """Accumulate dK and/or dV of one key block over query blocks [lo, hi) of one query head. Works on transposed
     tiles (keys x queries) so the accumulations are plain matrix products. MASKED applies the band; rows past the
     sequence's end read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     dropout_scale = 1.0 / (1.0 - dropout_p)
     for start_m in range(lo, hi, BLOCK_M):
@@ -80,7 +82,7 @@ def _backward_dkdv_inner(
                            p_t, 0.0)
         do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], n_k, dropout_p)
+            keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N))
         if COMPUTE_DV:
             # dV += P_dropped^T dO
             p_dropped_t = p_t
@@ -115,25 +117,32 @@ def attention_backward_dkdv_kernel(
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """dK and/or dV for one block of BLOCK_N keys of one (batch, key/value head), looping over the query heads of
-    its group and, for each, over query blocks of BLOCK_M. Grid: (cdiv(N_K, BLOCK_N) * B * H_KV,).
+    """dK and/or dV for one block of BLOCK_N keys of one (batch, query head), looping over query blocks of
+    BLOCK_M. Grid: (cdiv(N_K, BLOCK_N) * B * H,). The keys and values are those of the query head's key/value head;
+    with grouped-query attention each query head writes its own share of dK and dV (DK, DV then have H heads, and
+    the launcher sums each group's, in a fixed order). One head per program keeps the registers of the d128 tiles.
 
-    DO: the gradient of the output, laid out like Q. DK, DV: gradients, laid out like K, written here in the
-    input dtype. DELTA: fp32 from the preprocess kernel, laid out like LSE.
+    DO: the gradient of the output, laid out like Q. DK, DV: gradients with H heads, laid out like K otherwise,
+    written here in their dtype. DELTA: fp32 from the preprocess kernel, laid out like LSE.
     COMPUTE_DK, COMPUTE_DV: which of the two to compute and write (both, or one per launch where the two fp32
     accumulators do not fit in registers together).
     The other arguments mean what they mean in the forward kernel.
     """
-    block, b, kv_head = program_coordinates(N_K, H_KV, BLOCK_N)
+    block, b, h = program_coordinates(N_K, H, BLOCK_N)
     k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
     start_n = block * BLOCK_N
     if start_n >= n_k:  # past this packed sequence's end
         return
     q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    kv_head = h // (H // H_KV)
+    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
     K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
     V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
-    DK, stride_dkn = matrix_of(DK, b, kv_head, k_start, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
-    DV, stride_dvn = matrix_of(DV, b, kv_head, k_start, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
+    DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
+    DK, stride_dkn = matrix_of(DK, b, h, k_start, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
+    DV, stride_dvn = matrix_of(DV, b, h, k_start, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
+    LSE = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
+    DELTA = row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
@@ -148,20 +157,15 @@ def attention_backward_dkdv_kernel(
     # whole (no mask), its left edge (masked, only with a left bound).
     lo, full_lo, full_hi, hi = queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M, BLOCK_N, BOUNDED_LEFT,
                                                         BOUNDED_RIGHT)
-    group = H // H_KV
-    for h in range(kv_head * group, (kv_head + 1) * group):  # the query heads that share this key/value head
-        Q_h, stride_qm_h = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
-        DO_h, stride_dom_h = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
-        LSE_h = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
-        DELTA_h = row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh)
-        for phase in tl.static_range(3):
-            if phase == 1 or (phase == 0 and BOUNDED_RIGHT) or (phase == 2 and BOUNDED_LEFT):
-                start, end = phase_range(phase, lo, full_lo, full_hi, hi)
-                dk, dv = _backward_dkdv_inner(
-                    dk, dv, k, v, Q_h, DO_h, stride_qm_h, stride_dom_h, LSE_h, DELTA_h,
-                    offs_n, offs_d, seed, b * H + h, dropout_p, qk_scale, start, end, n_q, n_k, first, last,
-                    HEAD_DIM, BLOCK_M, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, COMPUTE_DK, COMPUTE_DV,
-                )
+    for phase in tl.static_range(3):
+        if phase == 1 or (phase == 0 and BOUNDED_RIGHT) or (phase == 2 and BOUNDED_LEFT):
+            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+            dk, dv = _backward_dkdv_inner(
+                dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE, DELTA,
+                start_n, offs_d, seed, b * H + h, dropout_p, qk_scale, start, end, n_q, n_k, first, last,
+                HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, COMPUTE_DK,
+                COMPUTE_DV,
+            )
 
     if COMPUTE_DK:
         # dK = scale * sum_i dS_ij q_i: the scale of S = scale * Q K^T, applied once
@@ -173,12 +177,13 @@ def attention_backward_dkdv_kernel(
 @triton.jit
 def _backward_dq_inner(
     dq, q, do, lse, delta, K, V, stride_kn, stride_vn,
-    offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi). MASKED applies the band and the sequence's end
     (dQ sums over keys, so keys past the end must contribute exactly 0)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)
     for start_n in range(lo, hi, BLOCK_N):
@@ -194,7 +199,7 @@ def _backward_dq_inner(
         # dP = dO V^T, through the dropout mask
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], n_k, dropout_p)
+            keep = dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # dS = P * (dP - delta); dQ += dS K (times the scale, applied once at the end)
         ds = p * (dp - delta[:, None])
@@ -255,9 +260,9 @@ def attention_backward_dq_kernel(
         if phase != 0 or BOUNDED_LEFT:
             start, end = phase_range(phase, lo, full_lo, full_hi, hi)
             dq = _backward_dq_inner(
-                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, seed, b * H + h, dropout_p,
-                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_N, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT,
-                DROPOUT,
+                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, start_m, offs_d, seed, b * H + h, dropout_p,
+                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT,
+                BOUNDED_RIGHT, DROPOUT,
             )
 
     # dQ = scale * sum_j dS_ij k_j

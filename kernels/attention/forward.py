@@ -24,12 +24,13 @@ from .shared import (
 @triton.jit
 def _forward_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
-    offs_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the band and the
     sequence's end; the others are known to be seen whole by every row and skip both."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
@@ -54,7 +55,7 @@ def _forward_inner(
         # l = alpha * l + rowsum(p): the softmax denominator sees every probability, dropped or not
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], n_k, dropout_p)
+            keep = dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         # acc = alpha * acc + p v
         v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
@@ -131,8 +132,8 @@ def attention_forward_kernel(
         if phase != 0 or BOUNDED_LEFT:
             start, end = phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _forward_inner(
-                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, seed, b * H + h, dropout_p,
-                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_N, phase != 1, BOUNDED_LEFT,
+                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_m, offs_d, seed, b * H + h, dropout_p,
+                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT,
                 BOUNDED_RIGHT, DROPOUT,
             )
 
@@ -160,6 +161,7 @@ def dropout_mask_kernel(
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(tl.load(SEED), first_b * H + bh, offs_m[:, None], offs_n[None, :], N_K, dropout_p)
+    keep = dropout_keep(tl.load(SEED), first_b * H + bh, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, N_K,
+                        dropout_p, BLOCK_M, BLOCK_N)
     ptrs = MASK + (bh * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]
     tl.store(ptrs, keep, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))

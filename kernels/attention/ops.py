@@ -135,7 +135,8 @@ def attention_backward(
     if not rows_fit(grad_out, launch.strides(grad_out)[2], launch.n_q):
         grad_out = torch.empty_like(out).copy_(grad_out)  # e.g. the stride-0 gradient of out.sum(); out's layout
     dropout = dropout_p > 0
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    dk, dv = (_per_query_head(k, launch) for _ in range(2))
     aligned = operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
     delta = torch.empty_like(lse)
     common = dict(DROPOUT=dropout, ALIGNED=aligned, **launch.constexprs)
@@ -149,11 +150,11 @@ def attention_backward(
             HEAD_DIM=launch.head_dim, BLOCK_D=launch.block_d, BLOCK_M=block_m, VARLEN=launch.packed,
             ALIGNED=aligned,
         )
-        # 2. dK, dV: one program per key block of each key/value head, in one launch or two (key_block_passes)
+        # 2. dK, dV: one program per key block of each query head, in one launch or two (key_block_passes)
         for kernel in tiles.key_block_passes(launch.block_d):
             compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
             tile = tiles.launch_tile(kernel, launch.head_dim, q.dtype, dropout, q.device, aligned)
-            attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.kv_heads, tile.block_n)](
+            attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.heads, tile.block_n)](
                 q, k, v, grad_out, dk, dv, lse, delta, seed, *launch.cu_seqlens,
                 *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
                 *launch.strides(dk), *launch.strides(dv), *launch.statistics_strides(lse),
@@ -171,7 +172,27 @@ def attention_backward(
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
             **common,
         )
-    return dq, dk, dv
+    return dq, _sum_groups(dk, k, launch), _sum_groups(dv, v, launch)
+
+
+def _per_query_head(kv, launch):
+    """The buffer the dK/dV kernel writes a gradient of k or v into: like it when every query head has its own
+    key/value head; with grouped-query attention one fp32 share per query head (H heads), to be summed."""
+    if launch.heads == launch.kv_heads:
+        return torch.empty_like(kv)
+    shape = list(kv.shape)
+    shape[1] = launch.heads  # (B, H, Nk, D), or packed (total_k, H, D)
+    return torch.empty(shape, device=kv.device, dtype=torch.float32)
+
+
+def _sum_groups(shares, kv, launch):
+    """The gradient of k or v from the query heads' shares: each key/value head's group summed in a fixed order
+    (deterministic, unlike atomics), in fp32, then rounded to kv's dtype."""
+    if launch.heads == launch.kv_heads:
+        return shares
+    group = launch.heads // launch.kv_heads
+    grouped = shares.unflatten(1, (launch.kv_heads, group))  # (..., H_KV, group, ...)
+    return grouped.sum(2).to(kv.dtype)
 
 
 @attention_backward.register_fake

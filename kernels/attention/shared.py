@@ -16,9 +16,9 @@ sequence b in rows [cu_seqlens[b], cu_seqlens[b + 1])): programs past their own 
 Nothing of size Nq x Nk is ever stored: the forward keeps the output and one log-sum-exp per query row; the
 backward recomputes P from it and regenerates the dropout mask from (seed, position).
 
-Dropout randomness: Philox (`tl.rand`) keyed by (seed, b * H + h) and counted by i * Nk + j within the sequence,
-so every (batch, query head, row, col) has its own stream position and the forward, both backward kernels and
-the mask kernel agree on the mask.
+Dropout randomness: Philox (`tl.randint4x`) keyed by (seed, b * H + h) and counted by i * cdiv(Nk, 4) + j // 4
+within the sequence, draw j % 4 of the call, so every (batch, query head, row, col) has its own random number and
+the forward, both backward kernels and the mask kernel agree on the mask.
 
 Operand alignment (ALIGNED): the launcher sets it when every strided operand has a 16-byte-aligned pointer, a
 unit last stride and rows a multiple of 16 bytes (`operands_aligned`). The kernels opt out of Triton's own
@@ -196,20 +196,31 @@ def queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def dropout_keep(seed, bh, query_idx, key_idx, n_k, dropout_p):
-    """The dropout keep-mask of one tile, shared by every kernel that needs it.
+def dropout_keep(seed, bh, first_query, first_key, n_k, dropout_p, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dropout keep-mask of the (BLOCK_Q queries, BLOCK_K keys) tile starting at (first_query, first_key),
+    shared by every kernel that needs it (the dK/dV kernel transposes it).
 
-    seed:      the call's seed (int64, below 2^31).
-    bh:        b * H + h, the batch and query head.
-    query_idx: query row indices within the sequence, broadcastable against key_idx.
-    key_idx:   key column indices within the sequence.
-    n_k:       the sequence's number of keys (the row length of the virtual (Nq, Nk) mask).
-    dropout_p: probability of dropping.
-    Returns a boolean tile: True where the probability is kept.
+    seed:        the call's seed (int64, below 2^31).
+    bh:          b * H + h, the batch and query head.
+    first_query: the tile's first query row within the sequence.
+    first_key:   the tile's first key column within the sequence, a multiple of 4.
+    n_k:         the sequence's number of keys (the row length of the virtual (Nq, Nk) mask).
+    dropout_p:   probability of dropping.
+    Returns a boolean (BLOCK_Q, BLOCK_K) tile: True where the probability is kept.
     """
-    # Philox key = (seed, bh) keeps heads independent; the counter row * Nk + col is unique inside a head.
+    # One Philox call gives four 32-bit numbers: keys 4c .. 4c + 3 of a row share the call counted by
+    # row * cdiv(Nk, 4) + c, which is unique inside a head; the key (seed, bh) keeps heads independent. A quarter
+    # of the random-number work of one call per probability, which otherwise bounds dropout's kernels.
     philox_key = seed.to(tl.uint64) + (bh.to(tl.uint64) << 32)
-    return tl.rand(philox_key, query_idx * n_k + key_idx) >= dropout_p
+    rows = first_query + tl.arange(0, BLOCK_Q)
+    groups = first_key // 4 + tl.arange(0, BLOCK_K // 4)
+    r0, r1, r2, r3 = tl.randint4x(philox_key, rows[:, None] * tl.cdiv(n_k, 4) + groups[None, :])
+    # kept where the draw, uniform on [0, 2^32), is at least dropout_p * 2^32
+    threshold = tl.cast(dropout_p * 4294967296.0, tl.uint32)
+    keep0, keep1, keep2, keep3 = r0 >= threshold, r1 >= threshold, r2 >= threshold, r3 >= threshold
+    # interleave: column 4c + t of the tile is draw t of call c
+    keep = tl.join(tl.join(keep0, keep2), tl.join(keep1, keep3))
+    return tl.reshape(keep, (BLOCK_Q, BLOCK_K))
 
 
 @triton.jit

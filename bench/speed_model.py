@@ -1,0 +1,124 @@
+"""A static speed model of the attention kernels, read off their SASS: what one iteration of a kernel's main loop
+issues, and how many clocks a 128 x 128 block of (query, key) pairs must take at best on one SM.
+
+The model (a lower bound: every unit busy at once, perfect overlap), per SM per clock, for the GPUs the tiles are
+made for (H100 and A100 figures; the H200 has the H100's SMs):
+    tensor cores   2048 (sm_90, wgmma) or 1024 (sm_80, mma.sync) fp16/bf16 multiply-adds
+    shared memory  128 bytes: every byte a matrix instruction reads from shared memory (a wgmma with both operands
+                   in shared memory, "SS", reads A and B; one with A in registers, "RS", reads B), every LDS/LDSM and
+                   STS, and every asynchronous global-to-shared copy (LDGSTS) that fills it
+    MUFU           16 exp2
+    issue          4 warp instructions (one per scheduler)
+The loop modelled is the innermost loop with the fewest instructions among those that do matrix work: the unmasked
+range of the causal kernels. Its cost per iteration is scaled to a 128 x 128 block: each iteration covers
+BLOCK_M x BLOCK_N (query, key) pairs. The limiter is the unit that takes longest.
+"""
+
+import re
+from dataclasses import dataclass
+
+RATES = {
+    90: dict(tensor=2048, shared=128, mufu=16, issue=4),
+    80: dict(tensor=1024, shared=128, mufu=16, issue=4),
+}
+BLOCK_PAIRS = 128 * 128
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+_HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x(\d+)\.F32\.(BF16|F16)")
+_HMMA_SHAPE = re.compile(r"HMMA\.(16816|1688)\.F32\.(BF16|F16)")
+_WIDTH = re.compile(r"\.(128|64|32|U16|S16|U8|S8)(?:\.|$)")
+_WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+@dataclass
+class LoopCounts:
+    """What one iteration of a loop issues, per warp (the SASS every warp runs)."""
+
+    instructions: int = 0
+    mufu: int = 0
+    tensor_fma_per_warp: int = 0  # mma.sync: each warp's own
+    tensor_fma_per_warpgroup: int = 0  # wgmma: each warpgroup's, issued by its four warps together
+    shared_bytes_per_warp: int = 0  # LDS, LDSM, STS, LDGSTS
+    shared_bytes_per_warpgroup: int = 0  # wgmma operands read from shared memory
+    wgmma: tuple = ()  # the wgmma shapes issued
+
+
+def parse(sass):
+    """[(address, opcode, operands)] of cuobjdump -sass output."""
+    return [(int(a, 16), op, args.strip()) for a, op, args in _INSTRUCTION.findall(sass)]
+
+
+def innermost_loops(instructions):
+    """[(first, last)] index ranges of the loops that contain no other loop: a backward branch closes a loop."""
+    index_of = {address: i for i, (address, _, _) in enumerate(instructions)}
+    loops = []
+    for i, (address, opcode, args) in enumerate(instructions):
+        target = _BRANCH_TARGET.search(args) if opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index_of:
+            loops.append((index_of[int(target.group(1), 16)], i))
+    return [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+
+
+def count(instructions):
+    counts = LoopCounts()
+    shapes = []
+    for _, opcode, args in instructions:
+        if opcode == "NOP":
+            continue
+        counts.instructions += 1
+        if opcode.startswith("MUFU.EX2"):
+            counts.mufu += 1
+        elif opcode.startswith("HGMMA"):
+            n, k, _ = _HGMMA_SHAPE.match(opcode).groups()
+            n, k = int(n), int(k)
+            counts.tensor_fma_per_warpgroup += 64 * n * k
+            a_in_registers = re.match(r"R\d+,\s*R\d+", args) is not None
+            counts.shared_bytes_per_warpgroup += 2 * k * n + (0 if a_in_registers else 2 * k * 64)
+            shapes.append(f"64x{n}x{k}{'RS' if a_in_registers else 'SS'}")
+        elif opcode.startswith("HMMA"):
+            shape = _HMMA_SHAPE.match(opcode)
+            if shape:
+                counts.tensor_fma_per_warp += 16 * 8 * (16 if shape.group(1) == "16816" else 8)
+        elif opcode.startswith("LDSM"):
+            counts.shared_bytes_per_warp += 128 * int(opcode.rsplit(".", 1)[1])  # .1, .2, .4 8x8 matrices
+        elif opcode.startswith(("LDS", "STS", "LDGSTS")):
+            width = _WIDTH.search(opcode[opcode.index("."):] if "." in opcode else "")
+            counts.shared_bytes_per_warp += 32 * (_WIDTH_BYTES[width.group(1)] if width else 4)
+    counts.wgmma = tuple(sorted(set(shapes)))
+    return counts
+
+
+def main_loop(sass):
+    """The counts of the innermost loop with matrix work and the fewest instructions, or None."""
+    instructions = parse(sass)
+    candidates = [count(instructions[first:last + 1]) for first, last in innermost_loops(instructions)]
+    candidates = [c for c in candidates if c.tensor_fma_per_warp or c.tensor_fma_per_warpgroup]
+    return min(candidates, key=lambda c: c.instructions) if candidates else None
+
+
+def block_clocks(counts, arch, num_warps, block_m, block_n):
+    """{unit: clocks} for one 128 x 128 block, and the limiter, by the model above."""
+    rates = RATES[arch]
+    warpgroups = num_warps / 4
+    per_iteration = {
+        "tensor": (counts.tensor_fma_per_warp * num_warps + counts.tensor_fma_per_warpgroup * warpgroups)
+        / rates["tensor"],
+        "shared memory": (counts.shared_bytes_per_warp * num_warps + counts.shared_bytes_per_warpgroup * warpgroups)
+        / rates["shared"],
+        "MUFU": counts.mufu * 32 * num_warps / rates["mufu"],
+        "issue": counts.instructions * num_warps / rates["issue"],
+    }
+    scale = BLOCK_PAIRS / (block_m * block_n)
+    clocks = {unit: value * scale for unit, value in per_iteration.items()}
+    return clocks, max(clocks, key=clocks.get)
+
+
+def rows_per_matrix_product(kernel, block_m, block_n):
+    """The rows of the tile's matrix products (their M): queries for forward and dQ, keys for dK/dV."""
+    return block_m if kernel in ("forward", "dq") else block_n
+
+
+def duplicates_work(kernel, block_m, block_n, num_warps):
+    """Whether warpgroups repeat each other's work: a wgmma is 64 rows per warpgroup, so a tile with fewer rows than
+    64 per warpgroup has its warpgroups compute the same products."""
+    return rows_per_matrix_product(kernel, block_m, block_n) < 64 * num_warps // 4
