@@ -9,9 +9,26 @@ from pathlib import Path
 
 import torch
 
+from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_backends
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
-from gpt.train import CHECKPOINT_NAME, default_prompt, load_checkpoint, resolve_backends, sample_text
+
+
+def default_prompt(tokenizer: CharTokenizer) -> str:
+    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+
+
+def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
+                top_k=None, seed=1337) -> str:  # fmt: skip
+    """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    return tokenizer.decode(out[0])
 
 
 def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_backends, save_checkpoint
 from gpt.data import CharTokenizer, TextDataset, load_text
 from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
-
-CHECKPOINT_NAME = "ckpt.pt"
+from gpt.sample import default_prompt, sample_text
 
 # Values a preset sets; any flag given explicitly on the command line overrides them.
 PRESETS = {
@@ -111,17 +110,6 @@ def setup_runtime(requested_device=None) -> Runtime:
     return Runtime(device, rank, world_size)
 
 
-def resolve_backends(attention: str, layernorm: str, device, log=print) -> tuple[str, str]:
-    """The backends to build the model with on `device`: Triton only trains on a GPU."""
-    if torch.device(device).type != "cuda" and "triton" in (attention, layernorm):
-        log(
-            "Triton backends need a CUDA GPU: without one only Triton's CPU interpreter can run them, "
-            "far too slowly to train. Using eager attention and layernorm."
-        )
-        return "eager", "eager"
-    return attention, layernorm
-
-
 def wrap_ddp(model: GPT, device: torch.device) -> DistributedDataParallel:
     # The only buffers are the causal masks, identical everywhere: no need to broadcast them each step
     # (and rank 0 can run the bare model for evaluation without a collective the other ranks would miss).
@@ -167,47 +155,6 @@ def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int,
         losses[split] = total / eval_iters
     model.train()
     return losses
-
-
-def save_checkpoint(checkpoint: dict, path) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: a crash at any moment
-    leaves either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with gpt-train first")
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
-                top_k=None, seed=1337) -> str:  # fmt: skip
-    """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    model.train(was_training)
-    return tokenizer.decode(out[0])
-
-
-def default_prompt(tokenizer: CharTokenizer) -> str:
-    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
 
 
 class ProgressBar:

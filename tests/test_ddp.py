@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpt.checkpoint import load_checkpoint
 from gpt.model import GPT, GPTConfig
-from gpt.train import load_checkpoint, mean_across_ranks, setup_runtime, train_step, wrap_ddp
+from gpt.train import mean_across_ranks, setup_runtime, train_step, wrap_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

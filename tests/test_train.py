@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import DEVICE
 
+from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample_main
-from gpt.train import PRESETS, load_checkpoint, parse_args, save_checkpoint, train
+from gpt.train import PRESETS, parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox jumps over the lazy dog.\nthe five boxing wizards jump quickly!\n" * 40
@@ -168,3 +169,10 @@ def test_sample_bad_input_is_a_clear_error(trained, argv, message, capsys):
         sample_main(["--out-dir", str(trained["checkpoint"].parent), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sampling_does_not_load_the_training_script():
+    check = "import sys, gpt.sample; assert 'gpt.train' not in sys.modules, sorted(sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
