@@ -123,9 +123,11 @@ class Block(nn.Module):
         self.ffwd = FeedForward(config)
         self.ln1 = make_layernorm(config)
         self.ln2 = make_layernorm(config)
+        # The Triton norm also fuses the residual add before ln2 into its kernel pass.
+        self.fused_add_norm = config.layernorm == "triton"
 
     def forward(self, x):
-        if hasattr(self.ln2, "add_and_norm"):  # the fused norm: the residual add and ln2 in one kernel pass
+        if self.fused_add_norm:
             h, x = self.ln2.add_and_norm(self.sa(self.ln1(x)), x)
             return x + self.ffwd(h)
         x = x + self.sa(self.ln1(x))
