@@ -4,6 +4,7 @@ The eager modules in this file (`Head`, `MultiHeadAttention`, `FeedForward`, `Bl
 project's reference: every fused backend must load their state dict and reproduce their outputs.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,16 @@ class GPT(nn.Module):
         self.ln_f = make_layernorm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(self._ignore_saved_causal_masks)
+
+    @staticmethod
+    def _ignore_saved_causal_masks(module, state_dict, prefix, *_):
+        """The seed's gpt.py saved each head's causal mask (`blocks.{i}.sa.heads.{j}.tril`) in its state dict.
+        Our heads derive the mask from block_size (the fused ones need none), so such entries are dropped here,
+        above every attention backend, and the seed's checkpoints load strictly into any of them."""
+        saved_mask = re.compile(re.escape(prefix) + r"blocks\.\d+\.sa\.heads\.\d+\.tril")
+        for key in [key for key in state_dict if saved_mask.fullmatch(key)]:
+            del state_dict[key]
 
     @staticmethod
     def _init_weights(module):
