@@ -9,6 +9,8 @@ batches, gradients are averaged by DDP, and only rank 0 logs, evaluates, writes 
 """
 
 import argparse
+import gc
+import inspect
 import math
 import os
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  imported before any process group exists: see leave_process_group
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_backends, save_checkpoint
@@ -110,11 +113,31 @@ def setup_runtime(requested_device=None) -> Runtime:
     return Runtime(device, rank, world_size)
 
 
+def leave_process_group() -> None:
+    """Destroy the process group for real, its gloo worker threads joined, while Python is still fully alive.
+
+    A worker thread finishes a collective a moment after the rank it serves has moved on, and then drops its
+    reference to the collective's tensors. Dropping a tensor Python also knows needs the GIL; once the interpreter
+    has begun to shut down, Python answers by ending the thread, the unwinding meets a C++ destructor, and the
+    process aborts ("terminate called without an active exception"), so a finished run could exit -6. Freeing
+    the group joins its worker threads first, but destroy_process_group frees it only when nothing else holds it:
+    - the DDP wrapper holds it, and sits in a reference cycle, so only the garbage collector frees it;
+    - torch.distributed.nn's functions take `group.WORLD` as a default argument, evaluated when the module is
+      imported, and DDP's constructor imports it (through torch._dynamo). This file imports it first, before
+      any group exists, so that it holds none.
+    """
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def wrap_ddp(model: GPT, device: torch.device) -> DistributedDataParallel:
     # The only buffers are the causal masks, identical everywhere: no need to broadcast them each step
     # (and rank 0 can run the bare model for evaluation without a collective the other ranks would miss).
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns); 2.11 has only the old one.
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, **{no_buffer_sync: False})
 
 
 def train_step(model, optimizer, x, y) -> torch.Tensor:
@@ -197,13 +220,21 @@ class ProgressBar:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run one training job; returns the loss history, the final sample and the checkpoint path."""
+    """Run one training job; returns the loss history, the final sample and the checkpoint path.
+    Under torchrun every rank leaves the process group once training is over, and rank 0 then samples alone."""
     runtime = setup_runtime(args.device)
     try:
-        return _train(args, runtime)
+        run = _train(args, runtime)
     finally:
         if runtime.distributed:
-            dist.destroy_process_group()
+            leave_process_group()
+    sample = None
+    if runtime.is_main:
+        tokenizer = run["tokenizer"]
+        sample = sample_text(run["model"], tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
+        print("---- sample ----")
+        print(sample)
+    return {**run, "sample": sample}
 
 
 def _train(args, runtime: Runtime) -> dict:
@@ -278,17 +309,13 @@ def _train(args, runtime: Runtime) -> dict:
         if runtime.is_main:
             bar.update(step, loss)
 
-    sample = None
     if runtime.is_main:
         bar.close()
         if step > start_step:
             log(f"checkpoint: {checkpoint_path}")
-        sample = sample_text(model, tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
-        log("---- sample ----")
-        log(sample)
     if runtime.distributed:
-        dist.barrier()
-    return {"history": history, "sample": sample, "checkpoint": checkpoint_path, "model": model}
+        dist.barrier()  # every rank leaves the group at once (NCCL's teardown is collective in some versions)
+    return {"history": history, "checkpoint": checkpoint_path, "model": model, "tokenizer": tokenizer}
 
 
 def main(argv=None):
