@@ -1,4 +1,4 @@
-"""The checkpoint gpt-train writes and gpt-sample reads, and the backends a model is rebuilt with.
+"""The checkpoint gpt-train writes and gpt-sample reads.
 
 A checkpoint is one `torch.save`d dict: "config" (the GPTConfig as a dict), "model" (the state dict), "optimizer"
 (AdamW's state), "step", "vocab" (the tokenizer's characters), "args" (the run's arguments) and "losses".
@@ -11,6 +11,12 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_NAME = "ckpt.pt"
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "vocab", "args", "losses")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+class CheckpointError(ValueError):
+    """A file that is not a gpt-train checkpoint, or one that is damaged."""
 
 
 def save_checkpoint(checkpoint: dict, path) -> None:
@@ -34,15 +40,15 @@ def load_checkpoint(path, device="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one with gpt-train first")
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def resolve_backends(attention: str, layernorm: str, device, log=print) -> tuple[str, str]:
-    """The backends to build the model with on `device`: Triton only trains on a GPU."""
-    if torch.device(device).type != "cuda" and "triton" in (attention, layernorm):
-        log(
-            "Triton backends need a CUDA GPU: without one only Triton's CPU interpreter can run them, "
-            "far too slowly to train. Using eager attention and layernorm."
-        )
-        return "eager", "eager"
-    return attention, layernorm
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise CheckpointError(f"{path} is not a checkpoint (not an archive written by torch.save)")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # whatever torch.load trips on inside the archive, the file is not what it was
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is a damaged checkpoint ({reason})") from e
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a gpt-train checkpoint (no {', '.join(missing)})")
+    return checkpoint

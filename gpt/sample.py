@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_backends
+from gpt.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from gpt.cli import add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
 
@@ -31,7 +32,7 @@ def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_token
     return tokenizer.decode(out[0])
 
 
-def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpt-sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", help=f"checkpoint file (default: <out-dir>/{CHECKPOINT_NAME})")
     p.add_argument("--out-dir", default="out", help="directory gpt-train wrote to (default: out)")
@@ -41,8 +42,18 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p.add_argument("--temperature", type=float, default=1.0, help="below 1 is more conservative, above 1 more varied")
     p.add_argument("--top-k", type=int, help="sample only among the k most likely characters")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
-    return p, p.parse_args(argv)
+    add_device_arguments(p)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        exit_with_error(p.prog, f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
+    if not args.temperature > 0:
+        exit_with_error(p.prog, f"--temperature must be positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        exit_with_error(p.prog, f"--top-k must be at least 1, got {args.top_k}")
+    if args.prompt == "":
+        exit_with_error(p.prog, "--prompt must not be empty")
+    check_device_arguments(args, p.prog)
+    return args
 
 
 def print_to_stderr(message: str):
@@ -50,30 +61,21 @@ def print_to_stderr(message: str):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    if args.max_new_tokens < 0:
-        parser.error(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top-k must be at least 1, got {args.top_k}")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} requested but CUDA is not available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / CHECKPOINT_NAME
     try:
         checkpoint = load_checkpoint(path, device)
-    except FileNotFoundError as e:
-        parser.error(str(e))
+    except (FileNotFoundError, CheckpointError) as e:
+        exit_with_error("gpt-sample", str(e))
 
     tokenizer = CharTokenizer(checkpoint["vocab"])
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
-    if not prompt:
-        parser.error("--prompt must not be empty")
     try:
         tokenizer.encode(prompt)
     except ValueError as e:
-        parser.error(f"--prompt: {e} (the checkpoint was trained on {tokenizer.vocab_size} characters)")
+        trained_on = f"the checkpoint was trained on {tokenizer.vocab_size} characters"
+        exit_with_error("gpt-sample", f"--prompt: {e} ({trained_on})")
 
     saved = checkpoint["config"]
     attention, layernorm = resolve_backends(saved["attention"], saved["layernorm"], device, log=print_to_stderr)

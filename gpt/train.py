@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  imported before any process group exists: see leave_process_group
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, resolve_backends, save_checkpoint
+from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from gpt.cli import add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends
 from gpt.data import CharTokenizer, TextDataset, load_text
 from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
 from gpt.sample import default_prompt, sample_text
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="UTF-8 text file to train on (default: the Python standard library's sources)")
     p.add_argument("--out-dir", default="out", help="where the checkpoint goes (default: out)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    add_device_arguments(p)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="eager")
     p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, default="eager")
@@ -73,9 +74,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
-        if getattr(args, key) < (0 if key == "max_iters" else 1):
-            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+        if getattr(args, key) < 1:
+            exit_with_error(p.prog, f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not args.lr > 0:
+        exit_with_error(p.prog, f"--lr must be positive, got {args.lr}")
+    if args.sample_tokens < 0:
+        exit_with_error(p.prog, f"--sample-tokens must be non-negative, got {args.sample_tokens}")
+    try:  # the model's own checks (n_embd divisible by n_head, dropout below 1, ...) before any data is read
+        GPTConfig(vocab_size=1, **{key: getattr(args, key) for key in MODEL_KEYS})
+    except ValueError as e:
+        exit_with_error(p.prog, str(e))
+    check_device_arguments(args, p.prog)
     return args
+
+
+class InputError(Exception):
+    """A file the command line names cannot be used (missing, empty, not text, not a checkpoint, ...):
+    gpt-train reports it as one line, not as a traceback."""
 
 
 @dataclass
@@ -97,11 +112,9 @@ class Runtime:
 
 def setup_runtime(requested_device=None) -> Runtime:
     """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on GPUs, gloo on CPU."""
-    if requested_device is not None and requested_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {requested_device!r} requested but CUDA is not available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Runtime(torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return Runtime(torch.device(requested_device) if requested_device else default_device())
     rank = int(os.environ["RANK"])
     if torch.cuda.is_available() and requested_device in (None, "cuda"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -242,20 +255,23 @@ def _train(args, runtime: Runtime) -> dict:
     checkpoint_path = Path(args.out_dir) / CHECKPOINT_NAME
     attention, layernorm = resolve_backends(args.attention, args.layernorm, runtime.device, log)
 
-    checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
-    if checkpoint is not None:
-        # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
-        config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
-        tokenizer = CharTokenizer(checkpoint["vocab"])
-        data_path = args.data if args.data is not None else checkpoint["args"].get("data")
-        start_step = checkpoint["step"]
-    else:
-        config = None
-        tokenizer = None
-        data_path = args.data
-        start_step = 0
-    text = load_text(data_path)
-    dataset = TextDataset(text, config.block_size if config else args.block_size, tokenizer)
+    try:
+        checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
+        if checkpoint is not None:
+            # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
+            config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
+            tokenizer = CharTokenizer(checkpoint["vocab"])
+            data_path = args.data if args.data is not None else checkpoint["args"].get("data")
+            start_step = checkpoint["step"]
+        else:
+            config = None
+            tokenizer = None
+            data_path = args.data
+            start_step = 0
+        text = load_text(data_path)
+        dataset = TextDataset(text, config.block_size if config else args.block_size, tokenizer)
+    except (OSError, ValueError) as e:  # raised here only for what the files hold, each naming the problem
+        raise InputError(e) from e
     tokenizer = dataset.tokenizer
     if config is None:
         config = GPTConfig(vocab_size=tokenizer.vocab_size, attention=attention, layernorm=layernorm,
@@ -319,7 +335,11 @@ def _train(args, runtime: Runtime) -> dict:
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        train(args)
+    except InputError as e:
+        exit_with_error("gpt-train", str(e))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ def test_int32_ids_work_like_int64(device):
         ({"n_embd": 18, "n_head": 4}, "divisible"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"n_layer": 0}, "n_layer"),
+        ({"n_head": 0}, "n_head must be at least 1"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
     ],
