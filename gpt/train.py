@@ -13,6 +13,7 @@ import gc
 import inspect
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -193,6 +194,25 @@ def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int,
     return losses
 
 
+class StopOnCtrlC:
+    """While active, Ctrl-C (SIGINT) asks training to stop after the step it is on, instead of raising
+    KeyboardInterrupt wherever the program happens to be. Under torchrun each rank gets the signal (from the
+    terminal, or forwarded by torchrun) at its own point, and a rank stopped between two collectives would leave
+    the others waiting in the next one; so the request travels with the step's loss (`requested` is summed across
+    ranks with it) and every rank stops after the same step."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous_handler = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self._previous_handler)
+
+
 class ProgressBar:
     """One line on stderr, redrawn in place with a carriage return (at most ~10 times a second)."""
 
@@ -233,8 +253,9 @@ class ProgressBar:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run one training job; returns the loss history, the final sample and the checkpoint path.
-    Under torchrun every rank leaves the process group once training is over, and rank 0 then samples alone."""
+    """Run one training job; returns the loss history, the final sample, the checkpoint path, the model, and whether
+    Ctrl-C stopped it early (then there is no sample). Under torchrun every rank leaves the process group once
+    training is over, and rank 0 then samples alone."""
     runtime = setup_runtime(args.device)
     try:
         run = _train(args, runtime)
@@ -242,7 +263,7 @@ def train(args: argparse.Namespace) -> dict:
         if runtime.distributed:
             leave_process_group()
     sample = None
-    if runtime.is_main:
+    if runtime.is_main and not run["interrupted"]:
         tokenizer = run["tokenizer"]
         sample = sample_text(run["model"], tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
         print("---- sample ----")
@@ -308,38 +329,59 @@ def _train(args, runtime: Runtime) -> dict:
     history = []
     bar = ProgressBar(args.max_iters, start_step) if runtime.is_main else None
     step = start_step
-    while True:
-        if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
-            losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
-            history.append((step, losses))
-            bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if step > start_step:
-                save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
-        if step >= args.max_iters:
-            break
-        x, y = dataset.get_batch("train", args.batch_size, runtime.device, batch_generator(args.seed, runtime, step))
-        loss = mean_across_ranks(train_step(trained, optimizer, x, y), runtime).item()
-        step += 1
-        if not math.isfinite(loss):  # the same value on every rank, so every rank stops
-            raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
-        if runtime.is_main:
-            bar.update(step, loss)
+    last_checkpoint = start_step if checkpoint is not None else None
+    with StopOnCtrlC() as ctrl_c:
+        while True:
+            if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
+                losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
+                history.append((step, losses))
+                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if step > start_step:
+                    save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
+                    last_checkpoint = step
+            if step >= args.max_iters:
+                break
+            generator = batch_generator(args.seed, runtime, step)
+            x, y = dataset.get_batch("train", args.batch_size, runtime.device, generator)
+            loss = train_step(trained, optimizer, x, y)
+            stop_request = torch.tensor(float(ctrl_c.requested), device=loss.device)
+            loss, stop_votes = mean_across_ranks(torch.stack([loss, stop_request]), runtime).tolist()
+            step += 1
+            if not math.isfinite(loss):  # the same value on every rank, so every rank stops
+                raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
+            if runtime.is_main:
+                bar.update(step, loss)
+            if stop_votes > 0 and step < args.max_iters:  # on the last step, finishing is as quick as stopping
+                break
+    interrupted = step < args.max_iters
 
     if runtime.is_main:
         bar.close()
-        if step > start_step:
+        if interrupted and last_checkpoint is None:
+            print(f"interrupted at step {step}, before the first checkpoint (due at step {args.eval_interval}): "
+                  f"nothing was saved", file=sys.stderr)  # fmt: skip
+        elif interrupted:
+            print(f"interrupted at step {step}; the last checkpoint (step {last_checkpoint}) is in {checkpoint_path}; "
+                  f"continue with --resume", file=sys.stderr)  # fmt: skip
+        elif step > start_step:
             log(f"checkpoint: {checkpoint_path}")
     if runtime.distributed:
         dist.barrier()  # every rank leaves the group at once (NCCL's teardown is collective in some versions)
-    return {"history": history, "checkpoint": checkpoint_path, "model": model, "tokenizer": tokenizer}
+    return {"history": history, "checkpoint": checkpoint_path, "model": model, "tokenizer": tokenizer,
+            "interrupted": interrupted}  # fmt: skip
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        run = train(args)
     except InputError as e:
         exit_with_error("gpt-train", str(e))
+    except KeyboardInterrupt:  # outside the training loop, which stops at a step instead (StopOnCtrlC)
+        print("gpt-train: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if run["interrupted"]:
+        sys.exit(130)  # the shell's status for a program ended by Ctrl-C
 
 
 if __name__ == "__main__":

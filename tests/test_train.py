@@ -1,9 +1,13 @@
-"""gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly,
-checkpoint writes are atomic, the sample CLI prints text, and Triton falls back to eager without a GPU."""
+"""gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly (also
+after Ctrl-C), checkpoint writes are atomic, the sample CLI prints text, Triton falls back to eager without a GPU,
+and bad input is one line."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +76,35 @@ def test_resume_continues_where_the_run_stopped(data_file, tmp_path, device):
     assert checkpoint["step"] == 20 and checkpoint["args"]["data"] == str(data_file)
     # The same batches in the same order with the same optimizer state: the same weights (bit for bit on CPU;
     # the tolerance leaves room for a GPU reduction that sums in a different order).
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ctrl_c_stops_at_a_step_says_where_the_checkpoint_is_and_resume_stays_exact(data_file, tmp_path):
+    out_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "gpt.train", "--data", str(data_file), "--out-dir", str(out_dir),
+               "--device", "cpu", *TINY, "--max-iters", "1000000", "--eval-interval", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out_dir / "ckpt.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    said = re.search(r"^interrupted at step (\d+); the last checkpoint \(step (\d+)\) is in (.+); "
+                     r"continue with --resume$", stderr, re.MULTILINE)  # fmt: skip
+    assert said, stderr
+    stopped_at, saved_at, path = int(said[1]), int(said[2]), Path(said[3])
+    assert path == out_dir / "ckpt.pt" and load_checkpoint(path)["step"] == saved_at
+    assert saved_at > 0 and saved_at % 5 == 0 and saved_at <= stopped_at
+
+    # Resuming goes on exactly as a run that was never interrupted.
+    target = ["--max-iters", str(saved_at + 3), "--eval-interval", "5"]
+    straight = tiny_run(data_file, tmp_path / "straight", "cpu", *target)
+    resumed = train(parse_args(["--out-dir", str(out_dir), "--device", "cpu", *TINY, *target, "--resume"]))
     for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
