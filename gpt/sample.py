@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from gpt.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from gpt.cli import add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends
+from gpt.cli import (add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends,
+                     set_cpu_threads)  # fmt: skip
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
 
@@ -63,6 +64,7 @@ def print_to_stderr(message: str):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
+    set_cpu_threads(args.threads, device)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / CHECKPOINT_NAME
     try:
         checkpoint = load_checkpoint(path, device)

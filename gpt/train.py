@@ -25,7 +25,8 @@ import torch.distributed.nn  # noqa: F401  imported before any process group exi
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from gpt.cli import add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends
+from gpt.cli import (add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends,
+                     set_cpu_threads)  # fmt: skip
 from gpt.data import CharTokenizer, TextDataset, load_text
 from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
 from gpt.sample import default_prompt, sample_text
@@ -309,7 +310,9 @@ def _train(args, runtime: Runtime) -> dict:
     torch.manual_seed(args.seed + runtime.rank)  # dropout masks differ per rank
     trained = wrap_ddp(model, runtime.device) if runtime.distributed else model
 
-    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
+    threads = torch.get_num_threads()
+    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+                   else f"CPU, {threads} thread{'s' if threads > 1 else ''}")  # fmt: skip
     ddp_note = f", DDP over {runtime.world_size} ranks" if runtime.distributed else ""
     resume_note = f" (resumed from {checkpoint_path})" if checkpoint is not None else ""
     corpus = data_path or "Python standard library sources"
@@ -373,6 +376,7 @@ def _train(args, runtime: Runtime) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    set_cpu_threads(args.threads, torch.device(args.device) if args.device else default_device())
     try:
         run = train(args)
     except InputError as e:

@@ -210,6 +210,8 @@ BAD_INPUT = {
     "readme-checkpoint": ("gpt.sample", "--checkpoint {readme}", "README.md is not a checkpoint"),
     "truncated-checkpoint": ("gpt.sample", "--checkpoint {files}/truncated.pt", "truncated.pt is a damaged checkpoint"),
     "sample-tpu": ("gpt.sample", "--device tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    "no-threads": ("gpt.train", "--data {data} --threads 0", "--threads must be positive, got 0"),
+    "sample-no-threads": ("gpt.sample", "--threads 0", "--threads must be positive, got 0"),
 }
 
 
@@ -260,6 +262,22 @@ def test_sample_bad_input_is_a_clear_error(trained, argv, message, capsys):
         sample_main(["--out-dir", str(trained["checkpoint"].parent), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cpu_threads_default_to_one_and_follow_the_flag(data_file, tmp_path):
+    """One thread unless --threads (or OMP_NUM_THREADS) says otherwise: see gpt/cli.py for why."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    runs = {}
+    for threads in (None, 3):
+        flag = [] if threads is None else ["--threads", str(threads)]
+        out_dir = tmp_path / str(threads)
+        command = [sys.executable, "-m", "gpt.train", "--data", str(data_file), "--out-dir", str(out_dir),
+                   "--device", "cpu", *TINY, "--max-iters", "1", "--eval-iters", "1", *flag]  # fmt: skip
+        runs[threads] = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE)
+    outputs = {threads: run.communicate(timeout=300)[0] for threads, run in runs.items()}
+    assert "device: cpu (CPU, 1 thread)" in outputs[None], outputs[None]
+    assert "device: cpu (CPU, 3 threads)" in outputs[3], outputs[3]
 
 
 def test_sampling_does_not_load_the_training_script():
