@@ -10,6 +10,7 @@ Needs matplotlib (not a dependency of the package: `pip install matplotlib`, or 
 no GPU needed.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -131,9 +132,14 @@ def plot_folder(folder):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m bench.plot bench/results/<card>/", file=sys.stderr)
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("folder", type=Path, help="a GPU run's results folder, bench/results/<card>/")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        problem = "is a file, not" if args.folder.exists() else "does not exist; it should be"
+        print(f"bench.plot: error: {args.folder} {problem} a results folder (bench/results/<card>/, with the JSON "
+              f"files a GPU run wrote)", file=sys.stderr)  # fmt: skip
         return 2
     try:
         import matplotlib  # noqa: F401
@@ -142,9 +148,9 @@ def main(argv=None):
               "Install it (`pip install matplotlib`, or the `bench` extra) or plot on a machine that has it; the "
               "JSON and markdown results are complete without the plots.", file=sys.stderr)
         return 2
-    written = plot_folder(Path(argv[0]))
+    written = plot_folder(args.folder)
     if not written:
-        print(f"no attention.json, layernorm.json or train.json in {argv[0]}", file=sys.stderr)
+        print(f"no attention.json, layernorm.json or train.json in {args.folder}", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")

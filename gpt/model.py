@@ -4,6 +4,7 @@ The eager modules in this file (`Head`, `MultiHeadAttention`, `FeedForward`, `Bl
 project's reference: every fused backend must load their state dict and reproduce their outputs.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,11 @@ class GPTConfig:
             raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {ATTENTION_BACKENDS}")
         if self.layernorm not in LAYERNORM_BACKENDS:
             raise ValueError(f"unknown layernorm backend {self.layernorm!r}; choose one of {LAYERNORM_BACKENDS}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -123,9 +124,11 @@ class Block(nn.Module):
         self.ffwd = FeedForward(config)
         self.ln1 = make_layernorm(config)
         self.ln2 = make_layernorm(config)
+        # The Triton norm also fuses the residual add before ln2 into its kernel pass.
+        self.fused_add_norm = config.layernorm == "triton"
 
     def forward(self, x):
-        if hasattr(self.ln2, "add_and_norm"):  # the fused norm: the residual add and ln2 in one kernel pass
+        if self.fused_add_norm:
             h, x = self.ln2.add_and_norm(self.sa(self.ln1(x)), x)
             return x + self.ffwd(h)
         x = x + self.sa(self.ln1(x))
@@ -143,6 +146,16 @@ class GPT(nn.Module):
         self.ln_f = make_layernorm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(self._ignore_saved_causal_masks)
+
+    @staticmethod
+    def _ignore_saved_causal_masks(module, state_dict, prefix, *_):
+        """The seed's gpt.py saved each head's causal mask (`blocks.{i}.sa.heads.{j}.tril`) in its state dict.
+        Our heads derive the mask from block_size (the fused ones need none), so such entries are dropped here,
+        above every attention backend, and the seed's checkpoints load strictly into any of them."""
+        saved_mask = re.compile(re.escape(prefix) + r"blocks\.\d+\.sa\.heads\.\d+\.tril")
+        for key in [key for key in state_dict if saved_mask.fullmatch(key)]:
+            del state_dict[key]
 
     @staticmethod
     def _init_weights(module):

@@ -9,12 +9,31 @@ from pathlib import Path
 
 import torch
 
+from gpt.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from gpt.cli import (add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends,
+                     set_cpu_threads)  # fmt: skip
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
-from gpt.train import CHECKPOINT_NAME, default_prompt, load_checkpoint, resolve_backends, sample_text
 
 
-def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def default_prompt(tokenizer: CharTokenizer) -> str:
+    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+
+
+def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
+                top_k=None, seed=1337) -> str:  # fmt: skip
+    """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    return tokenizer.decode(out[0])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpt-sample", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", help=f"checkpoint file (default: <out-dir>/{CHECKPOINT_NAME})")
     p.add_argument("--out-dir", default="out", help="directory gpt-train wrote to (default: out)")
@@ -24,8 +43,18 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p.add_argument("--temperature", type=float, default=1.0, help="below 1 is more conservative, above 1 more varied")
     p.add_argument("--top-k", type=int, help="sample only among the k most likely characters")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
-    return p, p.parse_args(argv)
+    add_device_arguments(p)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0:
+        exit_with_error(p.prog, f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
+    if not args.temperature > 0:
+        exit_with_error(p.prog, f"--temperature must be positive, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        exit_with_error(p.prog, f"--top-k must be at least 1, got {args.top_k}")
+    if args.prompt == "":
+        exit_with_error(p.prog, "--prompt must not be empty")
+    check_device_arguments(args, p.prog)
+    return args
 
 
 def print_to_stderr(message: str):
@@ -33,30 +62,22 @@ def print_to_stderr(message: str):
 
 
 def main(argv=None):
-    parser, args = parse_args(argv)
-    if args.max_new_tokens < 0:
-        parser.error(f"--max-new-tokens must be non-negative, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top-k must be at least 1, got {args.top_k}")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} requested but CUDA is not available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    set_cpu_threads(args.threads, device)
     path = Path(args.checkpoint) if args.checkpoint else Path(args.out_dir) / CHECKPOINT_NAME
     try:
         checkpoint = load_checkpoint(path, device)
-    except FileNotFoundError as e:
-        parser.error(str(e))
+    except (FileNotFoundError, CheckpointError) as e:
+        exit_with_error("gpt-sample", str(e))
 
     tokenizer = CharTokenizer(checkpoint["vocab"])
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
-    if not prompt:
-        parser.error("--prompt must not be empty")
     try:
         tokenizer.encode(prompt)
     except ValueError as e:
-        parser.error(f"--prompt: {e} (the checkpoint was trained on {tokenizer.vocab_size} characters)")
+        trained_on = f"the checkpoint was trained on {tokenizer.vocab_size} characters"
+        exit_with_error("gpt-sample", f"--prompt: {e} ({trained_on})")
 
     saved = checkpoint["config"]
     attention, layernorm = resolve_backends(saved["attention"], saved["layernorm"], device, log=print_to_stderr)

@@ -9,22 +9,27 @@ batches, gradients are averaged by DDP, and only rank 0 logs, evaluates, writes 
 """
 
 import argparse
+import gc
+import inspect
 import math
 import os
+import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  imported before any process group exists: see leave_process_group
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from gpt.cli import (add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends,
+                     set_cpu_threads)  # fmt: skip
 from gpt.data import CharTokenizer, TextDataset, load_text
 from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
-
-CHECKPOINT_NAME = "ckpt.pt"
+from gpt.sample import default_prompt, sample_text
 
 # Values a preset sets; any flag given explicitly on the command line overrides them.
 PRESETS = {
@@ -49,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="UTF-8 text file to train on (default: the Python standard library's sources)")
     p.add_argument("--out-dir", default="out", help="where the checkpoint goes (default: out)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    add_device_arguments(p)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="eager")
     p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, default="eager")
@@ -71,9 +76,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
-        if getattr(args, key) < (0 if key == "max_iters" else 1):
-            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+        if getattr(args, key) < 1:
+            exit_with_error(p.prog, f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if not args.lr > 0:
+        exit_with_error(p.prog, f"--lr must be positive, got {args.lr}")
+    if args.sample_tokens < 0:
+        exit_with_error(p.prog, f"--sample-tokens must be non-negative, got {args.sample_tokens}")
+    try:  # the model's own checks (n_embd divisible by n_head, dropout below 1, ...) before any data is read
+        GPTConfig(vocab_size=1, **{key: getattr(args, key) for key in MODEL_KEYS})
+    except ValueError as e:
+        exit_with_error(p.prog, str(e))
+    check_device_arguments(args, p.prog)
     return args
+
+
+class InputError(Exception):
+    """A file the command line names cannot be used (missing, empty, not text, not a checkpoint, ...):
+    gpt-train reports it as one line, not as a traceback."""
 
 
 @dataclass
@@ -95,11 +114,9 @@ class Runtime:
 
 def setup_runtime(requested_device=None) -> Runtime:
     """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on GPUs, gloo on CPU."""
-    if requested_device is not None and requested_device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {requested_device!r} requested but CUDA is not available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Runtime(torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        return Runtime(torch.device(requested_device) if requested_device else default_device())
     rank = int(os.environ["RANK"])
     if torch.cuda.is_available() and requested_device in (None, "cuda"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -111,22 +128,31 @@ def setup_runtime(requested_device=None) -> Runtime:
     return Runtime(device, rank, world_size)
 
 
-def resolve_backends(attention: str, layernorm: str, device, log=print) -> tuple[str, str]:
-    """The backends to build the model with on `device`: Triton only trains on a GPU."""
-    if torch.device(device).type != "cuda" and "triton" in (attention, layernorm):
-        log(
-            "Triton backends need a CUDA GPU: without one only Triton's CPU interpreter can run them, "
-            "far too slowly to train. Using eager attention and layernorm."
-        )
-        return "eager", "eager"
-    return attention, layernorm
+def leave_process_group() -> None:
+    """Destroy the process group for real, its gloo worker threads joined, while Python is still fully alive.
+
+    A worker thread finishes a collective a moment after the rank it serves has moved on, and then drops its
+    reference to the collective's tensors. Dropping a tensor Python also knows needs the GIL; once the interpreter
+    has begun to shut down, Python answers by ending the thread, the unwinding meets a C++ destructor, and the
+    process aborts ("terminate called without an active exception"), so a finished run could exit -6. Freeing
+    the group joins its worker threads first, but destroy_process_group frees it only when nothing else holds it:
+    - the DDP wrapper holds it, and sits in a reference cycle, so only the garbage collector frees it;
+    - torch.distributed.nn's functions take `group.WORLD` as a default argument, evaluated when the module is
+      imported, and DDP's constructor imports it (through torch._dynamo). This file imports it first, before
+      any group exists, so that it holds none.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def wrap_ddp(model: GPT, device: torch.device) -> DistributedDataParallel:
     # The only buffers are the causal masks, identical everywhere: no need to broadcast them each step
     # (and rank 0 can run the bare model for evaluation without a collective the other ranks would miss).
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (the old name warns); 2.11 has only the old one.
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, **{no_buffer_sync: False})
 
 
 def train_step(model, optimizer, x, y) -> torch.Tensor:
@@ -169,45 +195,23 @@ def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int,
     return losses
 
 
-def save_checkpoint(checkpoint: dict, path) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: a crash at any moment
-    leaves either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+class StopOnCtrlC:
+    """While active, Ctrl-C (SIGINT) asks training to stop after the step it is on, instead of raising
+    KeyboardInterrupt wherever the program happens to be. Under torchrun each rank gets the signal (from the
+    terminal, or forwarded by torchrun) at its own point, and a rank stopped between two collectives would leave
+    the others waiting in the next one; so the request travels with the step's loss (`requested` is summed across
+    ranks with it) and every rank stops after the same step."""
 
+    def __enter__(self):
+        self.requested = False
+        self._previous_handler = signal.signal(signal.SIGINT, self._request)
+        return self
 
-def load_checkpoint(path, device="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with gpt-train first")
-    return torch.load(path, map_location=device, weights_only=True)
+    def _request(self, signum, frame):
+        self.requested = True
 
-
-def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
-                top_k=None, seed=1337) -> str:  # fmt: skip
-    """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    model.train(was_training)
-    return tokenizer.decode(out[0])
-
-
-def default_prompt(tokenizer: CharTokenizer) -> str:
-    return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self._previous_handler)
 
 
 class ProgressBar:
@@ -250,13 +254,22 @@ class ProgressBar:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run one training job; returns the loss history, the final sample and the checkpoint path."""
+    """Run one training job; returns the loss history, the final sample, the checkpoint path, the model, and whether
+    Ctrl-C stopped it early (then there is no sample). Under torchrun every rank leaves the process group once
+    training is over, and rank 0 then samples alone."""
     runtime = setup_runtime(args.device)
     try:
-        return _train(args, runtime)
+        run = _train(args, runtime)
     finally:
         if runtime.distributed:
-            dist.destroy_process_group()
+            leave_process_group()
+    sample = None
+    if runtime.is_main and not run["interrupted"]:
+        tokenizer = run["tokenizer"]
+        sample = sample_text(run["model"], tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
+        print("---- sample ----")
+        print(sample)
+    return {**run, "sample": sample}
 
 
 def _train(args, runtime: Runtime) -> dict:
@@ -264,20 +277,23 @@ def _train(args, runtime: Runtime) -> dict:
     checkpoint_path = Path(args.out_dir) / CHECKPOINT_NAME
     attention, layernorm = resolve_backends(args.attention, args.layernorm, runtime.device, log)
 
-    checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
-    if checkpoint is not None:
-        # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
-        config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
-        tokenizer = CharTokenizer(checkpoint["vocab"])
-        data_path = args.data if args.data is not None else checkpoint["args"].get("data")
-        start_step = checkpoint["step"]
-    else:
-        config = None
-        tokenizer = None
-        data_path = args.data
-        start_step = 0
-    text = load_text(data_path)
-    dataset = TextDataset(text, config.block_size if config else args.block_size, tokenizer)
+    try:
+        checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
+        if checkpoint is not None:
+            # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
+            config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
+            tokenizer = CharTokenizer(checkpoint["vocab"])
+            data_path = args.data if args.data is not None else checkpoint["args"].get("data")
+            start_step = checkpoint["step"]
+        else:
+            config = None
+            tokenizer = None
+            data_path = args.data
+            start_step = 0
+        text = load_text(data_path)
+        dataset = TextDataset(text, config.block_size if config else args.block_size, tokenizer)
+    except (OSError, ValueError) as e:  # raised here only for what the files hold, each naming the problem
+        raise InputError(e) from e
     tokenizer = dataset.tokenizer
     if config is None:
         config = GPTConfig(vocab_size=tokenizer.vocab_size, attention=attention, layernorm=layernorm,
@@ -294,7 +310,9 @@ def _train(args, runtime: Runtime) -> dict:
     torch.manual_seed(args.seed + runtime.rank)  # dropout masks differ per rank
     trained = wrap_ddp(model, runtime.device) if runtime.distributed else model
 
-    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
+    threads = torch.get_num_threads()
+    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+                   else f"CPU, {threads} thread{'s' if threads > 1 else ''}")  # fmt: skip
     ddp_note = f", DDP over {runtime.world_size} ranks" if runtime.distributed else ""
     resume_note = f" (resumed from {checkpoint_path})" if checkpoint is not None else ""
     corpus = data_path or "Python standard library sources"
@@ -314,38 +332,60 @@ def _train(args, runtime: Runtime) -> dict:
     history = []
     bar = ProgressBar(args.max_iters, start_step) if runtime.is_main else None
     step = start_step
-    while True:
-        if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
-            losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
-            history.append((step, losses))
-            bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if step > start_step:
-                save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
-        if step >= args.max_iters:
-            break
-        x, y = dataset.get_batch("train", args.batch_size, runtime.device, batch_generator(args.seed, runtime, step))
-        loss = mean_across_ranks(train_step(trained, optimizer, x, y), runtime).item()
-        step += 1
-        if not math.isfinite(loss):  # the same value on every rank, so every rank stops
-            raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
-        if runtime.is_main:
-            bar.update(step, loss)
+    last_checkpoint = start_step if checkpoint is not None else None
+    with StopOnCtrlC() as ctrl_c:
+        while True:
+            if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
+                losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
+                history.append((step, losses))
+                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if step > start_step:
+                    save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
+                    last_checkpoint = step
+            if step >= args.max_iters:
+                break
+            generator = batch_generator(args.seed, runtime, step)
+            x, y = dataset.get_batch("train", args.batch_size, runtime.device, generator)
+            loss = train_step(trained, optimizer, x, y)
+            stop_request = torch.tensor(float(ctrl_c.requested), device=loss.device)
+            loss, stop_votes = mean_across_ranks(torch.stack([loss, stop_request]), runtime).tolist()
+            step += 1
+            if not math.isfinite(loss):  # the same value on every rank, so every rank stops
+                raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
+            if runtime.is_main:
+                bar.update(step, loss)
+            if stop_votes > 0 and step < args.max_iters:  # on the last step, finishing is as quick as stopping
+                break
+    interrupted = step < args.max_iters
 
-    sample = None
     if runtime.is_main:
         bar.close()
-        if step > start_step:
+        if interrupted and last_checkpoint is None:
+            print(f"interrupted at step {step}, before the first checkpoint (due at step {args.eval_interval}): "
+                  f"nothing was saved", file=sys.stderr)  # fmt: skip
+        elif interrupted:
+            print(f"interrupted at step {step}; the last checkpoint (step {last_checkpoint}) is in {checkpoint_path}; "
+                  f"continue with --resume", file=sys.stderr)  # fmt: skip
+        elif step > start_step:
             log(f"checkpoint: {checkpoint_path}")
-        sample = sample_text(model, tokenizer, default_prompt(tokenizer), args.sample_tokens, seed=args.seed)
-        log("---- sample ----")
-        log(sample)
     if runtime.distributed:
-        dist.barrier()
-    return {"history": history, "sample": sample, "checkpoint": checkpoint_path, "model": model}
+        dist.barrier()  # every rank leaves the group at once (NCCL's teardown is collective in some versions)
+    return {"history": history, "checkpoint": checkpoint_path, "model": model, "tokenizer": tokenizer,
+            "interrupted": interrupted}  # fmt: skip
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    set_cpu_threads(args.threads, torch.device(args.device) if args.device else default_device())
+    try:
+        run = train(args)
+    except InputError as e:
+        exit_with_error("gpt-train", str(e))
+    except KeyboardInterrupt:  # outside the training loop, which stops at a step instead (StopOnCtrlC)
+        print("gpt-train: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if run["interrupted"]:
+        sys.exit(130)  # the shell's status for a program ended by Ctrl-C
 
 
 if __name__ == "__main__":

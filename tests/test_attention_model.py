@@ -1,5 +1,5 @@
 """The GPT with the fused attention module matches the eager GPT on the same weights: logits and every
-parameter's gradient; checkpoints move between backends; the sdpa backend matches too."""
+parameter's gradient; checkpoints move between backends (the seed's too); the sdpa backend matches too."""
 
 import pytest
 import torch
@@ -81,3 +81,23 @@ def test_module_rejects_bad_configuration():
         FusedMultiHeadAttention(32, 2, backend="flash")
     with pytest.raises(ValueError, match="dropout"):
         FusedMultiHeadAttention(32, 2, dropout=1.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "sdpa"])
+def test_the_seeds_checkpoints_load_their_saved_masks_ignored(device, backend):
+    """The seed's gpt.py registered each head's causal mask as a persistent buffer, so its state dicts hold
+    `blocks.{i}.sa.heads.{j}.tril` beside the same parameters as ours."""
+    torch.manual_seed(4)
+    eager = GPT(GPTConfig(**TINY)).to(device).eval()
+    seed_state = dict(eager.state_dict())
+    block_size = TINY["block_size"]
+    for layer in range(TINY["n_layer"]):
+        for head in range(TINY["n_head"]):
+            seed_state[f"blocks.{layer}.sa.heads.{head}.tril"] = torch.tril(torch.ones(block_size, block_size))
+    model = GPT(GPTConfig(**TINY, attention=backend)).to(device).eval()
+    model.load_state_dict(seed_state)  # strict
+    assert "blocks.0.sa.heads.0.tril" in seed_state, "the caller's state dict is left as it was"
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9), device=device)
+    torch.testing.assert_close(model(idx)[0], eager(idx)[0])
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*blocks\.0\.sa\.tril"):
+        model.load_state_dict({**seed_state, "blocks.0.sa.tril": seed_state["blocks.0.sa.heads.0.tril"]})

@@ -85,6 +85,21 @@ def test_batches_are_windows_shifted_by_one(device, split):
         assert "".join(map(chr, window)) in joined
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_window_of_a_split_can_be_drawn(split):
+    """Over many batches the windows start at every valid position, from the split's first character to
+    the last start that still leaves room for the shifted targets, and nowhere else."""
+    text = "".join(chr(0x100 + i) for i in range(200))  # distinct characters: a window's first id is its start
+    dataset = TextDataset(text, block_size=5)
+    first_id = 0 if split == "train" else len(dataset.splits["train"])
+    generator = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(100):
+        x, _ = dataset.get_batch(split, batch_size=64, generator=generator)
+        starts.update((x[:, 0] - first_id).tolist())
+    assert starts == set(range(len(dataset.splits[split]) - dataset.block_size))
+
+
 def test_batches_follow_the_generator():
     dataset = TextDataset("abcdefghij" * 50, block_size=4)
     first = dataset.get_batch("train", 3, generator=torch.Generator().manual_seed(1))

@@ -1,18 +1,26 @@
 """DistributedDataParallel on CPU with gloo: one DDP step over two ranks equals one single-process step on
-the combined batch, and `torchrun -m gpt.train` trains with only rank 0 logging and checkpointing."""
+the combined batch, leaving the process group really ends it, and `torchrun -m gpt.train` trains with only
+rank 0 logging and checkpointing, every rank exiting cleanly, and Ctrl-C stops every rank at the same step."""
 
+import contextlib
+import gc
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpt.checkpoint import load_checkpoint
 from gpt.model import GPT, GPTConfig
-from gpt.train import load_checkpoint, mean_across_ranks, setup_runtime, train_step, wrap_ddp
+from gpt.train import leave_process_group, mean_across_ranks, setup_runtime, train_step, wrap_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -45,7 +53,17 @@ def one_step(optimizer_name, x, y, ddp_device=None):
     return model, loss
 
 
+def gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (torch names them pt_gloo_*, gloo names its own gloo_*)."""
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else []
+    return [name for name in names if "gloo" in name]
+
+
 def ddp_worker(rank, port, result_path):
+    # The collector runs whenever allocations trigger it; off, the DDP wrappers below stay in their reference
+    # cycles until something collects them on purpose, the worst case for leave_process_group.
+    gc.disable()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))  # fmt: skip
     runtime = setup_runtime("cpu")
@@ -56,9 +74,14 @@ def ddp_worker(rank, port, result_path):
     for name in OPTIMIZERS:
         model, loss = one_step(name, x[shard], y[shard], runtime.device)
         result[name] = {"params": model.state_dict(), "mean_loss": mean_across_ranks(loss, runtime)}
+    assert gloo_threads() or not Path("/proc/self/task").is_dir(), "the check below would mean nothing"
+    leave_process_group()
+    # Still holding the last model trained, as gpt.train holds it to sample: its DDP wrapper must not keep the
+    # group's threads alive, or one of them may still be releasing tensors when the interpreter shuts down.
+    assert not gloo_threads(), f"gloo threads outlived the process group: {gloo_threads()}"
+    assert model is not None
     if runtime.is_main:
         torch.save(result, result_path)
-    dist.destroy_process_group()
 
 
 def test_one_ddp_step_equals_one_step_on_the_combined_batch(tmp_path):
@@ -76,17 +99,62 @@ def test_one_ddp_step_equals_one_step_on_the_combined_batch(tmp_path):
         torch.testing.assert_close(ddp[name]["mean_loss"], loss, rtol=0, atol=1e-6)
 
 
-def test_torchrun_trains_with_rank_0_logging_and_checkpointing(tmp_path):
+def torchrun_command(data, out_dir, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+            "-m", "gpt.train", "--data", str(data), "--out-dir", str(out_dir), "--device", "cpu",
+            "--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--block-size", "16", "--batch-size", "4",
+            "--eval-iters", "1", *extra]  # fmt: skip
+
+
+TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def write_text(tmp_path) -> Path:
     data = tmp_path / "input.txt"
     data.write_text("to be, or not to be, that is the question:\n" * 30, encoding="utf-8")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
-               "-m", "gpt.train", "--data", str(data), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
-               "--n-embd", "16", "--n-head", "2", "--n-layer", "1", "--block-size", "16", "--batch-size", "4",
-               "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--sample-tokens", "10"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return data
+
+
+def test_torchrun_trains_with_rank_0_logging_and_checkpointing(tmp_path):
+    command = torchrun_command(write_text(tmp_path), tmp_path / "out", "--max-iters", "4", "--eval-interval", "2",
+                               "--sample-tokens", "10")  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=TORCHRUN_ENV, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Warning" not in result.stderr, result.stderr
     assert f"DDP over {WORLD_SIZE} ranks" in result.stdout
     assert result.stdout.count("---- sample ----") == 1 and result.stdout.count("step 4: train loss") == 1
     assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
     assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4
+
+
+def child_pids(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted({int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()})
+
+
+@pytest.mark.parametrize("interrupted", ["torchrun", "one rank"])
+def test_ctrl_c_stops_every_rank_at_one_step_with_the_checkpoint_intact(tmp_path, interrupted):
+    """Ctrl-C to torchrun, which passes it on to every rank; or to one rank only, which must not leave the others
+    waiting in a collective it will never join. (Then torchrun, seeing that rank exit with status 130, ends the
+    others with SIGTERM if they are slower to exit: its rule for a failed rank.)"""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("finding torchrun's ranks (to signal one, or to end them if they hang) needs /proc")
+    out_dir = tmp_path / "out"
+    command = torchrun_command(write_text(tmp_path), out_dir, "--max-iters", "1000000", "--eval-interval", "5")
+    torchrun = subprocess.Popen(command, cwd=REPO, env=TORCHRUN_ENV, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out_dir / "ckpt.pt").exists() and torchrun.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = child_pids(torchrun.pid)
+    os.kill(torchrun.pid if interrupted == "torchrun" else ranks[-1], signal.SIGINT)
+    try:
+        _, stderr = torchrun.communicate(timeout=60)
+    finally:
+        for pid in [torchrun.pid, *ranks]:  # a rank that hangs would outlive torchrun
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    said = re.findall(r"^interrupted at step \d+; the last checkpoint \(step (\d+)\) is in", stderr, re.MULTILINE)
+    assert len(said) == 1, stderr  # rank 0 says it, once
+    assert load_checkpoint(out_dir / "ckpt.pt")["step"] == int(said[0])
+    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr

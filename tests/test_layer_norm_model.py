@@ -61,3 +61,12 @@ def test_checkpoints_move_both_ways(device):
         fused_logits, eager_logits, round_trip_logits = (m.eval()(idx)[0] for m in (fused, eager, round_trip))
     torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(round_trip_logits, fused_logits, rtol=0, atol=0)
+
+
+def test_blocks_fuse_the_residual_add_into_ln2(device, monkeypatch):
+    calls = []
+    real_add_and_norm = FusedLayerNorm.add_and_norm
+    monkeypatch.setattr(FusedLayerNorm, "add_and_norm", lambda *a: calls.append(1) or real_add_and_norm(*a))
+    idx, _ = _batch(device, torch.Generator().manual_seed(3))
+    GPT(GPTConfig(**TINY, layernorm="triton")).to(device)(idx)
+    assert len(calls) == TINY["n_layer"]  # one fused add + ln2 per block

@@ -109,6 +109,19 @@ def test_generation_with_top_k_1_is_greedy(device):
     assert torch.equal(out, idx)
 
 
+def test_generation_with_top_k_3_draws_among_the_top_3(device):
+    """Many draws of the next token after one context: each among the model's 3 most likely tokens, and not
+    always the same one (a top-k that kept only the largest logit would be greedy)."""
+    model = tiny_model(device).eval()
+    context = random_ids(device, batch=1, time=4)
+    logits, _ = model(context)
+    top_3 = set(logits[0, -1].topk(3).indices.tolist())
+    generator = torch.Generator(device=device).manual_seed(0)
+    drawn = model.generate(context.expand(300, -1), max_new_tokens=1, top_k=3, generator=generator)[:, -1]
+    assert set(drawn.tolist()) <= top_3
+    assert len(set(drawn.tolist())) > 1
+
+
 def test_generation_is_reproducible_with_a_generator(device):
     model = tiny_model(device).eval()
     idx = random_ids(device, batch=1, time=1)
@@ -168,6 +181,7 @@ def test_int32_ids_work_like_int64(device):
         ({"n_embd": 18, "n_head": 4}, "divisible"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"n_layer": 0}, "n_layer"),
+        ({"n_head": 0}, "n_head must be at least 1"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
     ],

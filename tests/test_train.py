@@ -1,19 +1,24 @@
-"""gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly,
-checkpoint writes are atomic, the sample CLI prints text, and Triton falls back to eager without a GPU."""
+"""gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly (also
+after Ctrl-C), checkpoint writes are atomic, the sample CLI prints text, Triton falls back to eager without a GPU,
+and bad input is one line."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import DEVICE
 
+from gpt.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample_main
-from gpt.train import PRESETS, load_checkpoint, parse_args, save_checkpoint, train
+from gpt.train import PRESETS, InputError, parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "the quick brown fox jumps over the lazy dog.\nthe five boxing wizards jump quickly!\n" * 40
@@ -75,14 +80,47 @@ def test_resume_continues_where_the_run_stopped(data_file, tmp_path, device):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_ctrl_c_stops_at_a_step_says_where_the_checkpoint_is_and_resume_stays_exact(data_file, tmp_path):
+    out_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "gpt.train", "--data", str(data_file), "--out-dir", str(out_dir),
+               "--device", "cpu", *TINY, "--max-iters", "1000000", "--eval-interval", "5"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out_dir / "ckpt.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    said = re.search(r"^interrupted at step (\d+); the last checkpoint \(step (\d+)\) is in (.+); "
+                     r"continue with --resume$", stderr, re.MULTILINE)  # fmt: skip
+    assert said, stderr
+    stopped_at, saved_at, path = int(said[1]), int(said[2]), Path(said[3])
+    assert path == out_dir / "ckpt.pt" and load_checkpoint(path)["step"] == saved_at
+    assert saved_at > 0 and saved_at % 5 == 0 and saved_at <= stopped_at
+
+    # Resuming goes on exactly as a run that was never interrupted.
+    target = ["--max-iters", str(saved_at + 3), "--eval-interval", "5"]
+    straight = tiny_run(data_file, tmp_path / "straight", "cpu", *target)
+    resumed = train(parse_args(["--out-dir", str(out_dir), "--device", "cpu", *TINY, *target, "--resume"]))
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(data_file, tmp_path, device):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(InputError, match="no checkpoint at"):
         tiny_run(data_file, tmp_path, device, "--resume")
+
+
+def checkpoint_like(step, weights):
+    return {**dict.fromkeys(CHECKPOINT_KEYS), "step": step, "model": {"weights": weights}}
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint({"step": 1, "weights": torch.arange(5.0)}, path)
+    save_checkpoint(checkpoint_like(1, torch.arange(5.0)), path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
     real_save = torch.save
@@ -94,10 +132,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"step": 2, "weights": torch.zeros(5)}, path)
+        save_checkpoint(checkpoint_like(2, torch.zeros(5)), path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     survivor = load_checkpoint(path)
-    assert survivor["step"] == 1 and torch.equal(survivor["weights"], torch.arange(5.0))
+    assert survivor["step"] == 1 and torch.equal(survivor["model"]["weights"], torch.arange(5.0))
 
 
 def test_triton_falls_back_to_eager_on_cpu(data_file, tmp_path, capsys):
@@ -154,6 +192,62 @@ def test_sample_is_reproducible_with_a_seed(trained, capsys):
     assert capsys.readouterr().out == first and len(first) == 1 + 25 + 1  # prompt, text, print's newline
 
 
+# Bad input to either command: (command, arguments, what its one-line error must say). In the arguments {files}
+# is a scratch folder holding empty.txt, truncated.pt (the first 2000 bytes of a checkpoint) and damaged/ckpt.pt
+# (the same), {data} the training text, {checkpoint} a good checkpoint and {readme} the README.
+BAD_INPUT = {
+    "missing-data": ("gpt.train", "--data {files}/missing.txt", "missing.txt does not exist"),
+    "empty-data": ("gpt.train", "--data {files}/empty.txt", "empty.txt is empty"),
+    "binary-data": ("gpt.train", "--data {checkpoint}", "ckpt.pt is not UTF-8 text"),
+    "no-cuda": ("gpt.train", "--data {data} --device cuda", "--device cuda requested but CUDA is not available"),
+    "tpu": ("gpt.train", "--data {data} --device tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    "heads": ("gpt.train", "--data {data} --n-embd 18 --n-head 4", "n_embd (18) must be divisible by n_head (4)"),
+    "negative-lr": ("gpt.train", "--data {data} --lr -1", "--lr must be positive, got -1.0"),
+    "zero-iters": ("gpt.train", "--data {data} --max-iters 0", "--max-iters must be positive, got 0"),
+    "negative-iters": ("gpt.train", "--data {data} --max-iters -5", "--max-iters must be positive, got -5"),
+    "resume-nothing": ("gpt.train", "--data {data} --resume --out-dir {files}/none", "no checkpoint at"),
+    "resume-damaged": ("gpt.train", "--data {data} --resume --out-dir {files}/damaged", "is a damaged checkpoint"),
+    "readme-checkpoint": ("gpt.sample", "--checkpoint {readme}", "README.md is not a checkpoint"),
+    "truncated-checkpoint": ("gpt.sample", "--checkpoint {files}/truncated.pt", "truncated.pt is a damaged checkpoint"),
+    "sample-tpu": ("gpt.sample", "--device tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    "no-threads": ("gpt.train", "--data {data} --threads 0", "--threads must be positive, got 0"),
+    "sample-no-threads": ("gpt.sample", "--threads 0", "--threads must be positive, got 0"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(trained, data_file, tmp_path_factory):
+    """Every BAD_INPUT case run as its own command, all started at once (each spends most of its time importing
+    torch); returns case -> (stderr, exit status)."""
+    files = tmp_path_factory.mktemp("bad_input")
+    (files / "empty.txt").write_text("")
+    truncated = trained["checkpoint"].read_bytes()[:2000]
+    (files / "truncated.pt").write_bytes(truncated)
+    (files / "damaged").mkdir()
+    (files / "damaged" / "ckpt.pt").write_bytes(truncated)
+    paths = dict(files=files, data=data_file, checkpoint=trained["checkpoint"], readme=REPO / "README.md")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = {}
+    for case, (module, arguments, _) in BAD_INPUT.items():
+        if case == "no-cuda" and torch.cuda.is_available():
+            continue  # it would train
+        command = [sys.executable, "-m", module, *arguments.format(**paths).split()]
+        started[case] = subprocess.Popen(command, cwd=files, env=env, text=True, stderr=subprocess.PIPE)
+    return {case: (process.communicate(timeout=300)[1], process.returncode) for case, process in started.items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_status_2(bad_input_runs, case):
+    if case not in bad_input_runs:
+        pytest.skip("this machine has CUDA")
+    stderr, returncode = bad_input_runs[case]
+    module, _, message = BAD_INPUT[case]
+    command = module.replace("gpt.", "gpt-")
+    assert returncode == 2, stderr
+    assert stderr.startswith(f"{command}: error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr, stderr
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -168,3 +262,26 @@ def test_sample_bad_input_is_a_clear_error(trained, argv, message, capsys):
         sample_main(["--out-dir", str(trained["checkpoint"].parent), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cpu_threads_default_to_one_and_follow_the_flag(data_file, tmp_path):
+    """One thread unless --threads (or OMP_NUM_THREADS) says otherwise: see gpt/cli.py for why."""
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    runs = {}
+    for threads in (None, 3):
+        flag = [] if threads is None else ["--threads", str(threads)]
+        out_dir = tmp_path / str(threads)
+        command = [sys.executable, "-m", "gpt.train", "--data", str(data_file), "--out-dir", str(out_dir),
+                   "--device", "cpu", *TINY, "--max-iters", "1", "--eval-iters", "1", *flag]  # fmt: skip
+        runs[threads] = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE)
+    outputs = {threads: run.communicate(timeout=300)[0] for threads, run in runs.items()}
+    assert "device: cpu (CPU, 1 thread)" in outputs[None], outputs[None]
+    assert "device: cpu (CPU, 3 threads)" in outputs[3], outputs[3]
+
+
+def test_sampling_does_not_load_the_training_script():
+    check = "import sys, gpt.sample; assert 'gpt.train' not in sys.modules, sorted(sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
