@@ -12,6 +12,8 @@
 # Run from the checkout's root on the GPU machine: bash bench/gpu_run.sh
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# The checkout's .venv when `make` built one, else the machine's python3 (the lent GPU machines have torch there).
+python() { if [ -x .venv/bin/python ]; then .venv/bin/python "$@"; else python3 "$@"; fi; }
 OUT=${OUT:-/tmp/gpu-out}
 TOTAL_S=${TOTAL_S:-500}
 TESTS_S=${TESTS_S:-150}
