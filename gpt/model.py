@@ -140,6 +140,11 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # Check on every forward that token ids lie in the vocabulary, for a clear error instead of an embedding
+        # failure. On a GPU that reads the range back: one device synchronisation per forward, and none is allowed
+        # inside a CUDA graph. A caller whose ids cannot be out of range turns it off (gpt-train does: its batches
+        # come from its own tokenizer).
+        self.check_token_ids = True
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
         self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
@@ -195,7 +200,7 @@ class GPT(nn.Module):
 
     def _check_range(self, name, ids):
         # Reading the range back from the device would break a torch.compile graph: compiled code skips it.
-        if torch.compiler.is_compiling() or not ids.numel():
+        if not self.check_token_ids or torch.compiler.is_compiling() or not ids.numel():
             return
         low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync for both
         if low < 0 or high >= self.config.vocab_size:

@@ -116,7 +116,10 @@ def setup_runtime(requested_device=None) -> Runtime:
     """Pick the device; under torchrun (WORLD_SIZE > 1) also join the process group: NCCL on GPUs, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Runtime(torch.device(requested_device) if requested_device else default_device())
+        device = torch.device(requested_device) if requested_device else default_device()
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # what launches on the current device (Triton) follows the model
+        return Runtime(device)
     rank = int(os.environ["RANK"])
     if torch.cuda.is_available() and requested_device in (None, "cuda"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -301,6 +304,7 @@ def _train(args, runtime: Runtime) -> dict:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = GPT(config).to(runtime.device)
+    model.check_token_ids = False  # the batches are the tokenizer's: no device sync per step to re-check them
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

@@ -196,3 +196,19 @@ def test_bad_generation_arguments(device, kwargs, match):
     model = tiny_model(device)
     with pytest.raises(ValueError, match=match):
         model.generate(random_ids(device, batch=1, time=2), 3, **kwargs)
+
+
+def test_the_token_id_check_can_be_turned_off_and_gpt_train_does(device, tmp_path):
+    """The range check costs a device synchronisation per forward on a GPU (and none may happen inside a CUDA
+    graph): a caller whose ids come from its own tokenizer turns it off, as gpt-train does."""
+    from gpt.train import parse_args, train
+
+    model = tiny_model(device)
+    model.check_token_ids = False
+    model(random_ids(device))  # in range: runs, with no check
+    data = tmp_path / "input.txt"
+    data.write_text("abcd" * 50, encoding="utf-8")
+    trained = train(parse_args(["--data", str(data), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+                                "--n-embd", "8", "--n-head", "2", "--n-layer", "1", "--block-size", "8",
+                                "--batch-size", "2", "--max-iters", "1", "--eval-iters", "1", "--sample-tokens", "1"]))
+    assert trained["model"].check_token_ids is False

@@ -71,20 +71,31 @@ RULES = [
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: the largest spill-free tile", arch=90,
              aligned=False),
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80),
-    TileRule("16bit", 128, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.56x)", dropout=False, arch=90,
+    # Head size 128's dK and dV in two launches (key_block_passes): one 64 x 128 fp32 accumulator per warpgroup
+    # leaves the registers for 64 keys x 64 or 128 queries per step, fewer shared-memory reads per product, where
+    # the two together spilled in the windowed, packed variant; the model puts the pair 8% behind a fused launch
+    # that would fit.
+    TileRule("16bit", 128, "dk", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
              aligned=True),
-    TileRule("16bit", 128, "dkdv", Tile(32, 64, 8, 2), "untimed: the largest spill-free tile", dropout=False,
-             arch=90, aligned=False),
-    TileRule("16bit", 128, "dkdv", Tile(32, 64, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
-    TileRule("16bit", 128, "dkdv", Tile(16, 64, 8, 2), "dropout's random numbers take registers: every larger key "
-             "tile spills; wgmma", dropout=True, arch=90),
-    TileRule("16bit", 128, "dkdv", Tile(32, 32, 4, 2), "dropout: sm_90's 16 x 64 spills 36 B on sm_80", dropout=True,
-             arch=80),
+    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
+             aligned=True),
+    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "untimed: the general tile", arch=90, aligned=False),
+    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "one accumulator: the old fused tile's rows", arch=80),
+    TileRule("16bit", 128, "dv", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
+             aligned=True),
+    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
+             aligned=True),
+    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "untimed: the general tile", arch=90, aligned=False),
+    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "one accumulator: the old fused tile's rows", arch=80),
     TileRule("16bit", 128, "dq", Tile(128, 64, 8, 2), "timed on sm_90 (1.17x)", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 128, "dq", Tile(128, 32, 8, 2), "dropout: 64 keys per step spill", dropout=True, arch=90,
+             aligned=True),
     TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "untimed: the largest spill-free tile", dropout=False, arch=90,
              aligned=False),
     TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
-    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True),
+    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True, arch=90,
+             aligned=False),
+    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True, arch=80),
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256 fp32
     # accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma tile tried
     # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles.
@@ -114,7 +125,8 @@ RULES = [
     TileRule("fp32", 64, "dkdv", Tile(32, 16, 8, 1), "fp32 operands"),
     TileRule("fp32", 64, "dq", Tile(32, 32, 8, 1), "fp32 operands"),
     TileRule("fp32", 128, "forward", Tile(32, 16, 8, 1), "fp32 operands"),
-    TileRule("fp32", 128, "dkdv", Tile(16, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 128, "dk", Tile(16, 16, 8, 1), "fp32 operands"),
+    TileRule("fp32", 128, "dv", Tile(16, 16, 8, 1), "fp32 operands"),
     TileRule("fp32", 128, "dq", Tile(16, 16, 8, 1), "fp32 operands"),
     TileRule("fp32", 256, "forward", Tile(16, 16, 4, 1), "fp32 operands"),
     TileRule("fp32", 256, "dk", Tile(16, 16, 8, 1), "fp32 operands"),
@@ -134,11 +146,11 @@ def block_d(head_dim):
 
 
 def key_block_passes(padded_head_dim):
-    """The launches of the dK/dV kernel: one computing both, or at head size 256 one for dK and one for dV, each
-    recomputing P. Two (BLOCK_N x 256) fp32 accumulators do not fit in registers together: at the 64 key rows per
-    warpgroup that wgmma needs they alone are 256 registers per thread, and smaller tiles starve the tensor cores.
-    The split costs one more Q K^T product per key block (5 products instead of 4)."""
-    return ("dk", "dv") if padded_head_dim > 128 else ("dkdv",)
+    """The launches of the dK/dV kernel: one computing both, or from head size 128 one for dK and one for dV, each
+    recomputing P. Two (BLOCK_N x D) fp32 accumulators at the 64 key rows per warpgroup that wgmma needs are
+    D registers per thread: at 256 they alone exceed the 255 a thread has, at 128 they leave too few for tiles that
+    keep the tensor cores fed. The split costs one more Q K^T product per key block (5 products instead of 4)."""
+    return ("dk", "dv") if padded_head_dim >= 128 else ("dkdv",)
 
 
 def preprocess_block_m(padded_head_dim):
