@@ -74,9 +74,15 @@ MUTANTS = [
            "dx = (g - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]\n        _store_dx", ("tests/test_layer_norm.py",)),
     Mutant("dweight from the first program's rows only", "kernels/layer_norm/ops.py",
            "dweight = dweight_partial.sum(0)", "dweight = dweight_partial[0]", ("tests/test_layer_norm.py",)),
-    # Model
+    # Model and data
     Mutant("attention block without its residual", "gpt/model.py", "x = x + self.sa(self.ln1(x))",
            "x = self.sa(self.ln1(x))", ("tests/test_model.py",)),
+    Mutant("top-k keeps only the largest logit", "gpt/model.py",
+           "torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]",
+           "torch.topk(logits, min(top_k, logits.size(-1))).values[:, :1]", ("tests/test_model.py",)),
+    Mutant("the last batch window never drawn", "gpt/data.py",
+           "torch.randint(len(data) - self.block_size, (batch_size,)",
+           "torch.randint(len(data) - self.block_size - 1, (batch_size,)", ("tests/test_data.py",)),
 ]
 
 
