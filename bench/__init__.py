@@ -2,6 +2,7 @@
 
 GPU commands (each refuses plainly on a machine without CUDA):
     python -m bench.attention       forward / backward TFLOP/s against PyTorch's SDPA backends, eager, FlexAttention
+    python -m bench.decode          decoding from a key/value cache: GB/s read, against SDPA and the copy ceiling
     python -m bench.layernorm       LayerNorm and add+LayerNorm GB/s against F.layer_norm (eager and compiled)
     python -m bench.train           GPT training tokens/s and peak memory per backend
     python -m bench.suite           the CUDA test suite, then every benchmark, then the plots

@@ -5,7 +5,7 @@
 #   2. tests.txt   the CUDA test suite (test_compile_report left out: CPU-only, CI runs it), 8 pytest workers
 #                  (pytest-xdist) so Triton's compiles run side by side; tests.xml has every test's outcome
 #   3. tune.txt    python -m bench.tune: candidate attention tiles timed (bench/results/<card>/tiles.md|json)
-#   4. suite.txt   python -m bench.suite --skip-tests with the time left: attention, LayerNorm, training,
+#   4. suite.txt   python -m bench.suite --skip-tests with the time left: attention, LayerNorm, training, decoding,
 #                  the headline pytest-benchmark shapes (bench/results/<card>/)
 #   5. results.tgz bench/results, to commit under bench/results/<card>/
 # A step that fails is recorded and the run goes on. Everything lands in $OUT (default /tmp/gpu-out).

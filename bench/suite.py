@@ -1,9 +1,9 @@
 """python -m bench.suite: the whole GPU suite in one command, for whoever is lent a GPU.
 
     1. the test suite on CUDA (tests/test_compile_report.py left out: it needs no GPU and CI runs it)
-    2. python -m bench.attention, bench.layernorm, bench.train, with time budgets shared out of what the tests
-       left of --total-s (default 450 s, under the 8 minutes an H100 is given for it): once a benchmark's budget
-       is spent it measures only the core comparisons, past 1.5x nothing more, and records what it skipped
+    2. python -m bench.attention, bench.layernorm, bench.train, bench.decode, with time budgets shared out of what
+       the tests left of --total-s (default 450 s, under the 8 minutes an H100 is given for it): once a benchmark's
+       budget is spent it measures only the core comparisons, past 1.5x nothing more, and records what it skipped
     3. pytest bench --benchmark-only (the headline shapes; JSON next to the other results)
     4. python -m bench.plot on the results folder, when matplotlib is importable (else it says so)
 Every step runs even when an earlier one fails; the exit status is non-zero if any did. Results land in
@@ -25,7 +25,7 @@ from bench import common
 REPO = Path(__file__).resolve().parent.parent
 # Shares of the benchmarks' time, and the seconds set aside for each one's start-up (imports, ceilings, writing)
 # and for the headline benchmarks and plots.
-SHARES = {"attention": 0.5, "layernorm": 0.2, "train": 0.3}
+SHARES = {"attention": 0.4, "layernorm": 0.15, "train": 0.25, "decode": 0.2}
 STARTUP_S = 20
 TAIL_S = 60
 

@@ -8,7 +8,9 @@ Each op is a folder whose files are its layers, read top to bottom as a call tra
                             formula tying the forward operator to the backward one
       attention/tiles.py    the launch tables: block sizes, warps and stages per precision, head size, kernel,
                             GPU architecture and operand alignment
-      attention/forward.py, backward.py, shared.py    the Triton kernels
+      attention/forward.py, backward.py, decode.py, shared.py    the Triton kernels
+    (kernels.decode_attention(q, k_cache, v_cache, cache_seqlens, ...) travels the same files: api, ops, tiles,
+    decode.py)
     (layer_norm/ has the same api, ops, tiles and kernels files)
 
 Beside them: modules.py (thin nn.Modules holding parameters: FusedMultiHeadAttention, FusedLayerNorm),
@@ -23,6 +25,12 @@ strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fus
 residual add. Nothing of size T x T is stored; statistics and softmax are fp32; every backward is deterministic.
 """
 
-from .attention import attention, attention_dropout_mask, attention_varlen, attention_varlen_dropout_mask
+from .attention import (
+    attention,
+    attention_dropout_mask,
+    attention_varlen,
+    attention_varlen_dropout_mask,
+    decode_attention,
+)
 from .layer_norm import add_layer_norm, layer_norm
 from .modules import FusedLayerNorm, FusedMultiHeadAttention

@@ -2,7 +2,8 @@
 torch.compile sees each launch as one opaque node with known output shapes), and the autograd formula that ties
 the forward operator to the backward one.
 
-Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed. The forward
+Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed, and
+decode_attention (its own section at the end: decoding against a key/value cache, no autograd). The forward
 and backward take a dense batch, q (B, H, Nq, D) and k, v (B, H_KV, Nk, D), or packed sequences (cu_seqlens_q and
 cu_seqlens_k given): q (total_q, H, D), k, v (total_k, H_KV, D). The band is (window_left, window_right), -1 for
 an unbounded side; causal attention is window_right = 0. Inputs arrive validated, with a contiguous last
@@ -19,6 +20,7 @@ from .._gpu import launch_device
 from .._library import NAMESPACE
 from . import tiles
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
+from .decode import decode_append_kernel, decode_combine_kernel, decode_split_kernel
 from .forward import attention_forward_kernel
 from .shared import operands_aligned
 
@@ -248,3 +250,66 @@ def attention_dropout_seed(like: Tensor) -> Tensor:
 @attention_dropout_seed.register_fake
 def _(like):
     return torch.empty(1, dtype=torch.int64, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding against a key/value cache (decode.py): inference only, no autograd formula
+
+
+def _allocate_decode_output(q):
+    """The decoding output, (B, H, Nq, D) in q's dtype with its heads side by side in memory ((B, Nq, H, D)), so
+    merging the heads, out.transpose(1, 2).reshape(B, Nq, H * D), is free (the kernels' offsets into it are
+    64-bit)."""
+    batch, heads, n_q, head_dim = q.shape
+    return torch.empty((batch, n_q, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
+    v_new: Optional[Tensor], scale: float, num_splits: int,
+) -> Tensor:
+    """Write k_new and v_new (both or neither) into the caches at each sequence's filled length, then attend: the
+    split kernel, and the combine kernel when num_splits > 1 (decode.py). num_splits: chunks per sequence, 0 to
+    let tiles.launch_splits choose. Returns out, (B, H, Nq, D) in q's dtype. The caches are declared mutated
+    (torch.compile and functionalization then keep the writes), whether or not this call appends."""
+    batch, heads, n_q, head_dim = q.shape
+    kv_heads, n_max = k_cache.shape[1], k_cache.shape[2]
+    block_d = tiles.block_d(head_dim)
+    tile = tiles.decode_tile(head_dim, q.dtype, q.device)
+    programs_per_split = triton.cdiv(heads // kv_heads * n_q, tile.block_m) * batch * kv_heads  # row blocks
+    num_splits = num_splits or tiles.launch_splits(programs_per_split, n_max, q.device)
+    out = _allocate_decode_output(q)
+    split = num_splits > 1
+    # The chunks' partial results (unused with one split: the split kernel then writes out itself).
+    o_splits = torch.empty((batch, heads, n_q, num_splits, head_dim), device=q.device,
+                           dtype=torch.float32) if split else out
+    lse_splits = torch.empty((batch, heads, n_q, num_splits), device=q.device, dtype=torch.float32) if split else out
+    with launch_device(q):
+        if k_new is not None:
+            decode_append_kernel[(batch * kv_heads,)](
+                k_new, v_new, k_cache, v_cache, cache_seqlens, *k_new.stride()[:3], *v_new.stride()[:3],
+                *k_cache.stride()[:3], *v_cache.stride()[:3], kv_heads, n_q, n_max,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tiles.APPEND_BLOCK_R,
+                ALIGNED=operands_aligned(k_new, v_new, k_cache, v_cache),
+            )
+        decode_split_kernel[(num_splits * programs_per_split,)](
+            q, k_cache, v_cache, out, o_splits, lse_splits, cache_seqlens, *q.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], *out.stride()[:3], heads, kv_heads, n_q, n_max, n_q if k_new is not None else 0,
+            num_splits, scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tile.block_m, BLOCK_N=tile.block_n, SPLIT=split,
+            ALIGNED=operands_aligned(q, k_cache, v_cache, out), num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
+        )
+        if split:
+            decode_combine_kernel[(programs_per_split,)](
+                o_splits, lse_splits, out, *out.stride()[:3], heads, kv_heads, n_q, num_splits,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tile.block_m, ALIGNED=operands_aligned(out),
+                num_warps=tiles.COMBINE_NUM_WARPS,
+            )
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
+    return _allocate_decode_output(q)

@@ -38,7 +38,7 @@ LOG2_E = tl.constexpr(1.4426950408889634)
 # inputs are multiplied exactly either way.
 DOT_PRECISION = tl.constexpr("ieee")
 # Sizes and bounds change from call to call: never specialised, so one compiled variant serves them all.
-_RUNTIME_SIZES = ("H", "H_KV", "N_Q", "N_K", "window_left", "window_right")
+_RUNTIME_SIZES = ("H", "H_KV", "N_Q", "N_K", "window_left", "window_right", "n_new", "num_splits")
 
 
 def attention_kernel(fn):
