@@ -24,13 +24,13 @@ from .shared import (
 @triton.jit
 def _forward_inner(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
-    start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    offs_m, start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the band and the
-    sequence's end; the others are known to be seen whole by every row and skip both."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    sequence's end; the others are known to be seen whole by every row and skip both. offs_m: each row's query
+    index (the band's), start_m: the first of a block of BLOCK_M consecutive queries (dropout's tile)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
@@ -132,7 +132,7 @@ def attention_forward_kernel(
         if phase != 0 or BOUNDED_LEFT:
             start, end = phase_range(phase, lo, full_lo, full_hi, hi)
             acc, l_i, m_i = _forward_inner(
-                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_m, offs_d, seed, b * H + h, dropout_p,
+                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, start_m, offs_d, seed, b * H + h, dropout_p,
                 qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT,
                 BOUNDED_RIGHT, DROPOUT,
             )
