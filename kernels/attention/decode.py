@@ -157,8 +157,8 @@ def decode_split_kernel(
     qk_scale = scale * LOG2_E  # log2(e) folded into the scale
     for masked in tl.static_range(2):
         acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m=query_of_row, start_m=0, offs_d=offs_d, seed=0, bh=0,
-            dropout_p=0.0, qk_scale=qk_scale, lo=unmasked_end if masked else start,
+            acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m=query_of_row, start_m=0, offs_d=offs_d, seed=0,
+            bh=0, dropout_p=0.0, qk_scale=qk_scale, lo=unmasked_end if masked else start,
             hi=end if masked else unmasked_end, n_k=n_k, first=first, last=last, HEAD_DIM=HEAD_DIM,
             BLOCK_M=BLOCK_R, BLOCK_N=BLOCK_N, MASKED=masked == 1, BOUNDED_LEFT=False, BOUNDED_RIGHT=True,
             DROPOUT=False,
