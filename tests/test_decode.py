@@ -131,6 +131,20 @@ def test_public_function_appends_and_attends(device):
     assert torch.equal(k_cache[1, :, 9], k_new[1, :, 0]) and torch.equal(v_cache[0, :, 4], v_new[0, :, 0])
 
 
+def test_one_length_for_the_whole_batch_is_an_int(device):
+    """cache_seqlens as one int, as generation with equal lengths has it: the same result as the tensor, checked
+    on the host (a tensor's lengths cost a device synchronisation to check), range included."""
+    torch.manual_seed(11)
+    q, k_cache, v_cache, _, k_new, v_new = _inputs([6, 6], 4, 2, 1, HEAD_DIM, 12, torch.float32, device, True)
+    k_copy, v_copy = k_cache.clone(), v_cache.clone()
+    out = kernels.decode_attention(q, k_cache, v_cache, 6, k_new=k_new, v_new=v_new)
+    as_tensor = kernels.decode_attention(q, k_copy, v_copy, torch.tensor([6, 6], dtype=torch.int32, device=device),
+                                         k_new=k_new, v_new=v_new)
+    assert torch.equal(out, as_tensor) and torch.equal(k_cache, k_copy)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 11\] for caches of 12 slots, got 12"):
+        kernels.decode_attention(q, k_cache, v_cache, 12, k_new=k_new, v_new=v_new)
+
+
 def test_launches_run_on_the_inputs_device(device, monkeypatch):
     """Triton launches on the current device: the decoding launches make q's device current first."""
     from kernels.attention import ops

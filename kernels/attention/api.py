@@ -282,7 +282,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     k_cache, v_cache: (B, H_KV, Nmax, D), q's dtype and device, H a multiple of H_KV (query head h reads key/value
         head h // (H / H_KV)); preallocated, with a contiguous last dimension (they are written in place, so
         they are never copied).
-    cache_seqlens: int32 (B,) on q's device, each sequence's filled length before this call.
+    cache_seqlens: int32 (B,) on q's device, each sequence's filled length before this call; or one int, the length
+        of every sequence (checked on the host: no device synchronisation).
     k_new, v_new: (B, H_KV, Nq, D), both or neither: written into the caches in place at rows
         [cache_seqlens[b], cache_seqlens[b] + Nq) and attended to. The caller advances cache_seqlens.
     scale: the softmax scale, D ** -0.5 when None.
@@ -304,6 +305,8 @@ def _decode_attention(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, scale
     choose (from the GPU's multiprocessors, the batch and Nmax), or 1 ... MAX_DECODE_SPLITS (the tests force both
     ends)."""
     _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     _check_options(0.0, scale, False, q.shape[2], k_cache.shape[2])  # decoding has no dropout and no LSE
     if num_splits is not None and not (isinstance(num_splits, int) and 1 <= num_splits <= MAX_DECODE_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_DECODE_SPLITS}], got {num_splits!r}")
@@ -368,11 +371,18 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
 
 
 def _check_cache_seqlens(cache_seqlens, q, n_max, n_new):
-    """cache_seqlens: int32 (B,) on q's device, each in [0, Nmax - n_new]. Reading the lengths costs one device
-    synchronisation, so that part is skipped while torch.compile traces or a CUDA graph is being captured."""
+    """cache_seqlens: an int, or int32 (B,) on q's device, each in [0, Nmax - n_new]. Reading a tensor's lengths
+    costs one device synchronisation, so that part is skipped while torch.compile traces or a CUDA graph is being
+    captured; an int is checked on the host."""
+    most = n_max - n_new
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= most:
+            raise ValueError(f"cache_seqlens must lie in [0, {most}] for caches of {n_max} slots, got {cache_seqlens}")
+        return
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
         got = cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
-        raise TypeError(f"cache_seqlens must be an int32 tensor of the batch's filled lengths, got {got}")
+        raise TypeError(f"cache_seqlens must be an int32 tensor of the batch's filled lengths, or one int for all, "
+                        f"got {got}")
     if cache_seqlens.shape != (q.shape[0],):
         raise ValueError(f"cache_seqlens must have shape (B,) = ({q.shape[0]},), one length per sequence, got "
                          f"{tuple(cache_seqlens.shape)}")
@@ -380,7 +390,6 @@ def _check_cache_seqlens(cache_seqlens, q, n_max, n_new):
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    most = n_max - n_new
     out_of_range = {b: n for b, n in enumerate(cache_seqlens.tolist()) if not 0 <= n <= most}
     if out_of_range:
         room = f", leaving room for the {n_new} new token{'s' if n_new > 1 else ''}" if n_new else ""
