@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt.cache import KVCache
+
 ATTENTION_BACKENDS = ("eager", "triton", "sdpa")  # sdpa: torch.nn.functional.scaled_dot_product_attention
 LAYERNORM_BACKENDS = ("eager", "triton")
 
@@ -57,15 +59,20 @@ class Head(nn.Module):
         self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
-        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T): affinities between tokens
-        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # the future does not talk to the past
+        v = self.value(x)  # (B, T, hs)
+        start = 0  # position of the first of these T tokens: after the cached ones when generating with a cache
+        if cache is not None:
+            start = cache.length
+            k, v = cache.store(k, v)  # (B, start + T, hs): the cached tokens' keys and values, then these
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, start + T): affinities between tokens
+        # the future does not talk to the past
+        wei = wei.masked_fill(self.tril[start : start + T, : start + T] == 0, float("-inf"))
         wei = F.softmax(wei, dim=-1)
         wei = self.dropout(wei)
-        v = self.value(x)  # (B, T, hs)
         return wei @ v  # (B, T, hs)
 
 
@@ -78,8 +85,8 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        out = torch.cat([h(x) for h in self.heads], dim=-1)
+    def forward(self, x, cache=None):
+        out = torch.cat([h(x, cache and cache.head(i)) for i, h in enumerate(self.heads)], dim=-1)
         return self.dropout(self.proj(out))
 
 
@@ -127,11 +134,11 @@ class Block(nn.Module):
         # The Triton norm also fuses the residual add before ln2 into its kernel pass.
         self.fused_add_norm = config.layernorm == "triton"
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         if self.fused_add_norm:
-            h, x = self.ln2.add_and_norm(self.sa(self.ln1(x)), x)
+            h, x = self.ln2.add_and_norm(self.sa(self.ln1(x), cache), x)
             return x + self.ffwd(h)
-        x = x + self.sa(self.ln1(x))
+        x = x + self.sa(self.ln1(x), cache)
         x = x + self.ffwd(self.ln2(x))
         return x
 
@@ -174,15 +181,16 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_input(self, idx, targets):
+    def _check_input(self, idx, targets, cached=0):
         if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
             got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise TypeError(f"idx must be a tensor of int64 or int32 token ids, got {got}")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         T = idx.shape[1]
-        if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"sequence length {T} must be between 1 and block_size ({self.config.block_size})")
+        if not 1 <= T <= self.config.block_size - cached:
+            after = f" after the {cached} cached tokens" if cached else ""
+            raise ValueError(f"sequence length {T} must be between 1 and block_size ({self.config.block_size}){after}")
         self._check_range("token ids", idx)
         if idx.device != self.lm_head.weight.device:
             raise ValueError(f"idx is on {idx.device} but the model is on {self.lm_head.weight.device}")
@@ -206,12 +214,20 @@ class GPT(nn.Module):
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"{name} must lie in [0, {self.config.vocab_size}), got range [{low}, {high}]")
 
-    def forward(self, idx, targets=None):
-        self._check_input(idx, targets)
+    def forward(self, idx, targets=None, cache=None):
+        """Logits (B, T, vocab_size) of the tokens `idx` (B, T), and the loss against `targets` when given. With a
+        `KVCache` (gpt/cache.py) the tokens continue the cached ones: their positions follow, every layer reads
+        the cached keys and values and stores the new ones, and the cache's length advances by T."""
+        start = 0 if cache is None else cache.length
+        self._check_input(idx, targets, start)
         B, T = idx.shape
         tok_emb = self.token_embedding_table(idx)  # (B, T, C)
-        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
-        x = self.blocks(tok_emb + pos_emb)
+        pos_emb = self.position_embedding_table(torch.arange(start, start + T, device=idx.device))  # (T, C)
+        x = tok_emb + pos_emb
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache and cache.layer(i))
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if targets is None:
             return logits, None
@@ -219,15 +235,26 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Extend `idx` (B, T) by `max_new_tokens` tokens, sampling each from the model's distribution."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Extend `idx` (B, T) by `max_new_tokens` tokens, sampling each from the model's distribution.
+
+        The model sees at most the last block_size tokens, at positions 0 ... block_size - 1. With use_cache
+        (gpt/cache.py) the context is run once and then each new token alone against the cached keys and values,
+        exactly what recomputing the context gives, while the context fits block_size. Past it every position
+        shifts with each new token, so no cached key stays valid: each token then re-runs the last block_size
+        tokens, as use_cache=False does for every token."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        cache = KVCache.for_model(self.config) if use_cache else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]  # the positional table only covers block_size tokens
-            logits, _ = self(idx_cond)
+            if cache is None or cache.length == 0 or idx.shape[1] > self.config.block_size:
+                if cache is not None:
+                    cache.reset()
+                logits, _ = self(idx[:, -self.config.block_size :], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)  # the newest token, after the cached ones
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -236,4 +263,3 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-

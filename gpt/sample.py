@@ -5,6 +5,7 @@
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,14 +22,15 @@ def default_prompt(tokenizer: CharTokenizer) -> str:
 
 
 def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, temperature=1.0,
-                top_k=None, seed=1337) -> str:  # fmt: skip
+                top_k=None, seed=1337, use_cache=True) -> str:  # fmt: skip
     """The prompt followed by `max_new_tokens` sampled characters (the prompt must use the vocabulary)."""
     device = next(model.parameters()).device
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                         use_cache=use_cache)
     model.train(was_training)
     return tokenizer.decode(out[0])
 
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="below 1 is more conservative, above 1 more varied")
     p.add_argument("--top-k", type=int, help="sample only among the k most likely characters")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token instead of "
+                   "keeping its keys and values (the same text, slower)")  # fmt: skip
     add_device_arguments(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
@@ -83,7 +87,13 @@ def main(argv=None):
     attention, layernorm = resolve_backends(saved["attention"], saved["layernorm"], device, log=print_to_stderr)
     model = GPT(GPTConfig(**{**saved, "attention": attention, "layernorm": layernorm})).to(device)
     model.load_state_dict(checkpoint["model"])
-    print(sample_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    started = time.perf_counter()
+    text = sample_text(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                       use_cache=not args.no_cache)
+    seconds = time.perf_counter() - started
+    print(text)
+    print_to_stderr(f"{args.max_new_tokens} tokens in {seconds:.2f} s ({args.max_new_tokens / seconds:.1f} tokens/s, "
+                    f"{'recomputing the context' if args.no_cache else 'with a key/value cache'})")
 
 
 if __name__ == "__main__":

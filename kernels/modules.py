@@ -4,10 +4,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .attention import attention
+from .attention import attention, decode_attention
 from .layer_norm import add_layer_norm, layer_norm
 
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")
+# New tokens per call up to which a call continuing a cache is a decoding step (kernels.decode_attention, made for
+# a few); more run the prefill kernel against the cache.
+DECODE_STEP_TOKENS = 16
 
 
 class FusedMultiHeadAttention(nn.Module):
@@ -66,17 +69,37 @@ class FusedMultiHeadAttention(nn.Module):
         if all(key in state_dict for key in keys):
             state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(key) for key in keys])
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x (B, T, C) -> (B, T, C). `cache`: a layer's key/value cache when generating (gpt/cache.py's
+        LayerCache: `length` tokens cached, `store(k, v)` appends and returns every token's keys and values,
+        `keys` and `values` the whole (B, H, block_size, D) storage)."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), a view into qkv
         dropout_p = self.attention_dropout if self.training else 0.0
-        if self.backend == "triton":
-            out = attention(q, k, v, causal=True, dropout_p=dropout_p)
+        decoding = cache is not None and cache.length and T <= DECODE_STEP_TOKENS and not dropout_p
+        if decoding and self.backend == "triton":
+            # the split-KV kernel appends k and v to the (prefilled) cache itself and reads it once
+            out = decode_attention(q, cache.keys, cache.values, cache.length, k_new=k, v_new=v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            if cache is not None:
+                k, v = cache.store(k, v)  # the cached tokens' keys and values, then these
+            if self.backend == "triton":
+                out = attention(q, k, v, causal=True, dropout_p=dropout_p)  # causal aligned bottom-right
+            else:
+                out = _sdpa_causal(q, k, v, dropout_p)
         out = out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as the eager torch.cat gives them
         return self.dropout(self.proj(out))
+
+
+def _sdpa_causal(q, k, v, dropout_p):
+    """torch's scaled_dot_product_attention with the causal mask aligned bottom-right, as the model's: its own
+    is_causal aligns it top-left, which differs once keys precede the queries (a cache)."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
 
 
 class FusedLayerNorm(nn.Module):

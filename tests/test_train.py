@@ -182,6 +182,10 @@ def test_sample_cli_prints_text(trained):
     text = result.stdout.rstrip("\n")
     assert text.startswith("the ") and len(text) == 4 + 40
     assert set(text) <= set(TEXT)
+    assert re.fullmatch(r"40 tokens in [\d.]+ s \([\d.]+ tokens/s, with a key/value cache\)\n", result.stderr)
+    recomputed = subprocess.run(command + ["--no-cache"], capture_output=True, text=True, cwd=REPO, env=env,
+                                timeout=120)
+    assert recomputed.stdout == result.stdout and "recomputing the context" in recomputed.stderr
 
 
 def test_sample_is_reproducible_with_a_seed(trained, capsys):
