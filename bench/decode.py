@@ -16,7 +16,11 @@ grouped heads, enable_gqa; a backend that refuses the shapes is recorded as fail
 Every provider's output is checked against an fp32 reference on the first and the last sequence before it is
 timed. A point whose cache (or, for SDPA's math backend, its copy of the cache expanded to the query heads) would
 not fit in 70% of the free memory is recorded as skipped.
+Then GPT generation tokens/s at the reference config, with the key/value cache and recomputing the context, per
+attention backend (generation_runs).
 """
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +195,66 @@ def to_markdown(run):
     return "\n".join(parts)
 
 
+# GPT generation at the reference config (gpt/model.py, vocab 100, bf16 weights): GENERATED_TOKENS new tokens
+# after a one-token prompt, so the context stays within block_size (256), per backend and batch, with the cache and
+# recomputing the context. Issue 13's goal: cached generation >= 10x the recompute path.
+GENERATION_BATCHES = (1, 64)
+GENERATED_TOKENS = 255
+GENERATION_GOAL = 10.0
+
+
+def generation_runs(quick=False):
+    """(backend, batch, use_cache) in priority order: every cached run first."""
+    batches = GENERATION_BATCHES[:1] if quick else GENERATION_BATCHES
+    return [(backend, batch, use_cache) for use_cache in (True, False) for batch in batches
+            for backend in ("triton", "sdpa", "eager")]
+
+
+def generation_tokens_per_s(backend, batch, use_cache):
+    """New tokens per second of GPT.generate (all sequences together), after a short warm-up generation."""
+    from gpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, attention=backend, dropout=0.0)).cuda().to(torch.bfloat16).eval()
+    model.check_token_ids = False
+    prompt = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
+    model.generate(prompt, 8, use_cache=use_cache)  # compile the kernels, warm the allocator
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model.generate(prompt, GENERATED_TOKENS, use_cache=use_cache)
+    torch.cuda.synchronize()
+    return batch * GENERATED_TOKENS / (time.perf_counter() - started)
+
+
+def generation_results(quick, budget):
+    results = []
+    for backend, batch, use_cache in generation_runs(quick):
+        entry = {"backend": backend, "batch": batch, "use_cache": use_cache}
+        if budget.exhausted():
+            entry["status"] = "skipped: time budget exhausted"
+        else:
+            try:
+                entry.update(tokens_per_s=generation_tokens_per_s(backend, batch, use_cache), status="ok")
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot generate is a result
+                entry["status"] = common.describe_failure(exc)
+        results.append(entry)
+    return results
+
+
+def generation_markdown(results):
+    rows = []
+    for backend, batch in dict.fromkeys((r["backend"], r["batch"]) for r in results):
+        at = {r["use_cache"]: r for r in results if (r["backend"], r["batch"]) == (backend, batch)}
+        rates = [at[c]["tokens_per_s"] if c in at and at[c]["status"] == "ok" else None for c in (True, False)]
+        speedup = f"{rates[0] / rates[1]:.1f}x" if None not in rates else "—"
+        rows.append([backend, batch] + [f"{r:,.0f}" if r else common.short_status(at.get(c))
+                                        for r, c in zip(rates, (True, False))] + [speedup])
+    return ("\n## GPT generation, tokens/s\n\n"
+            f"The reference config, bf16, {GENERATED_TOKENS} new tokens after a one-token prompt. Goal: the cache "
+            f">= {GENERATION_GOAL:.0f}x recomputing.\n\n"
+            + common.markdown_table(["backend", "batch", "with the cache", "recomputing", "cache speedup"], rows))
+
+
 def main():
     args, run = common.start("bench.decode", __doc__.split("\n\n")[0], default_budget_s=120)
     budget = common.Budget(args.budget_s)
@@ -200,9 +264,10 @@ def main():
     run["results"] = []
     for point in sweep_points(args.quick):
         run["results"] += run_point(point, table, budget, run["ceilings"])
+    run["generation"] = generation_results(args.quick, budget)
     run["goals"] = evaluate_goals(run["results"])
     run["seconds"] = budget.elapsed()
-    common.write_results(run, "decode", to_markdown(run), args.out)
+    common.write_results(run, "decode", to_markdown(run) + "\n" + generation_markdown(run["generation"]), args.out)
 
 
 if __name__ == "__main__":

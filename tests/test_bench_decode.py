@@ -80,3 +80,15 @@ def test_refuses_plainly_without_a_gpu():
     done = subprocess.run([sys.executable, "-m", "bench.decode", "--quick"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generation_table_reads_the_cache_speedup():
+    from bench import decode
+
+    runs = decode.generation_runs()
+    assert runs[0] == ("triton", 1, True) and len(runs) == 3 * 2 * 2
+    results = [{"backend": "triton", "batch": 1, "use_cache": True, "tokens_per_s": 1000.0, "status": "ok"},
+               {"backend": "triton", "batch": 1, "use_cache": False, "tokens_per_s": 50.0, "status": "ok"},
+               {"backend": "eager", "batch": 1, "use_cache": True, "status": "skipped: time budget exhausted"}]
+    table = decode.generation_markdown(results)
+    assert "| triton | 1 | 1,000 | 50 | 20.0x |" in table and "| eager | 1 |" in table
