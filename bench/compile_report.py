@@ -272,7 +272,8 @@ def compile_config(op, name, arch, aligned):
 
 def _speed(result, cubin):
     """The speed model's reading of a 16-bit attention tile's main loop (bench/speed_model.py): modelled clocks per
-    128 x 128 block and their limiter, or None where no model applies (fp32, LayerNorm, the delta kernel); and
+    128 x 128 block and their limiter, or None where no model applies (fp32, LayerNorm, the delta kernel, archs the
+    model has no rates for); and
     whether its warpgroups duplicate work."""
     from bench import speed_model
 
@@ -281,8 +282,10 @@ def _speed(result, cubin):
         return record
     record["duplicated"] = result["wgmma"] and speed_model.duplicates_work(
         result["kernel"], result["block_m"], result["block_n"], result["num_warps"])
+    if result["arch"] not in speed_model.RATES:
+        return record
     loop = speed_model.main_loop(_disassemble(cubin, result["arch"]))
-    if loop is not None and result["arch"] in speed_model.RATES:
+    if loop is not None:
         clocks, limiter = speed_model.block_clocks(loop, result["arch"], result["num_warps"], result["block_m"],
                                                    result["block_n"])
         record.update(model_clocks=round(clocks[limiter]), limiter=limiter,

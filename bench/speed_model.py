@@ -1,9 +1,9 @@
 """A static speed model of the attention kernels, read off their SASS: what one iteration of a kernel's main loop
 issues, and how many clocks a 128 x 128 block of (query, key) pairs must take at best on one SM.
 
-The model (a lower bound: every unit busy at once, perfect overlap), per SM per clock, for the GPUs the tiles are
-made for (H100 and A100 figures; the H200 has the H100's SMs):
-    tensor cores   2048 (sm_90, wgmma) or 1024 (sm_80, mma.sync) fp16/bf16 multiply-adds
+The model (a lower bound: every unit busy at once, perfect overlap), per SM per clock, for Hopper (H100 figures;
+the H200 has the H100's SMs):
+    tensor cores   2048 fp16/bf16 multiply-adds (wgmma; mma.sync, counted too, reaches about half)
     shared memory  128 bytes: every byte a matrix instruction reads from shared memory (a wgmma with both operands
                    in shared memory, "SS", reads A and B; one with A in registers, "RS", reads B), every LDS/LDSM and
                    STS, and every asynchronous global-to-shared copy (LDGSTS) that fills it
@@ -17,10 +17,7 @@ BLOCK_M x BLOCK_N (query, key) pairs. The limiter is the unit that takes longest
 import re
 from dataclasses import dataclass
 
-RATES = {
-    90: dict(tensor=2048, shared=128, mufu=16, issue=4),
-    80: dict(tensor=1024, shared=128, mufu=16, issue=4),
-}
+RATES = {90: dict(tensor=2048, shared=128, mufu=16, issue=4)}
 BLOCK_PAIRS = 128 * 128
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")

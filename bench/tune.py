@@ -25,16 +25,19 @@ from kernels.attention import backward, forward, tiles
 from bench import common
 from kernels.reference import attention_reference
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per (kernel, head size), the shipped tile added first.
-# dK/dV holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys.
-# From issue 12's static look (spill-free on sm_90 with aligned operands) and the tutorial's choices.
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per (kernel, head size), the shipped tile added first: the
+# speed model's best spill-free tiles for sm_90 (bench/compile_report.py, bf16 causal aligned; the model's clocks
+# per 128 x 128 block in the comments), for the timing to decide between. dK/dV holds BLOCK_N keys and streams
+# BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys. Head size 128 computes dK and dV in
+# two launches (kernels/attention/tiles.py, key_block_passes).
 CANDIDATES = {
-    ("forward", 64): [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-    ("forward", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-    ("dkdv", 64): [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
-    ("dkdv", 128): [(32, 128, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2)],
-    ("dq", 64): [(128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
-    ("dq", 128): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    ("forward", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],  # 1056, 1196, 1328
+    ("forward", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],  # 2096, ...
+    ("dkdv", 64): [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],  # 3120, 3424, 3680
+    ("dk", 128): [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],  # 4144, 5728, ...
+    ("dv", 128): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],  # 2608, 3120, 3680
+    ("dq", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],  # 1584, 1840, 2144
+    ("dq", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],  # 3120, 3632, 4192
 }
 # Timed shapes per head size: FlashAttention's benchmark points (16k tokens, 2048 hidden) and, at head size 64,
 # the decoder's own (batch 64, 6 heads, 256 tokens).
