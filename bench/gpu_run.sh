@@ -10,10 +10,13 @@
 #   5. results.tgz bench/results, to commit under bench/results/<card>/
 # A step that fails is recorded and the run goes on. Everything lands in $OUT (default /tmp/gpu-out).
 # Run from the checkout's root on the GPU machine: bash bench/gpu_run.sh
+# DRY_RUN=1 checks the plumbing on a machine without a GPU (tests/test_gpu_run.py does): a handful of tests, the
+# tuner's every candidate checked on CPU without timing, the suite's steps listed, the tarball.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # The checkout's .venv when `make` built one, else the machine's python3 (the lent GPU machines have torch there).
-python() { if [ -x .venv/bin/python ]; then .venv/bin/python "$@"; else python3 "$@"; fi; }
+PYTHON=python3
+[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 OUT=${OUT:-/tmp/gpu-out}
 TOTAL_S=${TOTAL_S:-500}
 TESTS_S=${TESTS_S:-150}
@@ -23,22 +26,24 @@ started=$(date +%s)
 left() { echo $(( TOTAL_S - ($(date +%s) - started) )); }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+  "$PYTHON" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   date -u; git log -1 --format='%H %s' 2>/dev/null; } > "$OUT/env.txt" 2>&1
 
 # pytest-xdist and pytest-timeout where installed (the GPU machines have both); SIGINT at the step's end, so
 # pytest still prints its summary of failures and writes the XML.
-plugins=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-plugins="$plugins $(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")"
-timeout -s INT -k 20 "$TESTS_S" python -m pytest -v --tb=short $plugins -p no:cacheprovider -rfE \
+plugins=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
+plugins="$plugins $("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")"
+dry=${DRY_RUN:+--dry-run}
+selected=${DRY_RUN:+-k public_api}
+timeout -s INT -k 20 "$TESTS_S" "$PYTHON" -m pytest -v --tb=short $plugins -p no:cacheprovider -rfE $selected \
   --ignore=tests/test_compile_report.py --junitxml="$OUT/tests.xml" tests > "$OUT/tests.txt" 2>&1
 echo "tests exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tests.txt"
 
-timeout $(( TUNE_S + 60 )) python -m bench.tune --budget-s "$TUNE_S" > "$OUT/tune.txt" 2>&1
+timeout $(( TUNE_S + 60 )) "$PYTHON" -m bench.tune --budget-s "$TUNE_S" $dry > "$OUT/tune.txt" 2>&1
 echo "tune exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tune.txt"
 
 suite_s=$(( $(left) - 15 ))
-timeout $(( suite_s + 10 )) python -m bench.suite --skip-tests --total-s "$suite_s" > "$OUT/suite.txt" 2>&1
+timeout $(( suite_s + 10 )) "$PYTHON" -m bench.suite --skip-tests --total-s "$suite_s" $dry > "$OUT/suite.txt" 2>&1
 echo "suite exit $? after $(( $(date +%s) - started )) s" >> "$OUT/suite.txt"
 
 tar czf "$OUT/results.tgz" bench/results 2>/dev/null

@@ -30,8 +30,11 @@ STARTUP_S = 20
 TAIL_S = 60
 
 
-def run_step(name, command, steps):
+def run_step(name, command, steps, dry_run=False):
     print(f"\n=== {name}: {' '.join(command)}", flush=True)
+    if dry_run:  # the plumbing only: what would run, with what budget
+        steps.append({"step": name, "seconds": 0.0, "exit_code": 0})
+        return 0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
     started = time.perf_counter()
@@ -46,15 +49,18 @@ def main():
     p.add_argument("--total-s", type=float, default=450, help="wall-clock target for the whole suite")
     p.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     p.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    p.add_argument("--dry-run", action="store_true", help="no GPU needed: print each step and its budget, run none")
     args = p.parse_args()
-    common.require_gpu("bench.suite")
+    if not args.dry_run:
+        common.require_gpu("bench.suite")
     started = time.perf_counter()
-    results_dir = common.RESULTS_DIR / common.card_slug(torch.cuda.get_device_name(0))
+    card = "dry-run" if args.dry_run else common.card_slug(torch.cuda.get_device_name(0))
+    results_dir = common.RESULTS_DIR / card
     steps = []
     python = sys.executable
     if not args.skip_tests:
         run_step("tests (CUDA)", [python, "-m", "pytest", "-q", "tests", "--ignore=tests/test_compile_report.py"],
-                 steps)
+                 steps, args.dry_run)
     for i, (bench_name, share) in enumerate(SHARES.items()):
         # What is left goes to this benchmark and the ones after it by their shares (so time one leaves unused
         # passes on); a benchmark may overrun its budget by half while finishing core points, hence the 1.5.
@@ -63,14 +69,13 @@ def main():
         budget = max(20.0, left * share / sum(later) / 1.5)
         command = [python, "-m", f"bench.{bench_name}", "--budget-s", f"{budget:.0f}"] + (["--quick"] if args.quick
                                                                                           else [])
-        run_step(bench_name, command, steps)
-    results_dir.mkdir(parents=True, exist_ok=True)
+        run_step(bench_name, command, steps, args.dry_run)
     run_step("headline (pytest-benchmark)", [python, "-m", "pytest", "-q", "bench", "--benchmark-only",
-                                             f"--benchmark-json={results_dir / 'headline.json'}"], steps)
+                                             f"--benchmark-json={results_dir / 'headline.json'}"], steps, args.dry_run)
     try:
         import matplotlib  # noqa: F401
 
-        run_step("plots", [python, "-m", "bench.plot", str(results_dir)], steps)
+        run_step("plots", [python, "-m", "bench.plot", str(results_dir)], steps, args.dry_run)
     except ImportError:
         print("\n=== plots: skipped, matplotlib is not installed here; run `python -m bench.plot "
               f"{results_dir.relative_to(REPO)}` where it is", flush=True)
@@ -78,7 +83,9 @@ def main():
     table = common.markdown_table(["step", "seconds", "exit code"],
                                   [[s["step"], f"{s['seconds']:.0f}", s["exit_code"]] for s in steps])
     summary = f"# GPU suite\n\n{total:.0f} s in all (target {args.total_s:.0f} s).\n\n{table}\n"
-    (results_dir / "suite.md").write_text(summary)
+    if not args.dry_run:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "suite.md").write_text(summary)
     print("\n" + summary)
     return 1 if any(s["exit_code"] for s in steps) else 0
 
