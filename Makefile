@@ -1,6 +1,7 @@
 # The newcomer's commands. Each one builds a local virtual environment (.venv) on first use.
 #   make train   train a small GPT on the default corpus (Python's own sources) and print a sample
-#   make test    run the test suite (CUDA when present, else Triton's CPU interpreter)
+#   make test    run the test suite (CUDA when present, else Triton's CPU interpreter), the transformers
+#                integration's too: the environment gets the optional transformers extra
 #   make mutants plant known bugs one at a time and report which the tests miss (minutes; not part of make test)
 PYTHON ?= python3
 VENV   := .venv
@@ -22,5 +23,5 @@ mutants: $(VENV)/installed
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q $(PINS) -e ".[test]"
+	$(VENV)/bin/pip install -q $(PINS) -e ".[test,transformers]"
 	touch $@

@@ -83,6 +83,26 @@ MUTANTS = [
     Mutant("the last batch window never drawn", "gpt/data.py",
            "torch.randint(len(data) - self.block_size, (batch_size,)",
            "torch.randint(len(data) - self.block_size - 1, (batch_size,)", ("tests/test_data.py",)),
+    # transformers integration
+    Mutant("transformers: sliding window one key too wide", "kernels/integrations/transformers.py",
+           "(sliding_window - 1, 0)", "(sliding_window, 0)", ("tests/test_transformers.py", "-k", "qwen2")),
+    Mutant("transformers: left padding dropped", "kernels/integrations/transformers.py",
+           "if n_keys == kv_length and bool(padding.all()):", "if n_keys == kv_length:",
+           ("tests/test_transformers.py", "-k", "left-padded")),
+    Mutant("transformers: queries unpadded by the first keys' padding", "kernels/integrations/transformers.py",
+           "key_padding[:, -n_queries:]", "key_padding[:, :n_queries]",
+           ("tests/test_transformers.py", "-k", "cache_continued")),
+    Mutant("transformers: a static cache's unfilled slots attended", "kernels/integrations/transformers.py",
+           "n_keys = min(kv_length, int(q_offset + q_length - kv_offset))", "n_keys = kv_length",
+           ("tests/test_transformers.py", "-k", "static")),
+    Mutant("transformers: the model's softmax scale ignored", "kernels/integrations/transformers.py",
+           '"scale": scaling', '"scale": None', ("tests/test_transformers.py", "-k", "gpt2")),
+    Mutant("transformers: training dropout never applied", "kernels/integrations/transformers.py",
+           '"dropout_p": dropout if module.training else 0.0', '"dropout_p": 0.0',
+           ("tests/test_transformers.py", "-k", "dropout")),
+    Mutant("transformers: any mask pattern accepted", "kernels/integrations/transformers.py",
+           "if mask_function is causal_mask_function and local_size is None:", "if True:",
+           ("tests/test_transformers.py", "-k", "refused")),
 ]
 
 
