@@ -21,8 +21,9 @@ RATES = {90: dict(tensor=2048, shared=128, mufu=16, issue=4)}
 BLOCK_PAIRS = 128 * 128
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
-_HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x(\d+)\.F32\.(BF16|F16)")
-_HMMA_SHAPE = re.compile(r"HMMA\.(16816|1688)\.F32\.(BF16|F16)")
+# fp16 operands are the default type and not spelled out: HGMMA.64x64x16.F32 is fp16, .F32.BF16 bf16.
+_HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x(\d+)\.F32")
+_HMMA_SHAPE = re.compile(r"HMMA\.(16816|1688)\.F32")
 _WIDTH = re.compile(r"\.(128|64|32|U16|S16|U8|S8)(?:\.|$)")
 _WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -66,7 +67,7 @@ def count(instructions):
         if opcode.startswith("MUFU.EX2"):
             counts.mufu += 1
         elif opcode.startswith("HGMMA"):
-            n, k, _ = _HGMMA_SHAPE.match(opcode).groups()
+            n, k = _HGMMA_SHAPE.match(opcode).groups()
             n, k = int(n), int(k)
             counts.tensor_fma_per_warpgroup += 64 * n * k
             a_in_registers = re.match(r"R\d+,\s*R\d+", args) is not None

@@ -11,7 +11,7 @@ import triton
 from .._gpu import launch_device
 from .._validate import TRITON_INTERPRETS, check_runnable, check_same_device_and_dtype, check_tensor
 from .forward import dropout_mask_kernel
-from .ops import AttentionFunction, attention_dropout_seed, rows_fit
+from .ops import attention_dropout_seed, attention_forward, rows_fit
 from .ops import decode_attention as decode_attention_op
 from .tiles import MAX_DECODE_SPLITS, MAX_HEAD_SIZE
 
@@ -50,8 +50,8 @@ def attention(q, k, v, *, causal=True, dropout_p=0.0, scale=None, window=(-1, -1
         return _through_fp32(attention, q, k, v, causal=causal, dropout_p=dropout_p, scale=scale, window=window,
                              seed=seed, return_lse=return_lse)
     q, k, v = (_readable(t, t.stride(2), t.shape[2], t.contiguous) for t in (q, k, v))
-    out, lse = AttentionFunction.apply(q, k, v, None, None, N_Q, k.shape[2], window_left, window_right,
-                                       float(dropout_p), _scale(scale, D), _seed_tensor(dropout_p, seed, q))
+    out, lse = attention_forward(q, k, v, None, None, N_Q, k.shape[2], window_left, window_right, float(dropout_p),
+                                 _scale(scale, D), _seed_tensor(dropout_p, seed, q))
     return (out, _natural_log(lse)) if return_lse else out
 
 
@@ -79,9 +79,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                              return_lse=return_lse)
     q = _readable(q, q.stride(0), max_seqlen_q, lambda: _heads_apart(q))
     k, v = (_readable(t, t.stride(0), max_seqlen_k, lambda t=t: _heads_apart(t)) for t in (k, v))
-    out, lse = AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-                                       window_right, float(dropout_p), _scale(scale, q.shape[-1]),
-                                       _seed_tensor(dropout_p, seed, q))
+    out, lse = attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                                 window_right, float(dropout_p), _scale(scale, q.shape[-1]),
+                                 _seed_tensor(dropout_p, seed, q))
     return (out, _natural_log(lse)) if return_lse else out
 
 

@@ -203,37 +203,27 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-class AttentionFunction(torch.autograd.Function):
-    """Autograd for attention, the one place its backward is defined: `attention` and `attention_varlen` call it,
-    and the same setup_context and backward are registered on the `attention_forward` operator (torch.library), so
-    a caller of the operator itself, opcheck and torch.compile all see the same formula.
-    forward(...) takes the operator's arguments, the seed included, so the dropout mask is a function of the
-    arguments and backward regenerates it. The LSE output is not differentiable."""
-
-    @staticmethod
-    def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
-                dropout_p, scale, seed):
-        return attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-                                 window_right, dropout_p, scale, seed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, seed = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
-        ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale
-        ctx.mark_non_differentiable(lse)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
-        return (dq, dk, dv) + (None,) * 9
+# Autograd: the formula registered on the forward operator, the one place the backward is defined. The public
+# functions call the operator itself (an autograd.Function around it would cost a second dispatch per call), and so
+# do opcheck and torch.compile. The seed is an argument of the forward, so the dropout mask is a function of the
+# arguments and the backward regenerates it. The LSE output is not differentiable.
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::attention_forward", AttentionFunction.backward, setup_context=AttentionFunction.setup_context
-)
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *scalars, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _gradients(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
+    return (dq, dk, dv) + (None,) * 9
+
+
+attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(),

@@ -147,46 +147,35 @@ def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autograd: one Function for both ops, the single place their backward is defined. The same setup_context and
-# backward are registered on the forward operator, so callers of the operator, opcheck and torch.compile all see
-# this formula.
+# Autograd: the formula registered on the forward operator, for layer_norm and add_layer_norm alike, the one place
+# their backward is defined. The public functions call the operator itself, as opcheck and torch.compile do.
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """forward(x, residual, weight, bias, eps) -> (y, s, mean, rstd); residual may be None (plain LayerNorm)."""
-
-    @staticmethod
-    def forward(x, residual, weight, bias, eps):
-        return layer_norm_forward(x, residual, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, residual, weight, bias, _ = inputs
-        y, s, mean, rstd = output
-        ctx.with_residual = residual is not None
-        # The rows that were normalized: the sum s when there is a residual, else x itself.
-        ctx.save_for_backward(s if ctx.with_residual else x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.set_materialize_grads(False)  # a missing gradient of y or s is skipped, not read as zeros
-
-    @staticmethod
-    def backward(ctx, dy, dsum, _dmean, _drstd):
-        s, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(s)
-        compute_dweight = weight is not None and ctx.needs_input_grad[2]
-        compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
-        grads = layer_norm_backward(
-            dy, dsum if ctx.with_residual else None, s, weight, mean, rstd, compute_dweight, compute_dbias
-        )
-        ds = grads[0]
-        dweight = grads[1] if compute_dweight else None
-        dbias = grads[-1] if compute_dbias else None
-        # s = x + residual: both receive the gradient of s.
-        return ds, (ds if ctx.with_residual else None), dweight, dbias, None
+def _save_for_backward(ctx, inputs, output):
+    x, residual, weight, bias, _ = inputs
+    y, s, mean, rstd = output
+    ctx.with_residual = residual is not None
+    # The rows that were normalized: the sum s when there is a residual, else x itself.
+    ctx.save_for_backward(s if ctx.with_residual else x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # a missing gradient of y or s is skipped, not read as zeros
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::layer_norm_forward", LayerNormFunction.backward, setup_context=LayerNormFunction.setup_context
-)
+def _gradients(ctx, dy, dsum, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    compute_dweight = weight is not None and ctx.needs_input_grad[2]
+    compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
+    grads = layer_norm_backward(
+        dy, dsum if ctx.with_residual else None, s, weight, mean, rstd, compute_dweight, compute_dbias
+    )
+    ds = grads[0]
+    dweight = grads[1] if compute_dweight else None
+    dbias = grads[-1] if compute_dbias else None
+    # s = x + residual: both receive the gradient of s.
+    return ds, (ds if ctx.with_residual else None), dweight, dbias, None
+
+
+layer_norm_forward.register_autograd(_gradients, setup_context=_save_for_backward)
