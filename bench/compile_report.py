@@ -87,14 +87,14 @@ def _kernel_params(kernel):
     return [KernelParam(i, p, False, False) for i, p in enumerate(inspect.signature(kernel).parameters.values())]
 
 
-def _config(name, jit_kernel, dtype_name, constexprs, num_warps, num_stages, targets, **meta):
-    """One config: what to compile (the jit kernel, signature, constexprs, warps, stages), where it runs (targets)
-    and what it is (meta: the launch's kernel name, dtype, head size or width, mask, dropout, tile), for the JSON
-    records."""
+def _config(name, jit_kernel, dtype_name, constexprs, num_warps, num_stages, targets, options=None, **meta):
+    """One config: what to compile (the jit kernel, signature, constexprs, warps, stages and any other compile
+    options the launcher passes), where it runs (targets) and what it is (meta: the launch's kernel name, dtype,
+    head size or width, mask, dropout, tile), for the JSON records."""
     return {"name": name, "kernel": jit_kernel,
             "signature": _signature(jit_kernel, POINTER_TYPES[dtype_name], constexprs),
             "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets,
-            "meta": dict(dtype=dtype_name, **meta)}
+            "options": options or {}, "meta": dict(dtype=dtype_name, **meta)}
 
 
 # The attention masks a config is compiled with: the causal dense call (the decoder's, whose speed the tiles are
@@ -183,8 +183,10 @@ def layer_norm_configs():
                 constexprs = {"HAS_DSUM": has_residual, "HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True,
                               "COMPUTE_DBIAS": True, "BLOCK_N": tile.block_n,
                               **({} if tile.streamed else {"ROWS": tile.rows})}
+                options = dict(kernels.BACKWARD_COMPILE_OPTIONS)
                 configs.append(_config(f"layer_norm_{add}backward_{short}_n{width}", kernel, dtype_name, constexprs,
-                                       tile.num_warps, 1, _targets(), kernel=f"{add}backward", width=width))
+                                       tile.num_warps, options.pop("num_stages"), _targets(), options,
+                                       kernel=f"{add}backward", width=width))
     return configs
 
 
@@ -256,7 +258,8 @@ def compile_config(op, name, arch, aligned):
         source = ASTSource(fn=fn, signature=signature, constexprs=entry["constexprs"],
                            attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
+                                  options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"],
+                                           **entry["options"]})
         ptx = compiled.asm["ptx"]
         result.update(ptxas_usage(ptx, arch))
         result["shared_bytes"] = compiled.metadata.shared

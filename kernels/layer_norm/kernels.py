@@ -17,6 +17,14 @@ import triton.language as tl
 # vector loads and stores), the row count does not (it only bounds masks): not specialised, so a compiled variant
 # serves any number of rows, and the compile report's aligned build is exactly what runs.
 
+# The backward kernels are compiled with one stage (no prefetch buffers in the row loops: the register budget the
+# tiles were sized for) and without fusing multiplies into adds: g = w * dy feeds both the row sums and
+# g - mean(g), and fused into the latter it enters unrounded, off from the sums by g's rounding error, which rstd
+# then amplifies (at width 1 the exact gradient, 0, came out as rstd * ulp(g), 1e-5 for eps 1e-5 on an H200).
+# Unfused, each product is rounded once, as in eager PyTorch. The kernels are memory-bound: the extra
+# instructions cost nothing measurable.
+BACKWARD_COMPILE_OPTIONS = {"num_stages": 1, "enable_fp_fusion": False}
+
 # --------------------------------------------------------------------------------------------------------------
 # Pieces both directions share
 # --------------------------------------------------------------------------------------------------------------

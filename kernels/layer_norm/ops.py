@@ -15,6 +15,7 @@ from .._gpu import launch_device
 from .._library import NAMESPACE
 from . import tiles
 from .kernels import (
+    BACKWARD_COMPILE_OPTIONS,
     layer_norm_backward_kernel,
     layer_norm_backward_streamed_kernel,
     layer_norm_forward_kernel,
@@ -85,7 +86,6 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
     dbias_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dbias else None
     if n_rows > 0:
-        # num_stages=1: no prefetch buffers in the row loops, the register budget the tiles were sized for.
         kernel, rows = _kernel_for(tile, layer_norm_backward_kernel, layer_norm_backward_streamed_kernel)
         with launch_device(x):
             kernel[(programs,)](
@@ -94,7 +94,7 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
                 x.stride(0), n_rows, n_cols,
                 HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
                 COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
-                BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=1, **rows,
+                BLOCK_N=tile.block_n, num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS, **rows,
             )
     elif compute_dweight or compute_dbias:  # no rows: the gradients are zero
         dweight_partial = dweight_partial.zero_() if compute_dweight else None
