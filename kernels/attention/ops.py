@@ -145,7 +145,7 @@ def attention_backward(
     seed = seed if seed is not None else lse
     with launch_device(q):
         # 1. delta = rowsum(dO * O)
-        block_m = tiles.preprocess_block_m(launch.block_d) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
+        block_m = tiles.preprocess_block_m(launch.block_d, q.dtype) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
         attention_backward_preprocess_kernel[launch.grid(launch.n_q, launch.heads, block_m)](
             out, grad_out, delta, launch.cu_seqlens[0], *launch.strides(out), *launch.strides(grad_out),
             *launch.statistics_strides(delta), launch.heads, launch.n_q,

@@ -2,10 +2,11 @@
 dropout, GPU architecture and operand alignment.
 
 The dK/dV kernel holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream
-BLOCK_N keys. At head size 256 dK and dV are computed by two launches, "dk" and "dv" (see key_block_passes).
+BLOCK_N keys. From head size 128 dK and dV are computed by two launches, "dk" and "dv" (see key_block_passes).
 Every tile the tables can give is compiled for each architecture in kernels._gpu.CHECKED_ARCHS, aligned and not,
-by bench/compile_report.py, which fails on spills, excess shared memory or, on sm_90, matrix products that miss
-wgmma.
+by bench/compile_report.py, which fails on spills (fp32: beyond a few words), excess shared memory or, on sm_90,
+matrix products that miss wgmma or repeat work across warpgroups; bench/tile_search.py finds a clean replacement
+for a tile that fails.
 """
 
 from collections import namedtuple
@@ -44,77 +45,93 @@ class TileRule:
 
 # Hopper first: 16-bit tiles whose matrix-product rows (BLOCK_M; BLOCK_N for dK/dV) are 64 per warpgroup of 4 warps
 # become wgmma on sm_90 (fewer rows per warpgroup would repeat work across warpgroups); the same tiles run mma.sync
-# elsewhere. Every tile compiles without register spills for its architectures, aligned or not as it says (the
-# compile report). "Timed" tiles won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal,
-# aligned): each is the fastest spill-free candidate there, its gain over the tile it replaced in brackets.
-# Misaligned operands are loaded element by element through registers, which costs registers. fp32 is multiplied
-# in true fp32 without tensor cores, whose operands are register-hungry: small tiles.
+# elsewhere. Every 16-bit tile compiles without register spills for its architectures, aligned or not as it says,
+# under every mask and with dropout or without as it says (the compile report); where a tile spilled in the
+# windowed, packed variant, the replacement is bench.tile_search's, which holds the most rows that fit. "Timed"
+# tiles won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal, aligned): each is the fastest
+# spill-free candidate there, its gain over the tile it replaced in brackets. Misaligned operands are loaded
+# element by element through registers, which costs registers. fp32 is multiplied in true fp32 without tensor
+# cores, whose operands are register-hungry: small tiles, a few spilled words allowed
+# (compile_report.FP32_SPILL_ALLOWANCE_BYTES).
 RULES = [
     TileRule("16bit", 16, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile"),
     TileRule("16bit", 16, "dkdv", Tile(32, 128, 8, 3), "the largest spill-free tile"),
-    TileRule("16bit", 16, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile"),
+    TileRule("16bit", 16, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile", dropout=True),
+    TileRule("16bit", 16, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile", dropout=False, arch=90),
+    TileRule("16bit", 16, "dq", Tile(128, 64, 4, 3), "8 warps spill misaligned", dropout=False, arch=80),
     TileRule("16bit", 32, "forward", Tile(128, 64, 8, 3), "as head size 16"),
     TileRule("16bit", 32, "dkdv", Tile(32, 128, 8, 3), "as head size 16"),
-    TileRule("16bit", 32, "dq", Tile(128, 64, 8, 3), "as head size 16"),
+    TileRule("16bit", 32, "dq", Tile(128, 64, 8, 3), "as head size 16", arch=90),
+    TileRule("16bit", 32, "dq", Tile(128, 64, 8, 2), "3 stages spill with dropout", arch=80),
     TileRule("16bit", 64, "forward", Tile(64, 64, 4, 3), "timed on sm_90 (1.04x)", arch=90, aligned=True),
-    TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "untimed: the largest spill-free tile", arch=90,
-             aligned=False),
-    TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
+    TileRule("16bit", 64, "forward", Tile(128, 32, 8, 3), "misaligned: 64 keys per step spill", aligned=False),
     TileRule("16bit", 64, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.61x)", arch=90, aligned=True),
     TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "untimed: the largest spill-free tile", arch=90,
              aligned=False),
     TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "the largest spill-free tile", arch=80),
     TileRule("16bit", 64, "dq", Tile(64, 64, 4, 2), "timed on sm_90 (1.07x)", arch=90, aligned=True),
-    TileRule("16bit", 64, "dq", Tile(128, 64, 8, 3), "untimed: the largest spill-free tile", arch=90, aligned=False),
-    TileRule("16bit", 64, "dq", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 64, "dq", Tile(128, 32, 8, 3), "untimed: 64 keys per step spill with dropout", arch=90,
+             aligned=False),
+    TileRule("16bit", 64, "dq", Tile(128, 32, 8, 3), "64 keys per step spill with dropout", arch=80),
     TileRule("16bit", 128, "forward", Tile(128, 64, 8, 3), "timed on sm_90 (1.22x)", arch=90, aligned=True),
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: the largest spill-free tile", arch=90,
              aligned=False),
-    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
+    TileRule("16bit", 128, "forward", Tile(128, 16, 8, 3), "misaligned: 32 keys per step spill", arch=80,
+             aligned=False),
     # Head size 128's dK and dV in two launches (key_block_passes): one 64 x 128 fp32 accumulator per warpgroup
     # leaves the registers for 64 keys x 64 or 128 queries per step, fewer shared-memory reads per product, where
     # the two together spilled in the windowed, packed variant; the model puts the pair 8% behind a fused launch
-    # that would fit.
+    # that would fit. Off sm_90's aligned path, the tiles are bench.tile_search's: the spill-free tile holding the
+    # most keys that serves every variant.
     TileRule("16bit", 128, "dk", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
              aligned=True),
     TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
              aligned=True),
-    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "untimed: the general tile", arch=90, aligned=False),
-    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "one accumulator: the old fused tile's rows", arch=80),
+    TileRule("16bit", 128, "dk", Tile(64, 32, 8, 3), "untimed: 64 keys spill misaligned", arch=90, aligned=False),
+    TileRule("16bit", 128, "dk", Tile(64, 32, 8, 3), "64 keys spill in some variant", arch=80),
     TileRule("16bit", 128, "dv", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
              aligned=True),
     TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
              aligned=True),
-    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "untimed: the general tile", arch=90, aligned=False),
-    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "one accumulator: the old fused tile's rows", arch=80),
+    TileRule("16bit", 128, "dv", Tile(16, 128, 8, 3), "untimed: the most keys spill-free", arch=90, aligned=False),
+    TileRule("16bit", 128, "dv", Tile(16, 128, 8, 3), "the most keys spill-free", arch=80),
     TileRule("16bit", 128, "dq", Tile(128, 64, 8, 2), "timed on sm_90 (1.17x)", dropout=False, arch=90, aligned=True),
     TileRule("16bit", 128, "dq", Tile(128, 32, 8, 2), "dropout: 64 keys per step spill", dropout=True, arch=90,
              aligned=True),
-    TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "untimed: the largest spill-free tile", dropout=False, arch=90,
+    TileRule("16bit", 128, "dq", Tile(32, 64, 8, 3), "untimed: 128 and 64 queries spill or repeat work", arch=90,
              aligned=False),
     TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
-    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True, arch=90,
-             aligned=False),
     TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True, arch=80),
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256 fp32
     # accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma tile tried
-    # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles.
-    TileRule("16bit", 256, "forward", Tile(128, 32, 8, 2), "wgmma", arch=90, aligned=True),
-    TileRule("16bit", 256, "forward", Tile(32, 32, 4, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
-    TileRule("16bit", 256, "forward", Tile(32, 32, 4, 2), "the largest spill-free tile", arch=80),
-    TileRule("16bit", 256, "dk", Tile(32, 128, 8, 2), "wgmma", arch=90, aligned=True),
-    TileRule("16bit", 256, "dk", Tile(16, 32, 8, 1), "misaligned: no wgmma tile fits", dropout=False, arch=90,
+    # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles. Registers are
+    # so tight here that a stage or a warp more or less decides the spill: each tile below is bench.tile_search's.
+    TileRule("16bit", 256, "forward", Tile(128, 32, 8, 2), "wgmma", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 256, "forward", Tile(128, 16, 8, 3), "wgmma; dropout: 32 keys per step spill", dropout=True,
+             arch=90, aligned=True),
+    TileRule("16bit", 256, "forward", Tile(32, 32, 4, 2), "the largest spill-free tile", arch=80, aligned=True),
+    TileRule("16bit", 256, "forward", Tile(32, 16, 8, 3), "misaligned: 32 keys per step spill", aligned=False),
+    TileRule("16bit", 256, "dk", Tile(32, 128, 8, 2), "wgmma", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 256, "dk", Tile(16, 128, 8, 3), "wgmma; dropout: 32 queries per step spill", dropout=True,
+             arch=90, aligned=True),
+    TileRule("16bit", 256, "dk", Tile(16, 32, 8, 1), "misaligned: no wgmma tile fits", dropout=False,
              aligned=False),
-    TileRule("16bit", 256, "dk", Tile(16, 32, 8, 1), "the largest spill-free tile", dropout=False, arch=80),
-    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 1), "dropout: 32 queries per step spill", dropout=True, arch=90,
-             aligned=False),
-    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 1), "dropout: 32 queries per step spill", dropout=True, arch=80),
-    TileRule("16bit", 256, "dv", Tile(32, 128, 8, 2), "wgmma", arch=90, aligned=True),
-    TileRule("16bit", 256, "dv", Tile(16, 64, 8, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
+    TileRule("16bit", 256, "dk", Tile(16, 32, 4, 3), "8 warps spill", dropout=False, arch=80, aligned=True),
+    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 1), "dropout: 32 keys spill; 3 stages spill", dropout=True,
+             arch=90, aligned=False),
+    TileRule("16bit", 256, "dk", Tile(16, 16, 8, 3), "dropout: 32 keys spill; 1 stage spills", dropout=True,
+             arch=80),
+    TileRule("16bit", 256, "dv", Tile(32, 128, 8, 2), "wgmma", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 256, "dv", Tile(16, 128, 8, 3), "wgmma; dropout: 32 queries per step spill", dropout=True,
+             arch=90, aligned=True),
+    TileRule("16bit", 256, "dv", Tile(32, 32, 8, 1), "misaligned: no wgmma tile fits; 16 keys repeat work",
+             arch=90, aligned=False),
     TileRule("16bit", 256, "dv", Tile(16, 64, 8, 2), "the largest spill-free tile", arch=80),
     TileRule("16bit", 256, "dq", Tile(128, 16, 8, 2), "wgmma", arch=90, aligned=True),
-    TileRule("16bit", 256, "dq", Tile(32, 16, 8, 2), "misaligned: no wgmma tile fits", arch=90, aligned=False),
-    TileRule("16bit", 256, "dq", Tile(32, 16, 8, 2), "the largest spill-free tile", arch=80),
+    TileRule("16bit", 256, "dq", Tile(16, 32, 8, 3), "misaligned: no wgmma tile fits", arch=90, aligned=False),
+    TileRule("16bit", 256, "dq", Tile(16, 32, 8, 3), "the largest spill-free tile in every variant", arch=80),
     TileRule("fp32", 16, "forward", Tile(32, 32, 4, 1), "fp32 operands"),
     TileRule("fp32", 16, "dkdv", Tile(16, 32, 8, 1), "fp32 operands"),
     TileRule("fp32", 16, "dq", Tile(32, 32, 8, 1), "fp32 operands"),
@@ -153,9 +170,11 @@ def key_block_passes(padded_head_dim):
     return ("dk", "dv") if padded_head_dim >= 128 else ("dkdv",)
 
 
-def preprocess_block_m(padded_head_dim):
-    """Rows per program of the delta kernel: 8192 elements of O and of dO per 4 warps stay in registers."""
-    return min(64, 8192 // padded_head_dim)
+def preprocess_block_m(padded_head_dim, dtype):
+    """Rows per program of the delta kernel: 8192 16-bit elements of O and of dO per 4 warps stay in registers,
+    4096 fp32 ones (8192 spill)."""
+    elements = 4096 if dtype == torch.float32 else 8192
+    return min(64, elements // padded_head_dim)
 
 
 def _precision(dtype):

@@ -1,0 +1,41 @@
+"""bench.tile_search's order of candidates and the compile report's verdict it searches with (no compiles here:
+tests/test_compile_report.py compiles every shipped tile)."""
+
+import pytest
+
+from bench import compile_report, tile_search
+from kernels.attention.tiles import Tile
+
+
+@pytest.mark.parametrize("kernel, rejected", [("forward", Tile(128, 32, 8, 3)), ("dq", Tile(64, 64, 4, 2)),
+                                              ("dk", Tile(32, 64, 4, 2)), ("dkdv", Tile(16, 128, 8, 2))])
+def test_candidates_are_no_larger_and_hold_the_most_rows_first(kernel, rejected):
+    def held_and_streamed(tile):
+        return (tile.block_m, tile.block_n) if kernel in ("forward", "dq") else (tile.block_n, tile.block_m)
+
+    candidates = tile_search.candidates(kernel, rejected)
+    assert rejected not in candidates
+    assert all(t.block_m * t.block_n <= rejected.block_m * rejected.block_n for t in candidates)
+    assert candidates == sorted(candidates, key=lambda t: (*(-x for x in held_and_streamed(t)), -t.num_stages,
+                                                           -t.num_warps))
+    assert held_and_streamed(candidates[0])[0] == 128
+
+
+def _record(dtype, spill_bytes, **fields):
+    return dict({"op": "attention", "kernel": "dk", "dtype": dtype, "arch": 80, "aligned": True, "mma_sync": True,
+                 "wgmma": False, "duplicated": False, "shared_bytes": 1024, "spill_store_bytes": spill_bytes,
+                 "spill_load_bytes": spill_bytes}, **fields)
+
+
+def test_any_spill_rejects_a_16bit_tile_and_fp32_has_a_small_allowance():
+    allowance = compile_report.FP32_SPILL_ALLOWANCE_BYTES
+    assert compile_report.problems(_record("bfloat16", 4)) == ["spills 4 B stored / 4 B loaded"]
+    assert compile_report.problems(_record("float16", 0)) == []
+    assert compile_report.problems(_record("float32", allowance)) == []
+    assert compile_report.problems(_record("float32", allowance + 4))
+
+
+def test_sm90_rejects_mma_sync_and_repeated_work():
+    assert compile_report.problems(_record("bfloat16", 0, arch=90))  # aligned, mma.sync only
+    assert compile_report.problems(_record("bfloat16", 0, arch=90, wgmma=True, duplicated=True))
+    assert compile_report.problems(_record("bfloat16", 0, arch=90, wgmma=True)) == []
