@@ -17,6 +17,7 @@ from .shared import (
     matrix_of,
     phase_range,
     program_coordinates,
+    program_operands,
     queries_seeing_key_block,
     row_statistics_of,
     sequence_of,
@@ -128,21 +129,16 @@ def attention_backward_dkdv_kernel(
     accumulators do not fit in registers together).
     The other arguments mean what they mean in the forward kernel.
     """
-    block, b, h = program_coordinates(N_K, H, BLOCK_N)
-    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
-    start_n = block * BLOCK_N
+    start_n, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
+        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
+        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_N, True, VARLEN, ALIGNED)
     if start_n >= n_k:  # past this packed sequence's end
         return
-    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
-    kv_head = h // (H // H_KV)
-    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
-    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
-    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
+    LSE = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
+    DELTA = row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh)
     DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
     DK, stride_dkn = matrix_of(DK, b, h, k_start, stride_dkb, stride_dkh, stride_dkn, ALIGNED)
     DV, stride_dvn = matrix_of(DV, b, h, k_start, stride_dvb, stride_dvh, stride_dvn, ALIGNED)
-    LSE = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
-    DELTA = row_statistics_of(DELTA, b, h, q_start, stride_lb, stride_lh)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
@@ -228,16 +224,11 @@ def attention_backward_dq_kernel(
     DQ: the gradient of the queries, laid out like Q, written here in the input dtype.
     The other arguments mean what they mean in the dK/dV kernel.
     """
-    block, b, h = program_coordinates(N_Q, H, BLOCK_M)
-    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
-    start_m = block * BLOCK_M
+    start_m, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
+        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
+        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_M, False, VARLEN, ALIGNED)
     if start_m >= n_q:  # past this packed sequence's end
         return
-    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
-    kv_head = h // (H // H_KV)
-    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
-    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
-    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
     DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
     DQ, stride_dqm = matrix_of(DQ, b, h, q_start, stride_dqb, stride_dqh, stride_dqm, ALIGNED)
     offs_m = start_m + tl.arange(0, BLOCK_M)

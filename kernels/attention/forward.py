@@ -13,9 +13,8 @@ from .shared import (
     load_tile,
     matrix_of,
     phase_range,
-    program_coordinates,
+    program_operands,
     row_statistics_of,
-    sequence_of,
     store_tile,
     visible,
 )
@@ -101,19 +100,14 @@ def attention_forward_kernel(
     DROPOUT: apply dropout (dropout_p > 0). VARLEN: packed sequences.
     ALIGNED: every tensor's pointer is 16-byte aligned and its strides multiples of 16 bytes (operands_aligned).
     """
-    block, b, h = program_coordinates(N_Q, H, BLOCK_M)
-    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
-    start_m = block * BLOCK_M
+    start_m, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
+        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
+        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_M, False, VARLEN, ALIGNED)
     if start_m >= n_q:  # past this packed sequence's end
         return
-    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
-    kv_head = h // (H // H_KV)
-    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
-    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
-    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
-    O, stride_om = matrix_of(O, b, h, q_start, stride_ob, stride_oh, stride_om, ALIGNED)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    O, stride_om = matrix_of(O, b, h, q_start, stride_ob, stride_oh, stride_om, ALIGNED)
     seed = tl.load(SEED) if DROPOUT else 0
     first, last = band_bounds(n_q, n_k, window_left, window_right)
 

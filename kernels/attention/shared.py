@@ -109,6 +109,30 @@ def matrix_of(X, b, head, start, stride_b, stride_h, stride_row, ALIGNED: tl.con
 
 
 @triton.jit
+def program_operands(
+    Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """Where a forward or backward program starts: (first row of its block of BLOCK queries, or of BLOCK keys with
+    KEY_BLOCKS; batch b; query head h; b's query sequence start and length; its key sequence start and length;
+    and Q's (b, h) matrix with K's and V's of h's key/value head, each with its row stride). Query heads come in
+    groups of H // H_KV per key/value head. A block that starts past its own sequence's end (a packed sequence
+    shorter than the longest) has nothing to do."""
+    if KEY_BLOCKS:
+        block, b, h = program_coordinates(N_K, H, BLOCK)
+    else:
+        block, b, h = program_coordinates(N_Q, H, BLOCK)
+    q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
+    k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
+    kv_head = h // (H // H_KV)
+    Q, stride_qm = matrix_of(Q, b, h, q_start, stride_qb, stride_qh, stride_qm, ALIGNED)
+    K, stride_kn = matrix_of(K, b, kv_head, k_start, stride_kb, stride_kh, stride_kn, ALIGNED)
+    V, stride_vn = matrix_of(V, b, kv_head, k_start, stride_vb, stride_vh, stride_vn, ALIGNED)
+    return block * BLOCK, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn
+
+
+@triton.jit
 def row_statistics_of(X, b, head, start, stride_b, stride_h):
     """Row 0 of the (batch b, head) vector of a per-row statistic (LSE, DELTA: fp32, one per query row)."""
     return X + tl.cast(b, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h + start

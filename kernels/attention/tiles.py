@@ -75,8 +75,10 @@ RULES = [
              aligned=False),
     TileRule("16bit", 64, "dq", Tile(128, 32, 8, 3), "64 keys per step spill with dropout", arch=80),
     TileRule("16bit", 128, "forward", Tile(128, 64, 8, 3), "timed on sm_90 (1.22x)", arch=90, aligned=True),
-    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: the largest spill-free tile", arch=90,
-             aligned=False),
+    TileRule("16bit", 128, "forward", Tile(128, 16, 8, 3), "untimed: 32 keys per step spill", dropout=False,
+             arch=90, aligned=False),
+    TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: 16 keys per step spill", dropout=True,
+             arch=90, aligned=False),
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
     TileRule("16bit", 128, "forward", Tile(128, 16, 8, 3), "misaligned: 32 keys per step spill", arch=80,
              aligned=False),
@@ -103,7 +105,8 @@ RULES = [
     TileRule("16bit", 128, "dq", Tile(32, 64, 8, 3), "untimed: 128 and 64 queries spill or repeat work", arch=90,
              aligned=False),
     TileRule("16bit", 128, "dq", Tile(64, 32, 8, 2), "the largest spill-free tile", dropout=False, arch=80),
-    TileRule("16bit", 128, "dq", Tile(128, 16, 8, 2), "dropout: fewer keys per step", dropout=True, arch=80),
+    TileRule("16bit", 128, "dq", Tile(64, 32, 8, 3), "dropout: 128 queries spill misaligned", dropout=True,
+             arch=80),
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256 fp32
     # accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma tile tried
     # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles. Registers are
