@@ -1,12 +1,12 @@
-"""The eager GPT: shapes, the per-head design's parameter count, initial loss, causality, dropout,
-generation past block_size, and a clear error for every bad input."""
+"""The eager GPT: shapes, the Block's residual pre-norm formula, the per-head design's parameter count, initial
+loss, causality, dropout, generation past block_size, and a clear error for every bad input."""
 
 import math
 
 import pytest
 import torch
 
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, Block, GPTConfig
 
 VOCAB = 11
 
@@ -54,6 +54,15 @@ def test_parameter_count_of_the_reference_design():
 def test_parameter_count_of_a_small_design():
     model = GPT(tiny_config(n_embd=24, n_head=3, n_layer=3))
     assert model.num_parameters() == per_head_design_parameters(VOCAB, 8, 24, 3, 3)
+
+
+def test_block_is_pre_norm_with_both_residuals(device):
+    """The seed's Block, written out from the block's own modules: x + sa(ln1(x)), then + ffwd(ln2(.))."""
+    torch.manual_seed(0)
+    block = Block(tiny_config()).to(device).eval()
+    x = torch.randn(2, 8, 16, device=device)
+    h = x + block.sa(block.ln1(x))
+    torch.testing.assert_close(block(x), h + block.ffwd(block.ln2(h)))
 
 
 def test_initial_loss_is_near_uniform(device):
