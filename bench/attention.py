@@ -147,10 +147,8 @@ def check_provider(fn, q, k, v, dout, causal, refs, dtype):
 
 
 def skip_reason(name, core, shape, dtype, budget):
-    if budget.exhausted():
-        return "skipped: time budget exhausted"
-    if budget.spent() and not core:
-        return "skipped: time budget spent (only core providers measured)"
+    if reason := budget.skip_reason(core):
+        return reason
     if name in QUADRATIC_BYTES_PER_SCORE:
         need = shape["batch"] * shape["heads"] * shape["seq_len"] ** 2 * QUADRATIC_BYTES_PER_SCORE[name](dtype)
         free = torch.cuda.mem_get_info()[0]

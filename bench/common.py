@@ -70,6 +70,15 @@ class Budget:
     def exhausted(self):
         return self.elapsed() > 1.5 * self.seconds
 
+    def skip_reason(self, core):
+        """Why a point is not measured now (the status to record), or None: a core comparison runs until the
+        budget is exhausted, any other until it is spent."""
+        if self.exhausted():
+            return "skipped: time budget exhausted"
+        if self.spent() and not core:
+            return "skipped: time budget spent (only core providers measured)"
+        return None
+
 
 def configure_torch_compile():
     """torch.compile settings for competitors compiled once per static shape: keep every shape's graph (instead of

@@ -91,10 +91,8 @@ def providers():
 
 
 def skip_reason(name, core, point, budget, free_bytes):
-    if budget.exhausted():
-        return "skipped: time budget exhausted"
-    if budget.spent() and not core:
-        return "skipped: time budget spent (only core providers measured)"
+    if reason := budget.skip_reason(core):
+        return reason
     need = memory_needed(name, point)
     if need > FREE_MEMORY_SHARE * free_bytes:
         return f"skipped: needs ~{need / 2**30:.0f} GiB, {free_bytes / 2**30:.0f} GiB free"
@@ -230,8 +228,8 @@ def generation_results(quick, budget):
     results = []
     for backend, batch, use_cache in generation_runs(quick):
         entry = {"backend": backend, "batch": batch, "use_cache": use_cache}
-        if budget.exhausted():
-            entry["status"] = "skipped: time budget exhausted"
+        if reason := budget.skip_reason(core=True):
+            entry["status"] = reason
         else:
             try:
                 entry.update(tokens_per_s=generation_tokens_per_s(backend, batch, use_cache), status="ok")

@@ -95,8 +95,8 @@ def run_point(op, dtype_name, width, table, budget, ceilings):
     results = []
     for name, (fn, core) in table[op].items():
         entry = {"op": op, "dtype": dtype_name, "rows": ROWS, "width": width, "provider": name}
-        if budget.exhausted() or (budget.spent() and not core):
-            entry["status"] = "skipped: time budget " + ("exhausted" if budget.exhausted() else "spent")
+        if reason := budget.skip_reason(core):
+            entry["status"] = reason
         else:
             try:
                 entry["max_relative_error"] = check_provider(fn, inputs, cotangents, reference, backward, dtype)

@@ -154,8 +154,8 @@ def main():
     data = {}
     for config_name, backend, compiled, core in runs(args.quick):
         entry = {"config": config_name, "backend": backend, "compiled": compiled}
-        if budget.exhausted() or (budget.spent() and not core):
-            entry["status"] = "skipped: time budget " + ("exhausted" if budget.exhausted() else "spent")
+        if reason := budget.skip_reason(core):
+            entry["status"] = reason
         else:
             if config_name not in data:
                 idx, targets = batch_of(config_name)
