@@ -4,25 +4,23 @@ bench/results/compile_report.md (or --output).
 
 The configs come from the kernels themselves: the attention launch tables (kernels/attention/tiles.py) and the
 LayerNorm tiles (kernels/layer_norm/tiles.py) say which tiles a launch can pick, and each kernel's signature is
-derived from its own parameters (`_signature`). Each config is compiled with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, as a launch would be.
-Triton's JIT specialises on its arguments: pointers aligned to 16 bytes and integers divisible by 16 are marked
-so, and the code it generates (vectorised, asynchronously pipelined loads) differs. So each config is compiled
-both ways: "aligned" marks every pointer and every integer argument divisible by 16 as the JIT would, except the
-arguments a kernel opts out of that specialisation for (the attention kernels mark their strides themselves, from
-their ALIGNED constexpr; LayerNorm leaves n_rows unmarked); "any" marks nothing, the worst case of misaligned
-operands. Then the wheel's own ptxas
-is run with `-v` on that PTX to read the registers, stack frame and spill bytes; the shared memory is what Triton
+derived from its own parameters (`_signature`). Each config is compiled with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))` into PTX and a cubin, as a launch would be. Triton's JIT specialises on its
+arguments: pointers aligned to 16 bytes and integers divisible by 16 are marked so, and the code it generates
+(vectorised, asynchronously pipelined loads) differs. So each config is compiled both ways: "aligned" marks every
+pointer and every integer argument divisible by 16 as the JIT would, except the arguments a kernel opts out of that
+specialisation for (the attention kernels mark their strides themselves, from their ALIGNED constexpr; LayerNorm
+leaves n_rows unmarked); "any" marks nothing, the worst case of misaligned operands. Then the wheel's own ptxas is
+run with `-v` on that PTX to read the registers, stack frame and spill bytes; the shared memory is what Triton
 allocates; the PTX shows whether the matrix products use wgmma (sm_90's warpgroup instructions) or mma.sync
 (sm_80's).
 
 This is also the machinery of tests/test_compile_report.py, which fails when a shipped config spills (fp32: more
 than FP32_SPILL_ALLOWANCE_BYTES), uses more shared memory than the arch allows, does not compile, runs mma.sync on
 sm_90 with aligned operands or duplicates work across sm_90 warpgroups. bench/tile_search.py finds the replacement
-for a tile that fails. Compiles
-run in worker processes (one per core, at most 8) started without TRITON_INTERPRET (the test suite sets it on CPU,
-and interpreted kernels cannot be compiled). Registers and spills depend on the compiler: the tiles were checked
-with triton TILES_CHECKED_WITH.
+for a tile that fails. Compiles run in worker processes (one per core, at most 8) started without TRITON_INTERPRET
+(the test suite sets it on CPU, and interpreted kernels cannot be compiled). Registers and spills depend on the
+compiler: the tiles were checked with triton TILES_CHECKED_WITH.
 """
 
 import argparse
@@ -49,6 +47,8 @@ REPORT_PATH = Path(__file__).resolve().parent / "results" / "compile_report.md"
 # Compiles are single-threaded and CPU-bound: one worker per core, capped for memory (~0.6 GB each).
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
+# The padded head sizes the attention tables have tiles for (a head size runs the tiles of its power of two).
+HEAD_DIMS = (16, 32, 64, 128, 256)
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
 
@@ -123,7 +123,7 @@ def attention_configs():
     configs = []
     for dtype_name in DTYPE_NAMES:
         dtype = getattr(torch, dtype_name)
-        for head_dim in (16, 32, 64, 128, 256):
+        for head_dim in HEAD_DIMS:
             for aligned in (True, False):
                 for varlen in (False, True):
                     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned,

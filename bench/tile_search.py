@@ -34,7 +34,7 @@ def launch_keys():
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import tiles
 
-    for precision, head_dim in itertools.product(("16bit", "fp32"), (16, 32, 64, 128, 256)):
+    for precision, head_dim in itertools.product(("16bit", "fp32"), compile_report.HEAD_DIMS):
         for kernel in ("forward", *tiles.key_block_passes(head_dim), "dq"):
             for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
                 yield precision, head_dim, kernel, dropout, arch, aligned
