@@ -93,11 +93,7 @@ def attention_dropout_mask(q, k, dropout_p, *, seed=None):
         torch.manual_seed(s); keep = attention_dropout_mask(q, k, p)
     gives the mask of that call. Meant for tests and inspection: it materialises Nq x Nk per head.
     """
-    check_tensor("q", q, ndim=4)
-    check_tensor("k", k, ndim=4)
-    check_same_device_and_dtype("q", q, k=k)
-    check_runnable("q", q)
-    _check_dropout(dropout_p)
+    _check_mask_inputs(q, k, dropout_p, ndim=4)
     B, H, N_Q, _ = q.shape
     return _dropout_masks(_seed_tensor(dropout_p, seed, q), B, H, [(0, N_Q, k.shape[2])], dropout_p, q.device)[0]
 
@@ -105,11 +101,7 @@ def attention_dropout_mask(q, k, dropout_p, *, seed=None):
 def attention_varlen_dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, dropout_p, *, seed=None):
     """The keep-masks `attention_varlen(q, k, ..., dropout_p=dropout_p, seed=seed)` uses: a list with one boolean
     (H, Nq_b, Nk_b) mask per sequence b. Drawn like `attention_dropout_mask`."""
-    check_tensor("q", q, ndim=3)
-    check_tensor("k", k, ndim=3)
-    check_same_device_and_dtype("q", q, k=k)
-    check_runnable("q", q)
-    _check_dropout(dropout_p)
+    _check_mask_inputs(q, k, dropout_p, ndim=3)
     lengths_q = torch.diff(cu_seqlens_q).tolist()
     lengths_k = torch.diff(cu_seqlens_k).tolist()
     sequences = [(b, n_q, n_k) for b, (n_q, n_k) in enumerate(zip(lengths_q, lengths_k))]
@@ -119,6 +111,14 @@ def attention_varlen_dropout_mask(q, k, cu_seqlens_q, cu_seqlens_k, dropout_p, *
 
 # --------------------------------------------------------------------------------------------------------------
 # Checks: a clear error naming the problem, before anything reaches Triton
+
+
+def _check_mask_inputs(q, k, dropout_p, ndim):
+    for name, t in (("q", q), ("k", k)):
+        check_tensor(name, t, ndim=ndim)
+    check_same_device_and_dtype("q", q, k=k)
+    check_runnable("q", q)
+    _check_dropout(dropout_p)
 
 
 def _check_tensors(function, q, k, v, ndim):
@@ -131,13 +131,17 @@ def _check_tensors(function, q, k, v, ndim):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[-1] != D:
         raise ValueError(f"q, k, v must have the same head size (last dim), got {D} and {k.shape[-1]}")
+    _check_heads(function, heads, kv_heads, D)
+    if min(q.shape) == 0 or (ndim == 4 and min(k.shape) == 0):
+        raise ValueError(f"q, k, v must not be empty, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def _check_heads(function, heads, kv_heads, head_dim):
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"{function}: the query heads ({heads}) must be a multiple of the key/value heads "
                          f"({kv_heads}), as grouped-query attention needs")
-    if D > MAX_HEAD_SIZE:
-        raise ValueError(f"head size {D} is not supported; the largest is {MAX_HEAD_SIZE}")
-    if min(q.shape) == 0 or (ndim == 4 and min(k.shape) == 0):
-        raise ValueError(f"q, k, v must not be empty, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if head_dim > MAX_HEAD_SIZE:
+        raise ValueError(f"head size {head_dim} is not supported; the largest is {MAX_HEAD_SIZE}")
 
 
 def _band(causal, window):
@@ -175,8 +179,8 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     """cu_seqlens: int32 vectors of B + 1 non-decreasing offsets from 0 to the packed length, on the tensors'
     device; max_seqlen at least the longest sequence. Reading the offsets costs one device synchronisation, so
     it is skipped while torch.compile traces or a CUDA graph is being captured."""
-    for name, cu, packed, max_seqlen in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q),
-                                         ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k)):
+    sides = (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k))
+    for name, cu, packed, max_seqlen in sides:
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
             got = f"{cu.dtype} of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
             raise TypeError(f"{name} must be an int32 vector of batch + 1 offsets, got {got}")
@@ -189,8 +193,7 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                          f" and {cu_seqlens_k.numel() - 1} sequences")
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    for name, cu, packed, max_seqlen in (("cu_seqlens_q", cu_seqlens_q, q, max_seqlen_q),
-                                         ("cu_seqlens_k", cu_seqlens_k, k, max_seqlen_k)):
+    for name, cu, packed, max_seqlen in sides:
         offsets = cu.tolist()
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
         if offsets[0] != 0 or min(lengths) < 0:
@@ -342,11 +345,7 @@ def _check_decode_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
                          f"= {tuple(q.shape)} in batch and head size")
     if min(q.shape) == 0 or min(k_cache.shape) == 0:
         raise ValueError(f"q and the caches must not be empty, got {tuple(q.shape)} and {tuple(k_cache.shape)}")
-    if heads % kv_heads != 0:
-        raise ValueError(f"decode_attention: the query heads ({heads}) must be a multiple of the key/value heads "
-                         f"({kv_heads}), as grouped-query attention needs")
-    if head_dim > MAX_HEAD_SIZE:
-        raise ValueError(f"head size {head_dim} is not supported; the largest is {MAX_HEAD_SIZE}")
+    _check_heads("decode_attention", heads, kv_heads, head_dim)
     n_new = 0
     if k_new is not None:
         expected = (batch, kv_heads, n_q, head_dim)
