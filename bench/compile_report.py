@@ -135,14 +135,16 @@ def attention_configs():
                         backward.attention_backward_preprocess_kernel, dtype_name, constexprs, 4, 1,
                         _targets(aligned), kernel="preprocess", head_dim=head_dim,
                         mask="varlen" if varlen else "dense", dropout=False))
-                for kernel_name in ("forward", *tiles.key_block_passes(tiles.block_d(head_dim)), "dq"):
-                    for mask_name, dropout in itertools.product(ATTENTION_MASKS, (False, True)):
-                        archs_by_tile = {}
-                        for arch in CHECKED_ARCHS:
+                for mask_name, dropout in itertools.product(ATTENTION_MASKS, (False, True)):
+                    archs_by_launch = {}
+                    for arch in CHECKED_ARCHS:
+                        for kernel_name in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch,
+                                                                               aligned), "dq"):
                             tile = tiles.table_tile(kernel_name, head_dim, dtype, dropout, arch, aligned)
-                            archs_by_tile.setdefault(tile, []).append(arch)
-                        configs += [attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile,
-                                                     aligned, archs) for tile, archs in archs_by_tile.items()]
+                            archs_by_launch.setdefault((kernel_name, tile), []).append(arch)
+                    configs += [attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile,
+                                                 aligned, archs)
+                                for (kernel_name, tile), archs in archs_by_launch.items()]
     return configs
 
 
@@ -394,30 +396,76 @@ MODEL_GOALS = {64: {"forward": 1075, "backward": 3950}, 128: {"forward": 2150, "
 TUTORIAL_MODEL = {64: {"forward": 1088, "backward": 4608}, 128: {"forward": 2048, "backward": 8960}}
 
 
-def headline_model(results):
-    """[(head_dim, part, modelled clocks, floor, goal, tutorial)] for the headline configs: the forward, and the
-    backward as the sum of its key-block launches and dQ (the delta kernel aside)."""
+def _headline_clocks(results):
+    """{(head size, kernel): modelled clocks} of the shipped headline launches (bf16 causal)."""
+    return {(r["head_dim"], r["kernel"]): r["model_clocks"] for r in results
+            if r["op"] == "attention" and r["arch"] == 90 and r["aligned"] and r.get("mask") == "causal"
+            and not r.get("dropout") and r.get("dtype") == "bfloat16" and r.get("model_clocks") is not None}
+
+
+def _backward_clocks(clocks, head_dim, passes):
+    parts = [clocks.get((head_dim, kernel)) for kernel in (*passes, "dq")]
+    return sum(parts) if None not in parts else None
+
+
+def headline_model(results, ranking):
+    """[(head_dim, part, shipped tiles' modelled clocks, the model's best tiles' clocks, floor, goal, tutorial)]
+    for the headline configs: the forward, and the backward as the sum of its key-block launches and dQ (the delta
+    kernel aside). The model's best: bench.tile_search's ranking (None where it was never run), with dK/dV fused
+    or split, whichever models faster."""
+    import torch
+
+    from bench import tile_search
     from kernels.attention import tiles
 
+    shipped = _headline_clocks(results)
+    best = {(launch["head_dim"], launch["kernel"]): clean[0]["model_clocks"]
+            for launch in ranking or [] for clean in [tile_search.clean_ranked(launch)] if clean}
     rows = []
     for head_dim in sorted(MODEL_GOALS):
-        picked = {r["kernel"]: r["model_clocks"] for r in results
-                  if r["op"] == "attention" and r["arch"] == 90 and r["aligned"] and r.get("mask") == "causal"
-                  and not r.get("dropout") and r.get("dtype") == "bfloat16" and r.get("head_dim") == head_dim
-                  and r.get("model_clocks") is not None}
-        backward = [picked.get(kernel) for kernel in (*tiles.key_block_passes(head_dim), "dq")]
+        passes = tiles.key_block_passes(head_dim, torch.bfloat16, False, 90, True)
+        best_backward = [_backward_clocks(best, head_dim, split) for split in (("dkdv",), ("dk", "dv"))]
+        best_backward = min((c for c in best_backward if c is not None), default=None)
         floor = 128 * 128 * head_dim // 2048
-        rows.append((head_dim, "forward", picked.get("forward"), 2 * floor, MODEL_GOALS[head_dim]["forward"],
-                     TUTORIAL_MODEL[head_dim]["forward"]))
-        rows.append((head_dim, "backward (dK/dV + dQ)", sum(backward) if None not in backward else None, 7 * floor,
-                     MODEL_GOALS[head_dim]["backward"], TUTORIAL_MODEL[head_dim]["backward"]))
+        rows.append((head_dim, "forward", shipped.get((head_dim, "forward")), best.get((head_dim, "forward")),
+                     2 * floor, MODEL_GOALS[head_dim]["forward"], TUTORIAL_MODEL[head_dim]["forward"]))
+        rows.append((head_dim, "backward (dK/dV + dQ)", _backward_clocks(shipped, head_dim, passes), best_backward,
+                     7 * floor, MODEL_GOALS[head_dim]["backward"], TUTORIAL_MODEL[head_dim]["backward"]))
+    return rows
+
+
+def headline_rule(head_dim, kernel):
+    """The TileRule of a headline launch (16-bit, sm_90, aligned, no dropout), or None where that launch is not
+    made (dK or dV alone where one launch computes both)."""
+    import torch
+
+    from kernels.attention import tiles
+
+    if kernel not in ("forward", "dq", *tiles.key_block_passes(head_dim, torch.bfloat16, False, 90, True)):
+        return None
+    return next(rule for rule in tiles.RULES if rule.matches("16bit", head_dim, kernel, False, 90, True))
+
+
+def ranking_rows(results, ranking):
+    """Per ranked headline launch: the shipped tile (its clocks and how it was chosen, or that the launch is not
+    made) beside the model's best, runner-up and third clean tiles."""
+    from bench import tile_search
+
+    shipped = _headline_clocks(results)
+    rows = []
+    for launch in ranking:
+        head_dim, kernel = launch["head_dim"], launch["kernel"]
+        rule = headline_rule(head_dim, kernel)
+        ours = (f"{tuple(rule.tile)} {shipped.get((head_dim, kernel), '—')} ({rule.chosen_by})" if rule
+                else "not launched")
+        rows.append([f"d{head_dim}", kernel, ours, *tile_search.ranked_cells(launch)])
     return rows
 
 
 def to_markdown(results):
     import triton
 
-    from bench import speed_model
+    from bench import speed_model, tile_search
 
     headers = ["config", "arch", "operands", "warps", "stages", "registers", "spills (st/ld B)", "stack B",
                "shared KiB", "tl.dot", "matrix instr.", "model clk", "limiter", "status"]
@@ -434,9 +482,14 @@ def to_markdown(results):
                             r.get("model_clocks") or "—", r.get("limiter") or "—",
                             "; ".join(found) if found else "ok"])
     failing = [r for r in results if problems(r)]
-    model_rows = [[f"d{head_dim}", part, clocks if clocks is not None else "—", floor, goal, tutorial,
-                   "yes" if clocks is not None and clocks <= goal else "no"]
-                  for head_dim, part, clocks, floor, goal, tutorial in headline_model(results)]
+    ranking = tile_search.load_ranking()
+
+    def meets(clocks, goal):
+        return "—" if clocks is None else "yes" if clocks <= goal else "no"
+
+    model_rows = [[f"d{head_dim}", part, ours if ours is not None else "—", best if best is not None else "—",
+                   floor, goal, tutorial, meets(ours, goal), meets(best, goal)]
+                  for head_dim, part, ours, best, floor, goal, tutorial in headline_model(results, ranking)]
     rates = ", ".join(f"sm_{arch}: " + ", ".join(f"{unit} {rate}" for unit, rate in units.items())
                       for arch, units in speed_model.RATES.items())
     lines = [
@@ -457,10 +510,28 @@ def to_markdown(results):
         "",
         "## The headline configs under the model (bf16, causal, aligned, sm_90, no dropout)",
         "",
-        "| head size | kernels | model clk | tensor floor | goal | tutorial (model) | meets goal |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Shipped: the tiles kernels/attention/tiles.py launches (some chosen by timing on a GPU, which wins over "
+        "the model where they disagree). The model's best: the clean tiles with the fewest modelled clocks "
+        "(`python -m bench.tile_search --rank`, bench/results/model_ranking.json), dK/dV fused or split.",
+        "",
+        "| head size | kernels | shipped: model clk | model's best: model clk | tensor floor | goal | "
+        "tutorial (model) | shipped meets goal | best meets goal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in model_rows]
+    if ranking:
+        lines += [
+            "",
+            "## The headline launches' tiles ranked by the model",
+            "",
+            "Per launch (bf16 causal for the clocks; clean: no spills in fp16 and bf16 under every mask), the "
+            "shipped tile with its clocks and how it was chosen, and the model's three best clean tiles: "
+            "(BLOCK_M, BLOCK_N, warps, stages) clocks (limiter).",
+            "",
+            "| head size | kernel | shipped | best | runner-up | third |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in ranking_rows(results, ranking)]
     lines += [
         "",
         "## Every config",

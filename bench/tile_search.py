@@ -12,12 +12,21 @@ first clean one is printed as the replacement. A tile that passes is left alone 
 result is a proposal for the RULES table, which a person edits (merging keys into rules, with each rule's reason);
 rerun `python -m bench.compile_report` after. Registers are tight enough that one stage or warp more or less can
 decide a spill, so a tile clean for one key is not assumed clean for its neighbours: the report checks them all.
+
+`--rank` ranks instead, by the speed model (bench/speed_model.py), every candidate tile of the headline launches
+(16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward, dK/dV fused and split, dQ): each
+tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the model's config), sorted
+by modelled clocks per 128 x 128 block, and the best RANKED_CLEAN that are clean in every variant of the key are
+kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the model's best and
+runner-up beside each shipped tile) and bench.tune reads (the candidates it times on a GPU).
 """
 
 import argparse
 import concurrent.futures
 import itertools
+import json
 import multiprocessing
+from pathlib import Path
 
 from bench import compile_report
 
@@ -27,16 +36,27 @@ STAGES = (1, 2, 3)
 # The compiles most likely to fail come first (the windowed, packed mask has the most scalar state), so a
 # candidate is usually rejected by its first compile.
 MASKS_MOST_DEMANDING_FIRST = ("window_varlen", "causal")
+RANKING_PATH = Path(__file__).resolve().parent / "results" / "model_ranking.json"
+# The headline launches the model ranks: (padded head size, kernel), 16-bit, sm_90, aligned, no dropout.
+RANKED_LAUNCHES = ((64, "forward"), (64, "dkdv"), (64, "dq"),
+                   (128, "forward"), (128, "dkdv"), (128, "dk"), (128, "dv"), (128, "dq"))
+# How many clean tiles a ranking keeps per launch: the best, the runner-up and one more for bench.tune to time.
+RANKED_CLEAN = 3
+# Candidates checked for cleanliness at once (in parallel), best first, until RANKED_CLEAN are clean.
+RANK_CHECK_BATCH = 6
 
 
 def launch_keys():
     """Every (precision, head size, kernel, dropout, arch, aligned) the attention launchers can pick a tile for."""
+    import torch
+
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import tiles
 
     for precision, head_dim in itertools.product(("16bit", "fp32"), compile_report.HEAD_DIMS):
-        for kernel in ("forward", *tiles.key_block_passes(head_dim), "dq"):
-            for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
+        dtype = getattr(torch, _dtype_names(precision)[0])
+        for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
+            for kernel in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
                 yield precision, head_dim, kernel, dropout, arch, aligned
 
 
@@ -89,19 +109,98 @@ def search(key):
     return key, current, problem, next(clean, None)
 
 
+def rank_candidates(kernel):
+    """Every tile of BLOCK_SIZES x WARPS x STAGES whose warpgroups do not repeat each other's wgmma work."""
+    from bench import speed_model
+    from kernels.attention.tiles import Tile
+
+    return [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
+            if not speed_model.duplicates_work(kernel, m, n, w)]
+
+
+def model_reading(task):
+    """(head size, kernel, tile, the model's reading of its bf16 causal compile for sm_90 with aligned operands)."""
+    head_dim, kernel, tile = task
+    entry = compile_report.attention_config("bfloat16", head_dim, kernel, "causal", False, tile, True, (90,))
+    result = compile_report.compile_entry("attention", entry, 90, True)
+    reading = {field: result.get(field) for field in ("model_clocks", "limiter", "registers")}
+    return head_dim, kernel, tile, reading
+
+
+def model_order(entry):
+    """Fewest modelled clocks first; among equals, more stages (the model assumes the overlap of loads and
+    products that stages buy), then fewer registers."""
+    return entry["model_clocks"], -entry["tile"][3], entry["registers"]
+
+
+def rank(pool):
+    """The ranking RANKING_PATH holds: per headline launch, its candidates in model_order, each with its reading
+    and, for the best ones until RANKED_CLEAN are clean, whether every variant of the key compiles cleanly
+    ("clean": true, or the first problem)."""
+    tasks = [(head_dim, kernel, tile) for head_dim, kernel in RANKED_LAUNCHES for tile in rank_candidates(kernel)]
+    readings = {}
+    for head_dim, kernel, tile, reading in pool.map(model_reading, tasks):
+        readings.setdefault((head_dim, kernel), []).append({"tile": list(tile), **reading})
+    ranking = []
+    for (head_dim, kernel), entries in readings.items():
+        entries = sorted((e for e in entries if e["model_clocks"] is not None), key=model_order)
+        key = ("16bit", head_dim, kernel, False, 90, True)
+        checked = 0
+        while checked < len(entries) and sum(e.get("clean") is True for e in entries) < RANKED_CLEAN:
+            batch = entries[checked:checked + RANK_CHECK_BATCH]
+            for entry, problem in zip(batch, pool.map(tile_problems, [key] * len(batch),
+                                                      [tuple(e["tile"]) for e in batch])):
+                entry["clean"] = problem or True
+            checked += len(batch)
+        ranking.append({"head_dim": head_dim, "kernel": kernel, "candidates": entries})
+    return ranking
+
+
+def clean_ranked(launch):
+    """A ranked launch's RANKED_CLEAN best clean tiles, in model_order."""
+    return [entry for entry in launch["candidates"] if entry.get("clean") is True][:RANKED_CLEAN]
+
+
+def ranked_cells(launch):
+    """A ranked launch's best clean tiles as table cells, "(M, N, warps, stages) clocks (limiter)", padded with
+    "—" to RANKED_CLEAN."""
+    clean = clean_ranked(launch)
+    return ([f"{tuple(e['tile'])} {e['model_clocks']} ({e['limiter']})" for e in clean]
+            + ["—"] * (RANKED_CLEAN - len(clean)))
+
+
+def ranking_markdown(ranking):
+    headers = ["head size", "kernel", "best", "runner-up", "third"]
+    rows = [[f"d{launch['head_dim']}", launch["kernel"], *ranked_cells(launch)] for launch in ranking]
+    return "\n".join(["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def load_ranking(path=RANKING_PATH):
+    """The committed ranking, or None where it was never written."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=compile_report.WORKERS, help="compile processes")
     p.add_argument("--head-dim", type=int, action="append", help="only these padded head sizes (repeatable)")
     p.add_argument("--kernel", action="append", help="only these kernels: forward, dkdv, dk, dv, dq (repeatable)")
+    p.add_argument("--rank", action="store_true",
+                   help="rank the headline launches' tiles by the speed model; write bench/results/model_ranking.json")
     args = p.parse_args(argv)
-    keys = [key for key in launch_keys() if (not args.head_dim or key[1] in args.head_dim)
-            and (not args.kernel or key[2] in args.kernel)]
     context = multiprocessing.get_context("spawn")
-    print("| precision | head | kernel | dropout | arch | operands | table tile | problem | clean tile |")
-    print("|---|---|---|---|---|---|---|---|---|")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context,
                                                 initializer=compile_report._start_worker) as pool:
+        if args.rank:
+            ranking = rank(pool)
+            RANKING_PATH.write_text(json.dumps(ranking, indent=1) + "\n")
+            print(ranking_markdown(ranking))
+            return
+        keys = [key for key in launch_keys() if (not args.head_dim or key[1] in args.head_dim)
+                and (not args.kernel or key[2] in args.kernel)]
+        print("| precision | head | kernel | dropout | arch | operands | table tile | problem | clean tile |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for key, current, problem, replacement in pool.map(search, keys):
             if problem is None:
                 continue

@@ -1,9 +1,9 @@
 """python -m bench.tune: time candidate attention tiles on the GPU at hand and say which table entries should change.
 
-For each (kernel, head size) of the 16-bit causal launches with aligned operands, every candidate tile in
-CANDIDATES (the shipped one first) is forced into the launcher, checked against an fp32 reference on a small
-ragged shape (so a tile that breaks the masking shows as wrong, never as fast), then timed on the headline
-shapes. Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that
+For each (kernel, head size) of the 16-bit causal launches with aligned operands, the shipped tile and the speed
+model's best clean tiles (`candidates`: bench/results/model_ranking.json, written by bench.tile_search --rank)
+are forced into the launcher one at a time, each checked against an fp32 reference on a small ragged shape (so
+a tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes. Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that
 kernel's tile changed, so differences between candidates are that kernel's. The registers, spills and shared
 memory of what was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit tiles; bf16 is timed.
 
@@ -25,20 +25,8 @@ from kernels.attention import backward, forward, tiles
 from bench import common
 from kernels.reference import attention_reference
 
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per (kernel, head size), the shipped tile added first: the
-# speed model's best spill-free tiles for sm_90 (bench/compile_report.py, bf16 causal aligned; the model's clocks
-# per 128 x 128 block in the comments), for the timing to decide between. dK/dV holds BLOCK_N keys and streams
-# BLOCK_M queries; the others hold BLOCK_M queries and stream BLOCK_N keys. Head size 128 computes dK and dV in
-# two launches (kernels/attention/tiles.py, key_block_passes).
-CANDIDATES = {
-    ("forward", 64): [(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],  # 1056, 1196, 1328
-    ("forward", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],  # 2096, ...
-    ("dkdv", 64): [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],  # 3120, 3424, 3680
-    ("dk", 128): [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],  # 4144, 5728, ...
-    ("dv", 128): [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],  # 2608, 3120, 3680
-    ("dq", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],  # 1584, 1840, 2144
-    ("dq", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],  # 3120, 3632, 4192
-}
+# Head sizes whose tiles are timed: the headline ones, which bench.tile_search --rank ranks by the speed model.
+TUNED_HEAD_DIMS = (64, 128)
 # Timed shapes per head size: FlashAttention's benchmark points (16k tokens, 2048 hidden) and, at head size 64,
 # the decoder's own (batch 64, 6 heads, 256 tokens).
 TIMED_SEQ_LENS = (1024, 4096)
@@ -69,10 +57,34 @@ def forced_tile(kernel, head_dim, tile):
         tiles.RULES = rules
 
 
+def candidates(device):
+    """{(kernel, head size): [tile, ...]}: the launches this GPU makes for the tuned head sizes (dK and dV fused or
+    split as the table says), each with the ranking's clean tiles, fewest modelled clocks first."""
+    from bench import tile_search
+
+    ranking = tile_search.load_ranking()
+    if ranking is None:
+        raise SystemExit(f"{tile_search.RANKING_PATH} is missing: run python -m bench.tile_search --rank first")
+    ranked = {(launch["kernel"], launch["head_dim"]): [tuple(e["tile"]) for e in tile_search.clean_ranked(launch)]
+              for launch in ranking}
+    arch = gpu_arch(device)
+    found = {}
+    for head_dim in TUNED_HEAD_DIMS:
+        passes = tiles.key_block_passes(head_dim, DTYPES[device.type], False, arch, True)
+        for kernel in ("forward", *passes, "dq"):
+            found[(kernel, head_dim)] = ranked.get((kernel, head_dim), [])
+    return found
+
+
+def gpu_arch(device):
+    """The GPU's arch (90 for sm_90), or sm_90's in a dry run."""
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
+    return major * 10 + minor
+
+
 def shipped_tile(kernel, head_dim, device):
     """The tile the launcher picks today on this GPU (sm_90's in a dry run)."""
-    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    return tiles.table_tile(kernel, head_dim, DTYPES[device.type], False, major * 10 + minor, True)
+    return tiles.table_tile(kernel, head_dim, DTYPES[device.type], False, gpu_arch(device), True)
 
 
 def compiled_kernels():
@@ -204,18 +216,18 @@ def main():
                "settings": {"warmup_ms": common.WARMUP_MS, "rep_ms": common.REP_MS, "dtype": "bf16"}}
     started = time.perf_counter()
     run["keys"] = []
-    for (kernel, head_dim), candidates in CANDIDATES.items():
+    for (kernel, head_dim), ranked in candidates(device).items():
         shipped = shipped_tile(kernel, head_dim, device)
         key = {"kernel": kernel, "head_dim": head_dim, "shipped": list(shipped),
                "shapes": [list(s) for s in timed_shapes(head_dim, args.dry_run)], "candidates": []}
-        for tile in [shipped] + [t for t in candidates if t != shipped]:
+        for tile in [shipped] + [t for t in ranked if t != shipped]:
             if time.perf_counter() - started > args.budget_s:
                 key["candidates"].append({"tile": list(tile), "status": "skipped: time budget spent",
                                           "timings": [], "compiled": []})
                 continue
             entry = run_candidate(kernel, head_dim, tile, device, args.dry_run)
             key["candidates"].append(entry)
-            print(f"  {kernel:<8} d{head_dim:<4} {str(tile):<18} {score(entry):7.1f} TFLOP/s  {entry['status']}",
+            print(f"  {kernel:<8} d{head_dim:<4} {str(tuple(tile)):<18} {score(entry):7.1f} TFLOP/s  {entry['status']}",
                   flush=True)
         run["keys"].append(key)
     run["seconds"] = time.perf_counter() - started

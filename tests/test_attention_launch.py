@@ -34,10 +34,10 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
             block_d = tiles.block_d(head_dim)
-            for name in ("forward", *tiles.key_block_passes(block_d), "dq"):
-                compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
-                for dropout, arch, aligned, mask in itertools.product(
-                        (False, True), CHECKED_ARCHS, (True, False), compile_report.ATTENTION_MASKS.values()):
+            for dropout, arch, aligned, mask in itertools.product(
+                    (False, True), CHECKED_ARCHS, (True, False), compile_report.ATTENTION_MASKS.values()):
+                for name in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
+                    compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
                     tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
                     key = (kernel_of[name], compile_report.POINTER_TYPES[str(dtype).removeprefix("torch.")],
                            block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv,
@@ -155,11 +155,31 @@ def test_exactly_one_tile_rule_matches_every_launch():
     from kernels.attention import tiles
 
     used = set()
-    for precision, head in itertools.product(("16bit", "fp32"), (16, 32, 64, 128, 256)):
-        for kernel in ("forward", *tiles.key_block_passes(head), "dq"):
-            for launch in itertools.product((False, True), (90, 80), (True, False)):
+    for dtype, head in itertools.product((torch.float16, torch.float32), (16, 32, 64, 128, 256)):
+        precision = "fp32" if dtype == torch.float32 else "16bit"
+        for launch in itertools.product((False, True), (90, 80), (True, False)):
+            for kernel in ("forward", *tiles.key_block_passes(head, dtype, *launch), "dq"):
                 matching = [rule for rule in tiles.RULES if rule.matches(precision, head, kernel, *launch)]
                 assert len(matching) == 1, (precision, head, kernel, launch, matching)
                 used.add(matching[0])
     assert used == set(tiles.RULES)
     assert all(rule.why for rule in tiles.RULES)
+
+
+def test_dk_and_dv_are_one_launch_where_a_tile_fits_and_two_elsewhere():
+    """The fused dK/dV launch wherever the table has a tile for it (head size 128: sm_90 with aligned operands),
+    dK and dV apart where it has none (head size 256 always). The interpreter takes sm_90's choice, so the CPU
+    tests run both at head size 128 (aligned operands and not)."""
+    from kernels.attention import tiles
+
+    bf16 = torch.bfloat16
+    assert tiles.key_block_passes(64, bf16, True, 80, False) == ("dkdv",)
+    for dropout in (False, True):
+        assert tiles.key_block_passes(128, bf16, dropout, 90, True) == ("dkdv",)
+        for arch, aligned in ((90, False), (80, True), (80, False)):
+            assert tiles.key_block_passes(128, bf16, dropout, arch, aligned) == ("dk", "dv")
+    assert tiles.key_block_passes(256, bf16, False, 90, True) == ("dk", "dv")
+    assert tiles.key_block_passes(128, torch.float32, False, 90, True) == ("dk", "dv")
+    cpu = torch.device("cpu")
+    assert tiles.launch_passes(128, bf16, True, cpu, True) == ("dkdv",)
+    assert tiles.launch_passes(128, bf16, True, cpu, False) == ("dk", "dv")

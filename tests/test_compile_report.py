@@ -34,3 +34,25 @@ def test_shipped_config_compiles_cleanly(compiled, name, arch, aligned):
     problems = "; ".join(compile_report.problems(result))
     assert not problems, f"{name} on sm_{arch}, {compile_report.operands_name(aligned)} operands: {problems}"
 
+
+
+def test_the_model_ranking_is_current_and_the_model_chosen_tiles_are_its_best(compiled):
+    """bench/results/model_ranking.json (`python -m bench.tile_search --rank`) agrees with this compile: every
+    shipped headline tile it ranks models as many clocks now as when it was ranked (else the kernels changed
+    since: rerun the ranking), and every tile the table says the model chose is the ranking's best clean tile."""
+    from bench import tile_search
+
+    ranking = tile_search.load_ranking()
+    assert ranking is not None, "bench/results/model_ranking.json is missing: python -m bench.tile_search --rank"
+    for launch in ranking:
+        head_dim, kernel = launch["head_dim"], launch["kernel"]
+        rule = compile_report.headline_rule(head_dim, kernel)
+        if rule is None:
+            continue
+        name = compile_report.attention_config("bfloat16", head_dim, kernel, "causal", False, rule.tile, True,
+                                               (90,))["name"]
+        ranked = {tuple(e["tile"]): e for e in launch["candidates"]}
+        assert ranked[tuple(rule.tile)]["model_clocks"] == compiled[(name, 90, True)]["model_clocks"], \
+            f"{name}: the ranking is stale, rerun python -m bench.tile_search --rank"
+        if rule.chosen_by == "model":
+            assert list(rule.tile) == tile_search.clean_ranked(launch)[0]["tile"], name

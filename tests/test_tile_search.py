@@ -39,3 +39,17 @@ def test_sm90_rejects_mma_sync_and_repeated_work():
     assert compile_report.problems(_record("bfloat16", 0, arch=90))  # aligned, mma.sync only
     assert compile_report.problems(_record("bfloat16", 0, arch=90, wgmma=True, duplicated=True))
     assert compile_report.problems(_record("bfloat16", 0, arch=90, wgmma=True)) == []
+
+
+def test_ranked_tiles_repeat_no_warpgroup_work_and_ties_go_to_more_stages():
+    from bench import speed_model
+
+    for kernel in ("forward", "dkdv", "dq"):
+        ranked = tile_search.rank_candidates(kernel)
+        assert ranked and not any(speed_model.duplicates_work(kernel, *tile[:3]) for tile in ranked)
+    entries = [{"tile": [128, 64, 8, 1], "model_clocks": 100, "registers": 200},
+               {"tile": [128, 64, 8, 3], "model_clocks": 100, "registers": 240},
+               {"tile": [64, 64, 4, 3], "model_clocks": 90, "registers": 250},
+               {"tile": [128, 32, 8, 3], "model_clocks": 100, "registers": 230}]
+    assert [e["tile"] for e in sorted(entries, key=tile_search.model_order)] == [
+        [64, 64, 4, 3], [128, 32, 8, 3], [128, 64, 8, 3], [128, 64, 8, 1]]

@@ -153,7 +153,7 @@ def attention_backward(
             ALIGNED=aligned,
         )
         # 2. dK, dV: one program per key block of each query head, in one launch or two (key_block_passes)
-        for kernel in tiles.key_block_passes(launch.block_d):
+        for kernel in tiles.launch_passes(launch.head_dim, q.dtype, dropout, q.device, aligned):
             compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
             tile = tiles.launch_tile(kernel, launch.head_dim, q.dtype, dropout, q.device, aligned)
             attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.heads, tile.block_n)](

@@ -2,11 +2,12 @@
 dropout, GPU architecture and operand alignment.
 
 The dK/dV kernel holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream
-BLOCK_N keys. From head size 128 dK and dV are computed by two launches, "dk" and "dv" (see key_block_passes).
-Every tile the tables can give is compiled for each architecture in kernels._gpu.CHECKED_ARCHS, aligned and not,
-by bench/compile_report.py, which fails on spills (fp32: beyond a few words), excess shared memory or, on sm_90,
-matrix products that miss wgmma or repeat work across warpgroups; bench/tile_search.py finds a clean replacement
-for a tile that fails.
+BLOCK_N keys. dK and dV are computed by one launch ("dkdv") or, where no tile for it fits, by two, "dk" and "dv"
+(see key_block_passes). Every tile the tables can give is compiled for each architecture in
+kernels._gpu.CHECKED_ARCHS, aligned and not, by bench/compile_report.py, which fails on spills (fp32: beyond a few
+words), excess shared memory or, on sm_90, matrix products that miss wgmma or repeat work across warpgroups;
+bench/tile_search.py finds a clean replacement for a tile that fails, and ranks the headline launches' tiles by
+the speed model (--rank).
 """
 
 from collections import namedtuple
@@ -30,12 +31,15 @@ class TileRule:
 
     precision: str  # "16bit" (fp16, bf16) or "fp32"
     head: int  # BLOCK_D: the head size padded to a power of two
-    kernel: str  # "forward", "dkdv" (or "dk" and "dv" at head size 256), "dq"
+    kernel: str  # "forward", "dkdv" (or "dk" and "dv", see key_block_passes), "dq"
     tile: Tile
     why: str
     dropout: Optional[bool] = None
     arch: Optional[int] = None  # 90 for sm_90; 80 stands for every other architecture
     aligned: Optional[bool] = None  # every operand 16-byte aligned (shared.operands_aligned)
+    # How the tile was chosen: "timed" (fastest on a GPU under bench.tune), "model" (the fewest clocks under the
+    # speed model, bench.tile_search --rank; untimed) or "fit" (the largest tile that compiles cleanly).
+    chosen_by: str = "fit"
 
     def matches(self, precision, head, kernel, dropout, arch, aligned):
         return (self.precision, self.head, self.kernel) == (precision, head, kernel) and all(
@@ -47,9 +51,11 @@ class TileRule:
 # become wgmma on sm_90 (fewer rows per warpgroup would repeat work across warpgroups); the same tiles run mma.sync
 # elsewhere. Every 16-bit tile compiles without register spills for its architectures, aligned or not as it says,
 # under every mask and with dropout or without as it says (the compile report); where a tile spilled in the
-# windowed, packed variant, the replacement is bench.tile_search's, which holds the most rows that fit. "Timed"
-# tiles won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal, aligned): each is the fastest
-# spill-free candidate there, its gain over the tile it replaced in brackets. Misaligned operands are loaded
+# windowed, packed variant, the replacement is bench.tile_search's, which holds the most rows that fit. Tiles
+# chosen_by="timed" won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal, aligned): each is
+# the fastest spill-free candidate there, its gain over the tile it replaced in brackets; where the speed model
+# ranks another tile first (bench/results/compile_report.md lists both), timing wins. Tiles chosen_by="model" are
+# the model's best clean tile, untimed. Misaligned operands are loaded
 # element by element through registers, which costs registers. fp32 is multiplied in true fp32 without tensor
 # cores, whose operands are register-hungry: small tiles, a few spilled words allowed
 # (compile_report.FP32_SPILL_ALLOWANCE_BYTES).
@@ -63,18 +69,22 @@ RULES = [
     TileRule("16bit", 32, "dkdv", Tile(32, 128, 8, 3), "as head size 16"),
     TileRule("16bit", 32, "dq", Tile(128, 64, 8, 3), "as head size 16", arch=90),
     TileRule("16bit", 32, "dq", Tile(128, 64, 8, 2), "3 stages spill with dropout", arch=80),
-    TileRule("16bit", 64, "forward", Tile(64, 64, 4, 3), "timed on sm_90 (1.04x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "forward", Tile(64, 64, 4, 3), "timed on sm_90 (1.04x)", arch=90, aligned=True,
+             chosen_by="timed"),
     TileRule("16bit", 64, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
     TileRule("16bit", 64, "forward", Tile(128, 32, 8, 3), "misaligned: 64 keys per step spill", aligned=False),
-    TileRule("16bit", 64, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.61x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "dkdv", Tile(32, 64, 4, 2), "timed on sm_90 (1.61x)", arch=90, aligned=True,
+             chosen_by="timed"),
     TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "untimed: the largest spill-free tile", arch=90,
              aligned=False),
     TileRule("16bit", 64, "dkdv", Tile(16, 128, 8, 2), "the largest spill-free tile", arch=80),
-    TileRule("16bit", 64, "dq", Tile(64, 64, 4, 2), "timed on sm_90 (1.07x)", arch=90, aligned=True),
+    TileRule("16bit", 64, "dq", Tile(64, 64, 4, 2), "timed on sm_90 (1.07x)", arch=90, aligned=True,
+             chosen_by="timed"),
     TileRule("16bit", 64, "dq", Tile(128, 32, 8, 3), "untimed: 64 keys per step spill with dropout", arch=90,
              aligned=False),
     TileRule("16bit", 64, "dq", Tile(128, 32, 8, 3), "64 keys per step spill with dropout", arch=80),
-    TileRule("16bit", 128, "forward", Tile(128, 64, 8, 3), "timed on sm_90 (1.22x)", arch=90, aligned=True),
+    TileRule("16bit", 128, "forward", Tile(128, 64, 8, 3), "timed on sm_90 (1.22x)", arch=90, aligned=True,
+             chosen_by="timed"),
     TileRule("16bit", 128, "forward", Tile(128, 16, 8, 3), "untimed: 32 keys per step spill", dropout=False,
              arch=90, aligned=False),
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "untimed: 16 keys per step spill", dropout=True,
@@ -82,24 +92,22 @@ RULES = [
     TileRule("16bit", 128, "forward", Tile(128, 32, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
     TileRule("16bit", 128, "forward", Tile(128, 16, 8, 3), "misaligned: 32 keys per step spill", arch=80,
              aligned=False),
-    # Head size 128's dK and dV in two launches (key_block_passes): one 64 x 128 fp32 accumulator per warpgroup
-    # leaves the registers for 64 keys x 64 or 128 queries per step, fewer shared-memory reads per product, where
-    # the two together spilled in the windowed, packed variant; the model puts the pair 8% behind a fused launch
-    # that would fit. Off sm_90's aligned path, the tiles are bench.tile_search's: the spill-free tile holding the
-    # most keys that serves every variant.
-    TileRule("16bit", 128, "dk", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
-             aligned=True),
-    TileRule("16bit", 128, "dk", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
-             aligned=True),
+    # Head size 128's dK and dV: on sm_90 with aligned operands in one launch, whose two 64 x 128 fp32 accumulators
+    # per warpgroup leave room for 16 or 32 queries per step (the model puts it about 25% ahead of two launches,
+    # with dropout and without). Elsewhere in two launches, "dk" and "dv" (key_block_passes), each recomputing P:
+    # misaligned, no fused tile is spill-free; on sm_80, with no model and no timing to choose by, the pair stays
+    # (fused tiles fit there too, 16 x 128 unpipelined or with dropout 64 x 64, untried). Those tiles are
+    # bench.tile_search's: the spill-free tile holding the most keys that serves every variant.
+    TileRule("16bit", 128, "dkdv", Tile(32, 128, 8, 1), "the fewest modelled clocks (4608; dK + dV apart 6144)",
+             dropout=False, arch=90, aligned=True, chosen_by="model"),
+    TileRule("16bit", 128, "dkdv", Tile(16, 128, 8, 3), "dropout: the most keys spill-free (8384 modelled "
+             "clocks; dK + dV apart 10912)", dropout=True, arch=90, aligned=True),
     TileRule("16bit", 128, "dk", Tile(64, 32, 8, 3), "untimed: 64 keys spill misaligned", arch=90, aligned=False),
     TileRule("16bit", 128, "dk", Tile(64, 32, 8, 3), "64 keys spill in some variant", arch=80),
-    TileRule("16bit", 128, "dv", Tile(64, 128, 8, 2), "model: the fewest clocks spill-free", dropout=False, arch=90,
-             aligned=True),
-    TileRule("16bit", 128, "dv", Tile(32, 64, 4, 2), "dropout: 64 queries per step spill", dropout=True, arch=90,
-             aligned=True),
     TileRule("16bit", 128, "dv", Tile(16, 128, 8, 3), "untimed: the most keys spill-free", arch=90, aligned=False),
     TileRule("16bit", 128, "dv", Tile(16, 128, 8, 3), "the most keys spill-free", arch=80),
-    TileRule("16bit", 128, "dq", Tile(128, 64, 8, 2), "timed on sm_90 (1.17x)", dropout=False, arch=90, aligned=True),
+    TileRule("16bit", 128, "dq", Tile(128, 64, 8, 2), "timed on sm_90 (1.17x)", dropout=False, arch=90, aligned=True,
+             chosen_by="timed"),
     TileRule("16bit", 128, "dq", Tile(128, 32, 8, 2), "dropout: 64 keys per step spill", dropout=True, arch=90,
              aligned=True),
     TileRule("16bit", 128, "dq", Tile(32, 64, 8, 3), "untimed: 128 and 64 queries spill or repeat work", arch=90,
@@ -165,12 +173,14 @@ def block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def key_block_passes(padded_head_dim):
-    """The launches of the dK/dV kernel: one computing both, or from head size 128 one for dK and one for dV, each
-    recomputing P. Two (BLOCK_N x D) fp32 accumulators at the 64 key rows per warpgroup that wgmma needs are
-    D registers per thread: at 256 they alone exceed the 255 a thread has, at 128 they leave too few for tiles that
-    keep the tensor cores fed. The split costs one more Q K^T product per key block (5 products instead of 4)."""
-    return ("dk", "dv") if padded_head_dim >= 128 else ("dkdv",)
+def key_block_passes(head_dim, dtype, dropout, arch, aligned):
+    """The launches of the dK/dV kernel: one computing both ("dkdv") where the table has a tile for it, else one
+    for dK and one for dV ("dk", "dv"), each recomputing P: one more Q K^T product per key block (5 instead of 4)
+    for half the accumulators. Two (BLOCK_N x D) fp32 accumulators at the 64 key rows per warpgroup that wgmma
+    needs are D registers per thread: at head size 256 they alone exceed the 255 a thread has, at 128 they leave
+    room for small tiles only (the table says where)."""
+    fused = _launch_key("dkdv", head_dim, dtype, dropout, arch, aligned)
+    return ("dkdv",) if any(rule.matches(*fused) for rule in RULES) else ("dk", "dv")
 
 
 def preprocess_block_m(padded_head_dim, dtype):
@@ -184,9 +194,14 @@ def _precision(dtype):
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
+def _launch_key(kernel, head_dim, dtype, dropout, arch, aligned):
+    """What a TileRule matches: 90 stands for sm_90, 80 for every other architecture (the general tiles)."""
+    return _precision(dtype), block_d(head_dim), kernel, dropout, 90 if arch == 90 else 80, aligned
+
+
 def table_tile(kernel, head_dim, dtype, dropout, arch, aligned):
     """The tile `kernel` runs on `arch` (90 for sm_90; every other arch gets the general tiles, made for sm_80)."""
-    launch = (_precision(dtype), block_d(head_dim), kernel, dropout, 90 if arch == 90 else 80, aligned)
+    launch = _launch_key(kernel, head_dim, dtype, dropout, arch, aligned)
     return next(rule.tile for rule in RULES if rule.matches(*launch))
 
 
@@ -198,6 +213,12 @@ def launch_tile(kernel, head_dim, dtype, dropout, device, aligned):
         return INTERPRETER_TILE
     tile = table_tile(kernel, head_dim, dtype, dropout, device_arch(device), aligned)
     return tile._replace(num_stages=1) if device_arch(device) < 80 else tile
+
+
+def launch_passes(head_dim, dtype, dropout, device, aligned):
+    """key_block_passes for `device`. The interpreter takes sm_90's, so that the CPU tests run both the fused and
+    the split launches (at head size 128, as operands and dropout decide)."""
+    return key_block_passes(head_dim, dtype, dropout, device_arch(device) if device.type == "cuda" else 90, aligned)
 
 
 # --------------------------------------------------------------------------------------------------------------
