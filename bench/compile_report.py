@@ -394,13 +394,15 @@ def operands_name(aligned):
 # in the forward, 7 in the backward (dK/dV + dQ).
 MODEL_GOALS = {64: {"forward": 1075, "backward": 3950}, 128: {"forward": 2150, "backward": 7900}}
 TUTORIAL_MODEL = {64: {"forward": 1088, "backward": 4608}, 128: {"forward": 2048, "backward": 8960}}
+# The headline launches' (dropout, arch, aligned operands): no dropout, sm_90, aligned (16-bit, causal).
+HEADLINE_LAUNCH = (False, 90, True)
 
 
 def _headline_clocks(results):
     """{(head size, kernel): modelled clocks} of the shipped headline launches (bf16 causal)."""
     return {(r["head_dim"], r["kernel"]): r["model_clocks"] for r in results
-            if r["op"] == "attention" and r["arch"] == 90 and r["aligned"] and r.get("mask") == "causal"
-            and not r.get("dropout") and r.get("dtype") == "bfloat16" and r.get("model_clocks") is not None}
+            if r["op"] == "attention" and (r.get("dropout"), r["arch"], r["aligned"]) == HEADLINE_LAUNCH
+            and r.get("mask") == "causal" and r.get("dtype") == "bfloat16" and r.get("model_clocks") is not None}
 
 
 def _backward_clocks(clocks, head_dim, passes):
@@ -423,7 +425,7 @@ def headline_model(results, ranking):
             for launch in ranking or [] for clean in [tile_search.clean_ranked(launch)] if clean}
     rows = []
     for head_dim in sorted(MODEL_GOALS):
-        passes = tiles.key_block_passes(head_dim, torch.bfloat16, False, 90, True)
+        passes = tiles.key_block_passes(head_dim, torch.bfloat16, *HEADLINE_LAUNCH)
         best_backward = [_backward_clocks(best, head_dim, split) for split in (("dkdv",), ("dk", "dv"))]
         best_backward = min((c for c in best_backward if c is not None), default=None)
         floor = 128 * 128 * head_dim // 2048
@@ -441,9 +443,9 @@ def headline_rule(head_dim, kernel):
 
     from kernels.attention import tiles
 
-    if kernel not in ("forward", "dq", *tiles.key_block_passes(head_dim, torch.bfloat16, False, 90, True)):
+    if kernel not in ("forward", "dq", *tiles.key_block_passes(head_dim, torch.bfloat16, *HEADLINE_LAUNCH)):
         return None
-    return next(rule for rule in tiles.RULES if rule.matches("16bit", head_dim, kernel, False, 90, True))
+    return next(rule for rule in tiles.RULES if rule.matches("16bit", head_dim, kernel, *HEADLINE_LAUNCH))
 
 
 def ranking_rows(results, ranking):

@@ -144,7 +144,7 @@ def rank(pool):
     ranking = []
     for (head_dim, kernel), entries in readings.items():
         entries = sorted((e for e in entries if e["model_clocks"] is not None), key=model_order)
-        key = ("16bit", head_dim, kernel, False, 90, True)
+        key = ("16bit", head_dim, kernel, *compile_report.HEADLINE_LAUNCH)
         checked = 0
         while checked < len(entries) and sum(e.get("clean") is True for e in entries) < RANKED_CLEAN:
             batch = entries[checked:checked + RANK_CHECK_BATCH]

@@ -3,9 +3,10 @@
 For each (kernel, head size) of the 16-bit causal launches with aligned operands, the shipped tile and the speed
 model's best clean tiles (`candidates`: bench/results/model_ranking.json, written by bench.tile_search --rank)
 are forced into the launcher one at a time, each checked against an fp32 reference on a small ragged shape (so
-a tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes. Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that
-kernel's tile changed, so differences between candidates are that kernel's. The registers, spills and shared
-memory of what was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit tiles; bf16 is timed.
+a tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes. Forward
+candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that kernel's tile
+changed, so differences between candidates are that kernel's. The registers, spills and shared memory of what
+was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit tiles; bf16 is timed.
 
 Writes bench/results/<card>/tiles.json and tiles.md. A candidate that fails to compile or launch is a result.
 `TRITON_INTERPRET=1 python -m bench.tune --dry-run` runs everything but the timing on CPU through Triton's
