@@ -198,7 +198,7 @@ def run_shape(shape, table, budget, ceilings):
 
 
 def evaluate_goals(results):
-    """Issue 5's attention goals (H100, bf16, causal, D 128, N >= 2048), read off the results."""
+    """The attention speed goals (H100, bf16, causal, D 128, N >= 2048), read off the results."""
 
     def worst_speedup(competitor, mode):
         values = [r["ours_speedup"][mode] for r in results

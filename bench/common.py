@@ -21,7 +21,7 @@ WARMUP_MS = 5
 REP_MS = 30
 
 # Largest relative error ||out - ref|| / ||ref|| a measured output may have against the fp32 reference
-# (METHOD.md's ranges: bf16 operands 1e-3..1e-2, tf32 ~3e-4); outputs beyond it are reported, never timed.
+# (the usual ranges: bf16 operands 1e-3..1e-2, tf32 ~3e-4); outputs beyond it are reported, never timed.
 RELATIVE_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 2e-3}
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -324,7 +324,7 @@ def markdown_header(run, title):
 def goals_markdown(goals):
     rows = [[g["goal"], g["measured"], "yes" if g["met"] else ("no" if g["met"] is False else "not measured")]
             for g in goals]
-    return "## Goals (issue 5; recorded, not asserted)\n\n" + markdown_table(["goal", "measured", "met"], rows)
+    return "## Goals (recorded, not asserted)\n\n" + markdown_table(["goal", "measured", "met"], rows)
 
 
 def write_results(run, name, markdown, out_dir=None):

@@ -390,7 +390,7 @@ def operands_name(aligned):
 
 # Goals of the speed model for the headline configs (16-bit, causal, aligned, sm_90, no dropout), in modelled clocks
 # per 128 x 128 block, and the Triton tutorial's fused attention (06-fused-attention.py) under the same model: a
-# static estimate from issue 12, not a timing. The floor is the tensor cores' alone: 2 products of 128 x 128 x D
+# static estimate, not a timing. The floor is the tensor cores' alone: 2 products of 128 x 128 x D
 # in the forward, 7 in the backward (dK/dV + dQ).
 MODEL_GOALS = {64: {"forward": 1075, "backward": 3950}, 128: {"forward": 2150, "backward": 7900}}
 TUTORIAL_MODEL = {64: {"forward": 1088, "backward": 4608}, 128: {"forward": 2048, "backward": 8960}}

@@ -32,7 +32,7 @@ HEAD_CONFIGS = [(32, 8, 128), (8, 8, 128), (6, 6, 64)]  # (query heads, key/valu
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 BATCHES = [1, 4, 16, 64]
 DTYPE = "bf16"
-# The goals (issue 13), recorded, not asserted.
+# The decoding speed goals, recorded, not asserted.
 CEILING_GOAL, CEILING_GOAL_CONTEXT = 0.8, 8192
 FREE_MEMORY_SHARE = 0.7
 
@@ -148,7 +148,7 @@ def add_speedups(results):
 
 
 def evaluate_goals(results):
-    """Issue 13's decoding goals (on an H100), read off the results."""
+    """The decoding speed goals (on an H100), read off the results."""
     ours = [r for r in results if r["provider"] == "triton" and r["status"] == "ok"
             and r["context"] >= CEILING_GOAL_CONTEXT]
     worst_share = min((r["of_copy_ceiling"] for r in ours), default=None)
@@ -195,7 +195,7 @@ def to_markdown(run):
 
 # GPT generation at the reference config (gpt/model.py, vocab 100, bf16 weights): GENERATED_TOKENS new tokens
 # after a one-token prompt, so the context stays within block_size (256), per backend and batch, with the cache and
-# recomputing the context. Issue 13's goal: cached generation >= 10x the recompute path.
+# recomputing the context. The goal: cached generation >= 10x the recompute path.
 GENERATION_BATCHES = (1, 64)
 GENERATED_TOKENS = 255
 GENERATION_GOAL = 10.0

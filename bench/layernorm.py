@@ -142,7 +142,7 @@ def _cell(entry, mode):
 
 
 def evaluate_goals(results, ceilings):
-    """Issue 5's LayerNorm goals (H100): forward >= 90% of copy bandwidth from width 1024 on, ahead of PyTorch at 384."""
+    """The LayerNorm speed goals (H100): forward >= 90% of copy bandwidth from width 1024 on, ahead of torch at 384."""
     ours = [r for r in results if r["op"] == "layer_norm" and r["provider"] == "triton" and "gbps" in r.get("fwd", {})]
     wide = [r["fwd"]["of_copy_ceiling"] for r in ours if r["width"] >= 1024]
     narrow = [r["ours_speedup"]["fwd"] for r in results if r["op"] == "layer_norm" and r["provider"] == "torch"

@@ -103,7 +103,7 @@ def measure(config_name, backend, compiled, idx, targets, ref_logits):
 
 
 def evaluate_goals(results):
-    """Issue 5's training goals at the reference config: >= 3x eager and ahead of SDPA + native LayerNorm."""
+    """The training speed goals at the reference config: >= 3x eager and ahead of SDPA + native LayerNorm."""
 
     def tokens(backend):
         return next((r["tokens_per_s"] for r in results if r["config"] == "reference" and r["backend"] == backend

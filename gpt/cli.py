@@ -10,7 +10,7 @@ import torch
 
 # Torch runs its operators on one thread per core by default. The models trained and sampled on a CPU here are
 # small, so a second thread gains little, and on a machine that other work shares the threads wait on each other:
-# on 2 busy cores, gpt-sample and the cpu preset ran up to 6x slower with 2 threads than with 1 (README, Threads).
+# on 2 busy cores, gpt-sample and the cpu preset ran up to 6x slower with 2 threads than with 1 (docs/training.md).
 DEFAULT_CPU_THREADS = 1
 
 

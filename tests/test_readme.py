@@ -1,5 +1,7 @@
-"""README.md as a newcomer uses it: every python block defines what it uses and runs as printed (blocks written
-for a GPU, where there is one), and every command it prints runs from a fresh clone after `make`."""
+"""The README and the docs/ pages as a newcomer uses them: every python block defines what it uses and runs as
+printed (blocks written for a GPU, where there is one), every command they print runs from a fresh clone after
+`make`, and every relative link leads to a file, and a heading, that exists. docs/README.md says the same to
+whoever writes a page."""
 
 import ast
 import builtins
@@ -17,27 +19,37 @@ from gpt.cli import DEFAULT_CPU_THREADS
 from gpt.train import parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text(encoding="utf-8")
+DOCS = REPO / "docs"
+PAGE_PATHS = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+PAGES = {path.relative_to(REPO).as_posix(): path.read_text(encoding="utf-8") for path in PAGE_PATHS}
+
+# A fenced block (its language, possibly none, and its code) or a heading outside one: matched left to right, a
+# block's own lines (a python comment, a shell prompt) are never taken for headings.
+FENCE_OR_HEADING = re.compile(r"^```(\w*)\n(.*?)^```$|^#+ ([^\n]*)$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^```\w*\n.*?^```$", re.MULTILINE | re.DOTALL)
 
 
-def readme_blocks(language):
-    """{"<heading> #<n>": code} for the README's ```<language> blocks, named after the heading above them."""
-    blocks, heading, count = {}, None, {}
-    for match in re.finditer(rf"^#+ ([^\n]*)$|^```{language}\n(.*?)^```", README, re.MULTILINE | re.DOTALL):
-        if match[1] is not None:
-            heading = match[1].replace("`", "")
-            continue
-        count[heading] = count.get(heading, 0) + 1
-        blocks[f"{heading} #{count[heading]}"] = match[2]
+def page_blocks(language):
+    """{"<page>: <heading> #<n>": code} for every ```<language> block of every page, named after the heading above."""
+    blocks = {}
+    for page, text in PAGES.items():
+        heading, count = None, {}
+        for match in FENCE_OR_HEADING.finditer(text):
+            if match[3] is not None:
+                heading = match[3].replace("`", "")
+            elif match[1] == language:
+                count[heading] = count.get(heading, 0) + 1
+                blocks[f"{page}: {heading} #{count[heading]}"] = match[2]
     return blocks
 
 
-PYTHON_BLOCKS = readme_blocks("python")
-BASH_BLOCKS = readme_blocks("bash")
+PYTHON_BLOCKS = page_blocks("python")
+BASH_BLOCKS = page_blocks("bash")
 
 
 def written_for_a_gpu(code):
-    return "cuda" in code
+    """A block that puts its work on "cuda" needs a GPU, unless it asks whether there is one and picks its device."""
+    return "cuda" in code and "torch.cuda.is_available()" not in code
 
 
 def undefined_names(code):
@@ -53,6 +65,13 @@ def undefined_names(code):
             defined.add(node.name)
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
     return used - defined
+
+
+def test_every_page_has_runnable_blocks_found():
+    """The README and the pages that show code are read: a changed fence or heading style would skip them silently."""
+    pages_with_python = {block.split(":")[0] for block in PYTHON_BLOCKS}
+    assert {"README.md", "docs/attention.md", "docs/training.md", "docs/transformers.md"} <= pages_with_python
+    assert any(block.startswith("README.md:") for block in BASH_BLOCKS)
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS)
@@ -77,26 +96,45 @@ def test_python_block_runs_as_printed(block, reader_folder, monkeypatch):
     code = PYTHON_BLOCKS[block]
     if written_for_a_gpu(code) and not torch.cuda.is_available():
         pytest.skip("written for a GPU: at its shapes Triton's interpreter would take minutes (and computes bf16 "
-                    "wrongly, issue 10), and torch.compile's Inductor cannot run the interpreted kernels")
+                    "wrongly), and torch.compile's Inductor cannot run the interpreted kernels")
     monkeypatch.chdir(reader_folder)
     if "TRITON_INTERPRET" in code:  # it shows how to set it up: in a fresh interpreter, as a reader runs it
         env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr
-    else:  # with the threads gpt-train and gpt-sample use on a CPU (torch's default can be 10x slower: README, Threads)
+    else:  # with the threads gpt-train and gpt-sample use on a CPU (torch's default can be 10x slower: see
+        # docs/training.md, Threads)
         threads = torch.get_num_threads()
         torch.set_num_threads(DEFAULT_CPU_THREADS)
         try:
-            exec(compile(code, f"README.md, {block}", "exec"), {})
+            exec(compile(code, block, "exec"), {})
         finally:
             torch.set_num_threads(threads)
 
 
+def table_commands(text):
+    """The first cells of the rows of every table whose first column is headed "command"."""
+    commands = []
+    for table in re.findall(r"(?:^\|[^\n]*\n?)+", FENCE.sub("", text), re.MULTILINE):
+        header, _separator, *rows = table.splitlines()
+        if header.strip("| ").split("|")[0].strip() == "command":
+            for row in rows:
+                cell = row.strip("| ").split(" | ")[0].strip()
+                commands.append(cell[1:-1] if re.fullmatch(r"`[^`]+`", cell) else cell)
+    return commands
+
+
 def printed_commands():
-    """Every command the README prints: the lines of its bash blocks and the first column of its tables."""
+    """Every command the pages print: the lines of their bash blocks and the commands of their command tables."""
     lines = [line.split("  #")[0].strip() for code in BASH_BLOCKS.values() for line in code.splitlines()]
-    table_commands = re.findall(r"^\| `([^`]+)` \|", README, re.MULTILINE)
-    return [line for line in lines + table_commands if line]
+    return list(dict.fromkeys(line for line in lines + [c for text in PAGES.values() for c in table_commands(text)]
+                              if line))
+
+
+def test_command_tables_are_found():
+    assert {".venv/bin/python -m bench.attention", ".venv/bin/python -m bench.compile_report"} <= set(
+        printed_commands())
 
 
 @pytest.mark.parametrize("command", printed_commands())
@@ -112,9 +150,60 @@ def test_printed_command_runs_from_a_fresh_clone(command):
 
 def test_the_resume_example_keeps_out_of_make_trains_folder():
     """The stop-early / resume pair writes to a folder of its own, not over the checkpoint `make train` left."""
-    code = next(code for code in BASH_BLOCKS.values() if "--resume" in code)
-    out_dirs = []
-    for line in code.splitlines():
-        arguments = shlex.split(line.split("#")[0])
-        out_dirs.append(arguments[arguments.index("--out-dir") + 1] if "--out-dir" in arguments else "out")
-    assert len(out_dirs) == 2 and len(set(out_dirs)) == 1 and out_dirs[0] != "out", out_dirs
+    examples = [code for code in BASH_BLOCKS.values() if "--resume" in code]
+    assert examples
+    for code in examples:
+        out_dirs = []
+        for line in code.splitlines():
+            arguments = shlex.split(line.split("#")[0])
+            out_dirs.append(arguments[arguments.index("--out-dir") + 1] if "--out-dir" in arguments else "out")
+        assert len(out_dirs) == 2 and len(set(out_dirs)) == 1 and out_dirs[0] != "out", out_dirs
+
+
+def anchors(text):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = [match[3] for match in FENCE_OR_HEADING.finditer(text) if match[3] is not None]
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def relative_links(text):
+    """The targets of a page's links and images that are not web addresses (code blocks left out)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", text))
+    return [target for target in targets if not re.match(r"[a-z]+:", target)]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_lead_to_what_exists(page):
+    for target in relative_links(PAGES[page]):
+        path, _, fragment = target.partition("#")
+        linked = ((REPO / page).parent / path).resolve() if path else REPO / page
+        assert linked.exists() and REPO in linked.parents, f"{page} links to {target}, which does not exist"
+        if fragment:
+            assert linked.suffix == ".md" and fragment in anchors(linked.read_text(encoding="utf-8")), (
+                f"{page} links to {target}, a heading {linked.name} does not have")
+
+
+def test_every_docs_page_is_reached_from_the_readme():
+    """The README links the docs index, and the index links every page."""
+    assert "docs/README.md" in relative_links(PAGES["README.md"])
+    indexed = {link.partition("#")[0] for link in relative_links(PAGES["docs/README.md"])}
+    assert {path.name for path in DOCS.glob("*.md")} - {"README.md"} <= indexed
+
+
+def repository_text_files():
+    """The files a reader of the code reads: sources, scripts, docs; committed results are records and stay as
+    they were written."""
+    roots = [REPO / name for name in ("kernels", "gpt", "bench", "tests", "tools", "docs")]
+    files = [REPO / name for name in ("README.md", "Makefile", "pyproject.toml")]
+    for root in roots:
+        files += [path for path in root.rglob("*") if path.suffix in (".py", ".md", ".sh", ".toml", ".txt")
+                  and "__pycache__" not in path.parts and (REPO / "bench" / "results") not in path.parents]
+    return files
+
+
+def test_no_reference_to_issue_numbers_or_missing_files():
+    """Code, messages and docs say what they mean ("the attention speed goals"), not which issue asked for it."""
+    pointer = re.compile(r"\bissues? #?\d|\bMETHOD\.md\b", re.IGNORECASE)
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}" for path in repository_text_files()
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pointer.search(line)]
+    assert not found, "\n".join(found)
