@@ -76,6 +76,7 @@ class _Launch:
                                BOUNDED_RIGHT=window_right >= 0, VARLEN=self.packed)
 
     def row_stride(self, t):
+        """The row stride of q, k, v or a tensor laid out like one."""
         return _stride(t, 0) if self.packed else _stride(t, 2)
 
     def strides(self, name, t):

@@ -41,8 +41,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=No
     q = q if q.stride(-1) == 1 else q.contiguous()  # the kernels read q's rows whole, at 64-bit offsets
     if k_new is not None:
         k_new, v_new = (readable(t, t.stride(2), t.shape[2], t.contiguous) for t in (k_new, v_new))
-    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale(scale, q.shape[-1]),
-                               0)
+    scale = softmax_scale(scale, q.shape[-1])
+    # num_splits=0: the launcher chooses how many chunks each sequence's keys are cut into
+    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits=0)
 
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
