@@ -1,5 +1,7 @@
-"""Input checks shared by every op: a clear TypeError or ValueError naming the problem,
-raised before anything reaches Triton."""
+"""Input checks shared by every op: a clear TypeError (a wrong type) or ValueError (a wrong value) naming the
+argument, raised before anything reaches Triton."""
+
+import numbers
 
 import torch
 import triton
@@ -9,6 +11,7 @@ from ._gpu import device_arch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: Triton fixes the mode when it is imported, and torch.compile cannot trace the lookup.
 TRITON_INTERPRETS = triton.knobs.runtime.interpret
+_KIND_NAMES = {int: "an int", numbers.Real: "a real number"}
 
 
 def check_tensor(name, tensor, *, ndim=None, min_ndim=None, dtypes=SUPPORTED_DTYPES):
@@ -31,6 +34,26 @@ def check_same_device_and_dtype(reference_name, reference, **others):
             raise ValueError(f"{name} is on {tensor.device} but {reference_name} is on {reference.device}")
         if tensor.dtype != reference.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but {reference_name} has dtype {reference.dtype}")
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_number(name, value, kind, is_valid, expected):
+    """`value` must be a number of `kind`, int or numbers.Real (a bool is neither; else TypeError), for which
+    is_valid(value) holds (else ValueError, saying it must be `expected`)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {_KIND_NAMES[kind]}, got {type(value).__name__}")
+    if not is_valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def may_synchronise(tensor):
+    """Whether a check may read `tensor`'s values on the host: not while torch.compile traces (the read would break
+    the graph) nor while a CUDA graph is being captured (a synchronisation is an error there)."""
+    return not (torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def check_runnable(name, tensor):

@@ -4,8 +4,12 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .attention import attention, decode_attention
+from ._validate import check_bool, check_number, check_tensor
+from .attention import attention
+from .attention.checks import check_dropout
+from .decode import decode_attention
 from .layer_norm import add_layer_norm, layer_norm
+from .layer_norm.api import check_eps
 
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")
 # New tokens per call up to which a call continuing a cache is a decoding step (kernels.decode_attention, made for
@@ -32,12 +36,16 @@ class FusedMultiHeadAttention(nn.Module):
 
     def __init__(self, n_embd, n_head, dropout=0.0, backend="triton"):
         super().__init__()
+        for name, size in (("n_embd", n_embd), ("n_head", n_head)):
+            check_number(name, size, int, lambda n: n >= 1, "a positive int")
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, one of {ATTENTION_MODULE_BACKENDS}; got {type(backend).__name__}")
         if backend not in ATTENTION_MODULE_BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_MODULE_BACKENDS}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout, name="dropout")
+        self.n_embd = n_embd
         self.n_head = n_head
         self.backend = backend
         self.attention_dropout = dropout
@@ -73,6 +81,10 @@ class FusedMultiHeadAttention(nn.Module):
         """x (B, T, C) -> (B, T, C). `cache`: a layer's key/value cache when generating (gpt/cache.py's
         LayerCache: `length` tokens cached, `store(k, v)` appends and returns every token's keys and values,
         `keys` and `values` the whole (B, H, block_size, D) storage)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"x must be (B, T, n_embd) = (B, T, {self.n_embd}), got shape {tuple(x.shape)}")
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), a view into qkv
@@ -113,14 +125,21 @@ class FusedLayerNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
         super().__init__()
-        if isinstance(normalized_shape, int):
+        if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
             normalized_shape = (normalized_shape,)
+        if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+            raise TypeError(f"normalized_shape must be an int or a sequence of one int, got "
+                            f"{type(normalized_shape).__name__}")
         normalized_shape = tuple(normalized_shape)
         if len(normalized_shape) != 1:
             raise ValueError(
                 f"FusedLayerNorm normalizes the last dimension only: normalized_shape must have one entry, "
                 f"got {normalized_shape}"
             )
+        check_number("normalized_shape", normalized_shape[0], int, lambda n: n >= 1, "a positive int")
+        check_eps(eps)
+        check_bool("elementwise_affine", elementwise_affine)
+        check_bool("bias", bias)
         self.normalized_shape = normalized_shape
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -141,9 +160,10 @@ class FusedLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check_width(self, x):
+        check_tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
             width = self.normalized_shape[0]
-            raise ValueError(f"expected input with last dimension {width}, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must have last dimension {width} (normalized_shape), got shape {tuple(x.shape)}")
 
     def forward(self, x):
         self._check_width(x)

@@ -227,8 +227,8 @@ def test_bad_inputs_raise_clear_errors(device):
         (TypeError, "causal must be a bool", lambda: attention(q, k, v, causal=None)),
         (TypeError, "causal must be a bool", lambda: attention(q, k, v, causal=1)),
         (ValueError, "window", lambda: attention(q, k, v, window=(-2, 0))),
-        (ValueError, "window", lambda: attention(q, k, v, window=3)),
-        (ValueError, "window", lambda: attention(q, k, v, window=(1.5, 2))),
+        (TypeError, "window", lambda: attention(q, k, v, window=3)),
+        (TypeError, "window", lambda: attention(q, k, v, window=(1.5, 2))),
         (ValueError, "seed", lambda: attention(q, k, v, dropout_p=0.1, seed=-1)),
         (ValueError, "seed", lambda: attention(q, k, v, dropout_p=0.1, seed=2**31)),
         (TypeError, "return_lse", lambda: attention(q, k, v, return_lse=1)),
@@ -250,8 +250,8 @@ def test_sdpas_positional_order_is_an_error_not_a_silent_misreading(device):
 
 
 def test_public_api():
-    from kernels.attention import api
+    from kernels.attention import api, dropout_mask
 
     assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
     assert kernels.attention_varlen is api.attention_varlen
-    assert kernels.attention_varlen_dropout_mask is api.attention_varlen_dropout_mask
+    assert kernels.attention_varlen_dropout_mask is dropout_mask.attention_varlen_dropout_mask

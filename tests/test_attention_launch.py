@@ -89,7 +89,6 @@ def test_every_launch_runs_on_the_inputs_device(device, monkeypatch):
     current first (tensors on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU)."""
     import kernels._gpu
     from kernels import add_layer_norm, attention, attention_dropout_mask, layer_norm
-    from kernels.attention import api as attention_api
     from kernels.attention import ops as attention_ops
     from kernels.layer_norm import ops as layer_norm_ops
 
@@ -100,7 +99,7 @@ def test_every_launch_runs_on_the_inputs_device(device, monkeypatch):
         entered.append(tensor.device)
         return real_launch_device(tensor)
 
-    for module in (attention_ops, attention_api, layer_norm_ops):
+    for module in (attention_ops, layer_norm_ops):
         monkeypatch.setattr(module, "launch_device", recording)
     q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
     attention(q, q, q, dropout_p=0.1).sum().backward()
@@ -115,8 +114,9 @@ def test_sequences_whose_rows_lie_2_31_elements_apart_are_copied_or_refused():
     """The kernels' offsets inside one sequence are 32-bit: a view whose rows lie further apart is copied head by
     head; an output that would is laid out head by head; a single head too long even then is a clear error.
     Checked on meta tensors: nothing this size is allocated."""
-    from kernels.attention.api import _heads_apart, _readable
+    from kernels.attention.api import _heads_apart
     from kernels.attention.ops import _allocate_forward_outputs, rows_fit
+    from kernels.attention.ops import readable as _readable
 
     wide_rows = torch.empty_strided((1, 1, 4096, 64), (0, 64, 2**20, 1), device="meta")  # 2**32 apart in total
     assert not rows_fit(wide_rows, wide_rows.stride(2), 4096)

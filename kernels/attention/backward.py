@@ -79,11 +79,13 @@ def _backward_dkdv_inner(
         qk_t = tl.dot(fresh_each_step(k, start_m), tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
-                           p_t, 0.0)
+            seen = visible(query_idx=offs_m[None, :], key_idx=offs_n[:, None], n_k=n_k, first=first, last=last,
+                           BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
+            p_t = tl.where(seen, p_t, 0.0)
         do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM)
         if DROPOUT:
-            keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N))
+            keep = tl.trans(dropout_keep(seed=seed, bh=bh, first_query=start_m, first_key=start_n, n_k=n_k,
+                                         dropout_p=dropout_p, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N))
         if COMPUTE_DV:
             # dV += P_dropped^T dO
             p_dropped_t = p_t
@@ -130,8 +132,10 @@ def attention_backward_dkdv_kernel(
     The other arguments mean what they mean in the forward kernel.
     """
     start_n, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
-        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
-        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_N, True, VARLEN, ALIGNED)
+        Q=Q, K=K, V=V, CU_SEQLENS_Q=CU_SEQLENS_Q, CU_SEQLENS_K=CU_SEQLENS_K, N_Q=N_Q, N_K=N_K, H=H, H_KV=H_KV,
+        stride_qb=stride_qb, stride_qh=stride_qh, stride_qm=stride_qm, stride_kb=stride_kb, stride_kh=stride_kh,
+        stride_kn=stride_kn, stride_vb=stride_vb, stride_vh=stride_vh, stride_vn=stride_vn, BLOCK=BLOCK_N,
+        KEY_BLOCKS=True, VARLEN=VARLEN, ALIGNED=ALIGNED)
     if start_n >= n_k:  # past this packed sequence's end
         return
     LSE = row_statistics_of(LSE, b, h, q_start, stride_lb, stride_lh)
@@ -151,16 +155,18 @@ def attention_backward_dkdv_kernel(
 
     # The queries that see this key block, in three ranges: the band's right edge (masked), those that see it
     # whole (no mask), its left edge (masked, only with a left bound).
-    lo, full_lo, full_hi, hi = queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M, BLOCK_N, BOUNDED_LEFT,
-                                                        BOUNDED_RIGHT)
+    lo, full_lo, full_hi, hi = queries_seeing_key_block(
+        start_n=start_n, n_q=n_q, first=first, last=last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
     for phase in tl.static_range(3):
         if phase == 1 or (phase == 0 and BOUNDED_RIGHT) or (phase == 2 and BOUNDED_LEFT):
-            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+            start, end = phase_range(phase, lo=lo, full_lo=full_lo, full_hi=full_hi, hi=hi)
             dk, dv = _backward_dkdv_inner(
-                dk, dv, k, v, Q, DO, stride_qm, stride_dom, LSE, DELTA,
-                start_n, offs_d, seed, b * H + h, dropout_p, qk_scale, start, end, n_q, n_k, first, last,
-                HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, COMPUTE_DK,
-                COMPUTE_DV,
+                dk, dv, k, v, Q, DO, stride_qm=stride_qm, stride_dom=stride_dom, LSE=LSE, DELTA=DELTA,
+                start_n=start_n, offs_d=offs_d, seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale,
+                lo=start, hi=end, n_q=n_q, n_k=n_k, first=first, last=last, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N, MASKED=phase != 1, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT,
+                DROPOUT=DROPOUT, COMPUTE_DK=COMPUTE_DK, COMPUTE_DV=COMPUTE_DV,
             )
 
     if COMPUTE_DK:
@@ -190,12 +196,14 @@ def _backward_dq_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
-            p = tl.where(visible(offs_m[:, None], offs_n[None, :], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
-                         p, 0.0)
+            seen = visible(query_idx=offs_m[:, None], key_idx=offs_n[None, :], n_k=n_k, first=first, last=last,
+                           BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
+            p = tl.where(seen, p, 0.0)
         # dP = dO V^T, through the dropout mask
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed=seed, bh=bh, first_query=start_m, first_key=start_n, n_k=n_k,
+                                dropout_p=dropout_p, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         # dS = P * (dP - delta); dQ += dS K (times the scale, applied once at the end)
         ds = p * (dp - delta[:, None])
@@ -225,8 +233,10 @@ def attention_backward_dq_kernel(
     The other arguments mean what they mean in the dK/dV kernel.
     """
     start_m, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
-        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
-        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_M, False, VARLEN, ALIGNED)
+        Q=Q, K=K, V=V, CU_SEQLENS_Q=CU_SEQLENS_Q, CU_SEQLENS_K=CU_SEQLENS_K, N_Q=N_Q, N_K=N_K, H=H, H_KV=H_KV,
+        stride_qb=stride_qb, stride_qh=stride_qh, stride_qm=stride_qm, stride_kb=stride_kb, stride_kh=stride_kh,
+        stride_kn=stride_kn, stride_vb=stride_vb, stride_vh=stride_vh, stride_vn=stride_vn, BLOCK=BLOCK_M,
+        KEY_BLOCKS=False, VARLEN=VARLEN, ALIGNED=ALIGNED)
     if start_m >= n_q:  # past this packed sequence's end
         return
     DO, stride_dom = matrix_of(DO, b, h, q_start, stride_dob, stride_doh, stride_dom, ALIGNED)
@@ -245,15 +255,17 @@ def attention_backward_dq_kernel(
     qk_scale = scale * LOG2_E
 
     # The same three key ranges as the forward.
-    lo, full_lo, full_hi, hi = keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M, BLOCK_N,
-                                                        BOUNDED_LEFT, BOUNDED_RIGHT)
+    lo, full_lo, full_hi, hi = keys_seen_by_query_block(
+        start_m=start_m, n_q=n_q, n_k=n_k, first=first, last=last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
     for phase in tl.static_range(3):
         if phase != 0 or BOUNDED_LEFT:
-            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
+            start, end = phase_range(phase, lo=lo, full_lo=full_lo, full_hi=full_hi, hi=hi)
             dq = _backward_dq_inner(
-                dq, q, do, lse, delta, K, V, stride_kn, stride_vn, start_m, offs_d, seed, b * H + h, dropout_p,
-                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT,
-                BOUNDED_RIGHT, DROPOUT,
+                dq, q, do, lse, delta, K, V, stride_kn=stride_kn, stride_vn=stride_vn, start_m=start_m,
+                offs_d=offs_d, seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale, lo=start, hi=end,
+                n_k=n_k, first=first, last=last, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                MASKED=phase != 1, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT,
             )
 
     # dQ = scale * sum_j dS_ij k_j

@@ -1,10 +1,10 @@
-"""The attention forward kernel (online softmax over key blocks) and the kernel that writes the dropout mask."""
+"""The attention forward kernel (online softmax over key blocks, shared.online_softmax) and the kernel that writes
+the dropout mask."""
 
 import triton
 import triton.language as tl
 
 from .shared import (
-    DOT_PRECISION,
     LOG2_E,
     attention_kernel,
     band_bounds,
@@ -12,56 +12,12 @@ from .shared import (
     keys_seen_by_query_block,
     load_tile,
     matrix_of,
+    online_softmax,
     phase_range,
     program_operands,
     row_statistics_of,
     store_tile,
-    visible,
 )
-
-
-@triton.jit
-def _forward_inner(
-    acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
-    offs_m, start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-):
-    """Online softmax over key blocks [lo, hi) for one block of queries. MASKED blocks apply the band and the
-    sequence's end; the others are known to be seen whole by every row and skip both. offs_m: each row's query
-    index (the band's), start_m: the first of a block of BLOCK_M consecutive queries (dropout's tile)."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED:
-            qk = tl.where(visible(offs_m[:, None], offs_n[None, :], n_k, first, last, BOUNDED_LEFT, BOUNDED_RIGHT),
-                          qk, float("-inf"))
-        # Scores in the log2 domain, s = q k^T * scale * log2(e), so exp2 can be used; the scale is applied to the
-        # row max and inside the exponent (one FMA per score), not to every score first.
-        # m_new = max(m_old, rowmax(s)); a row that has seen no key yet keeps m = -inf, so exponentiate against 0
-        # instead to get 0 rather than exp2(-inf - -inf) = NaN
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASKED:
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
-        # p = 2^(s - m_new); alpha = 2^(m_old - m_new) rescales what was accumulated so far
-        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        # l = alpha * l + rowsum(p): the softmax denominator sees every probability, dropped or not
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, start_m, start_n, n_k, dropout_p, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        # acc = alpha * acc + p v
-        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
 
 
 @attention_kernel
@@ -101,8 +57,10 @@ def attention_forward_kernel(
     ALIGNED: every tensor's pointer is 16-byte aligned and its strides multiples of 16 bytes (operands_aligned).
     """
     start_m, b, h, q_start, n_q, k_start, n_k, Q, stride_qm, K, stride_kn, V, stride_vn = program_operands(
-        Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV, stride_qb, stride_qh, stride_qm, stride_kb,
-        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, BLOCK_M, False, VARLEN, ALIGNED)
+        Q=Q, K=K, V=V, CU_SEQLENS_Q=CU_SEQLENS_Q, CU_SEQLENS_K=CU_SEQLENS_K, N_Q=N_Q, N_K=N_K, H=H, H_KV=H_KV,
+        stride_qb=stride_qb, stride_qh=stride_qh, stride_qm=stride_qm, stride_kb=stride_kb, stride_kh=stride_kh,
+        stride_kn=stride_kn, stride_vb=stride_vb, stride_vh=stride_vh, stride_vn=stride_vn, BLOCK=BLOCK_M,
+        KEY_BLOCKS=False, VARLEN=VARLEN, ALIGNED=ALIGNED)
     if start_m >= n_q:  # past this packed sequence's end
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -120,15 +78,17 @@ def attention_forward_kernel(
 
     # The keys this block sees, in three ranges: the band's left edge (masked, only with a left bound), the
     # blocks every row sees whole (no mask), the right edge and the sequence's last partial block (masked).
-    lo, full_lo, full_hi, hi = keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M, BLOCK_N,
-                                                        BOUNDED_LEFT, BOUNDED_RIGHT)
+    lo, full_lo, full_hi, hi = keys_seen_by_query_block(
+        start_m=start_m, n_q=n_q, n_k=n_k, first=first, last=last, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
     for phase in tl.static_range(3):
         if phase != 0 or BOUNDED_LEFT:
-            start, end = phase_range(phase, lo, full_lo, full_hi, hi)
-            acc, l_i, m_i = _forward_inner(
-                acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, start_m, offs_d, seed, b * H + h, dropout_p,
-                qk_scale, start, end, n_k, first, last, HEAD_DIM, BLOCK_M, BLOCK_N, phase != 1, BOUNDED_LEFT,
-                BOUNDED_RIGHT, DROPOUT,
+            start, end = phase_range(phase, lo=lo, full_lo=full_lo, full_hi=full_hi, hi=hi)
+            acc, l_i, m_i = online_softmax(
+                acc, l_i, m_i, q, K, V, stride_kn=stride_kn, stride_vn=stride_vn, offs_m=offs_m, start_m=start_m,
+                offs_d=offs_d, seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale, lo=start, hi=end,
+                n_k=n_k, first=first, last=last, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                MASKED=phase != 1, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT,
             )
 
     # out = acc / l; a row that saw no key has l = 0 and acc = 0: its output is 0 and its LSE +inf, so the
@@ -155,7 +115,8 @@ def dropout_mask_kernel(
     bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(tl.load(SEED), first_b * H + bh, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, N_K,
-                        dropout_p, BLOCK_M, BLOCK_N)
+    keep = dropout_keep(seed=tl.load(SEED), bh=first_b * H + bh, first_query=tl.program_id(0) * BLOCK_M,
+                        first_key=tl.program_id(1) * BLOCK_N, n_k=N_K, dropout_p=dropout_p, BLOCK_Q=BLOCK_M,
+                        BLOCK_K=BLOCK_N)
     ptrs = MASK + (bh * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]
     tl.store(ptrs, keep, mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))

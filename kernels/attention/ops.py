@@ -1,13 +1,13 @@
 """Attention as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
 torch.compile sees each launch as one opaque node with known output shapes), and the autograd formula that ties
-the forward operator to the backward one.
+the forward operator to the backward one; and the launcher of the dropout-mask kernel.
 
-Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed, and
-decode_attention (its own section at the end: decoding against a key/value cache, no autograd). The forward
+Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed. The forward
 and backward take a dense batch, q (B, H, Nq, D) and k, v (B, H_KV, Nk, D), or packed sequences (cu_seqlens_q and
 cu_seqlens_k given): q (total_q, H, D), k, v (total_k, H_KV, D). The band is (window_left, window_right), -1 for
 an unbounded side; causal attention is window_right = 0. Inputs arrive validated, with a contiguous last
-dimension and in-sequence offsets below 2^31 (api.py).
+dimension and in-sequence offsets below 2^31 (api.py). On CPU (Triton's interpreter) a bf16 call is computed in
+fp32 (_library.bf16_in_fp32).
 """
 
 from typing import Optional
@@ -17,15 +17,16 @@ import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE
+from .._library import NAMESPACE, bf16_in_fp32
 from . import tiles
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
-from .decode import decode_append_kernel, decode_combine_kernel, decode_split_kernel
-from .forward import attention_forward_kernel
+from .forward import attention_forward_kernel, dropout_mask_kernel
 from .shared import operands_aligned
 
 # Offsets inside one (batch, head) sequence are 32-bit in the kernels.
 MAX_OFFSET = 2**31
+# The kernels' tensors whose rows are keys (their row stride is stride_<name>n; the others' stride_<name>m).
+_KEY_ROWS = ("k", "v", "dk", "dv")
 
 
 def _stride(t, dim):
@@ -38,6 +39,19 @@ def rows_fit(t, row_stride, n_rows):
     """Whether the kernels can read t as it is: a contiguous last dimension, and every row of a sequence within
     32-bit offsets of its first."""
     return t.stride(-1) == 1 and (n_rows - 1) * row_stride + t.shape[-1] <= MAX_OFFSET - 1
+
+
+def readable(t, row_stride, n_rows, copy):
+    """t as the kernels read it: unchanged when its rows fit (rows_fit), else `copy()`: a layout with each head's
+    rows together. Too long a sequence even then is a ValueError."""
+    if rows_fit(t, row_stride, n_rows):
+        return t
+    t = copy()
+    row_stride = t.stride(-2) if t.dim() == 4 else t.stride(0)
+    if not rows_fit(t, row_stride, n_rows):
+        raise ValueError(f"a sequence of {n_rows} rows of {t.shape[-1]} elements spans 2**31 elements or more, "
+                         "beyond the kernels' 32-bit offsets")
+    return t
 
 
 class _Launch:
@@ -54,18 +68,32 @@ class _Launch:
         self.block_d = tiles.block_d(self.head_dim)
         # Unused pointers (no dropout, no packing) get a tensor the kernel never reads.
         self.cu_seqlens = (cu_seqlens_q, cu_seqlens_k) if self.packed else (q, q)
-        self.window = (window_left, window_right)
+        # The arguments every attention kernel but delta's takes alike, by name.
+        self.arguments = dict(CU_SEQLENS_Q=self.cu_seqlens[0], CU_SEQLENS_K=self.cu_seqlens[1], H=self.heads,
+                              H_KV=self.kv_heads, N_Q=self.n_q, N_K=self.n_k, window_left=window_left,
+                              window_right=window_right)
         self.constexprs = dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BOUNDED_LEFT=window_left >= 0,
                                BOUNDED_RIGHT=window_right >= 0, VARLEN=self.packed)
 
-    def strides(self, t):
-        """(batch, head, row) strides of q, k, v or a tensor laid out like one: dense (B, H, N, D) or packed
-        (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
-        return (0, _stride(t, 1), _stride(t, 0)) if self.packed else (_stride(t, 0), _stride(t, 1), _stride(t, 2))
+    def row_stride(self, t):
+        """The row stride of q, k, v or a tensor laid out like one."""
+        return _stride(t, 0) if self.packed else _stride(t, 2)
+
+    def strides(self, name, t):
+        """The (batch, head, row) strides of q, k, v or a tensor laid out like one, as the kernel arguments
+        stride_<name>b, stride_<name>h and stride_<name>m (stride_<name>n for rows of keys): dense (B, H, N, D) or
+        packed (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
+        batch_stride = 0 if self.packed else _stride(t, 0)
+        row = "n" if name in _KEY_ROWS else "m"
+        return {f"stride_{name}b": batch_stride, f"stride_{name}h": _stride(t, 1),
+                f"stride_{name}{row}": self.row_stride(t)}
 
     def statistics_strides(self, lse):
-        """(batch, head) strides of LSE or DELTA: dense (B, H, Nq), packed (H, total_q)."""
-        return (0, _stride(lse, 0)) if self.packed else (_stride(lse, 0), _stride(lse, 1))
+        """The (batch, head) strides of LSE or DELTA, stride_lb and stride_lh: dense (B, H, Nq), packed
+        (H, total_q)."""
+        if self.packed:
+            return {"stride_lb": 0, "stride_lh": _stride(lse, 0)}
+        return {"stride_lb": _stride(lse, 0), "stride_lh": _stride(lse, 1)}
 
     def grid(self, n, heads, block):
         return (triton.cdiv(n, block) * self.batch * heads,)
@@ -94,8 +122,7 @@ def _allocate_forward_outputs(q, packed, n_q):
     return out, lse
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())
-def attention_forward(
+def _forward(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, dropout_p: float, scale: float,
     seed: Optional[Tensor],
@@ -109,14 +136,17 @@ def attention_forward(
     tile = tiles.launch_tile("forward", launch.head_dim, q.dtype, dropout_p > 0, q.device, aligned)
     with launch_device(q):
         attention_forward_kernel[launch.grid(launch.n_q, launch.heads, tile.block_m)](
-            q, k, v, out, lse, seed if seed is not None else lse, *launch.cu_seqlens,
-            *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(out),
-            *launch.statistics_strides(lse),
-            launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DROPOUT=dropout_p > 0, ALIGNED=aligned,
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **launch.constexprs,
+            Q=q, K=k, V=v, O=out, LSE=lse, SEED=seed if seed is not None else lse,
+            **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
+            **launch.strides("o", out), **launch.statistics_strides(lse), **launch.arguments,
+            scale=scale, dropout_p=dropout_p, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DROPOUT=dropout_p > 0,
+            ALIGNED=aligned, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch.constexprs,
         )
     return out, lse
+
+
+attention_forward = torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())(_forward)
+attention_forward.register_kernel("cpu")(bf16_in_fp32(_forward, fp32_outputs=(1,)))  # lse stays fp32
 
 
 @attention_forward.register_fake
@@ -126,15 +156,14 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_le
     return _allocate_forward_outputs(q, packed, max_seqlen_q if packed else q.shape[2])
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())
-def attention_backward(
+def _backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
     dropout_p: float, scale: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype, laid out like q, k, v."""
     launch = _Launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right)
-    if not rows_fit(grad_out, launch.strides(grad_out)[2], launch.n_q):
+    if not rows_fit(grad_out, launch.row_stride(grad_out), launch.n_q):
         grad_out = torch.empty_like(out).copy_(grad_out)  # e.g. the stride-0 gradient of out.sum(); out's layout
     dropout = dropout_p > 0
     dq = torch.empty_like(q)
@@ -147,8 +176,8 @@ def attention_backward(
         # 1. delta = rowsum(dO * O)
         block_m = tiles.preprocess_block_m(launch.block_d, q.dtype) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
         attention_backward_preprocess_kernel[launch.grid(launch.n_q, launch.heads, block_m)](
-            out, grad_out, delta, launch.cu_seqlens[0], *launch.strides(out), *launch.strides(grad_out),
-            *launch.statistics_strides(delta), launch.heads, launch.n_q,
+            O=out, DO=grad_out, DELTA=delta, CU_SEQLENS_Q=launch.cu_seqlens[0], **launch.strides("o", out),
+            **launch.strides("do", grad_out), **launch.statistics_strides(delta), H=launch.heads, N_Q=launch.n_q,
             HEAD_DIM=launch.head_dim, BLOCK_D=launch.block_d, BLOCK_M=block_m, VARLEN=launch.packed,
             ALIGNED=aligned,
         )
@@ -157,24 +186,27 @@ def attention_backward(
             compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
             tile = tiles.launch_tile(kernel, launch.head_dim, q.dtype, dropout, q.device, aligned)
             attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.heads, tile.block_n)](
-                q, k, v, grad_out, dk, dv, lse, delta, seed, *launch.cu_seqlens,
-                *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
-                *launch.strides(dk), *launch.strides(dv), *launch.statistics_strides(lse),
-                launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
+                Q=q, K=k, V=v, DO=grad_out, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEED=seed,
+                **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
+                **launch.strides("do", grad_out), **launch.strides("dk", dk), **launch.strides("dv", dv),
+                **launch.statistics_strides(lse), **launch.arguments, scale=scale, dropout_p=dropout_p,
                 BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
                 num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
             )
         # 3. dQ: one program per query block
         tile = tiles.launch_tile("dq", launch.head_dim, q.dtype, dropout, q.device, aligned)
         attention_backward_dq_kernel[launch.grid(launch.n_q, launch.heads, tile.block_m)](
-            q, k, v, grad_out, dq, lse, delta, seed, *launch.cu_seqlens,
-            *launch.strides(q), *launch.strides(k), *launch.strides(v), *launch.strides(grad_out),
-            *launch.strides(dq), *launch.statistics_strides(lse),
-            launch.heads, launch.kv_heads, launch.n_q, launch.n_k, scale, dropout_p, *launch.window,
-            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages,
-            **common,
+            Q=q, K=k, V=v, DO=grad_out, DQ=dq, LSE=lse, DELTA=delta, SEED=seed,
+            **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
+            **launch.strides("do", grad_out), **launch.strides("dq", dq), **launch.statistics_strides(lse),
+            **launch.arguments, scale=scale, dropout_p=dropout_p, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
         )
     return dq, _sum_groups(dk, k, launch), _sum_groups(dv, v, launch)
+
+
+attention_backward = torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())(_backward)
+attention_backward.register_kernel("cpu")(bf16_in_fp32(_backward))
 
 
 def _per_query_head(kv, launch):
@@ -242,64 +274,17 @@ def _(like):
     return torch.empty(1, dtype=torch.int64, device=like.device)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Decoding against a key/value cache (decode.py): inference only, no autograd formula
-
-
-def _allocate_decode_output(q):
-    """The decoding output, (B, H, Nq, D) in q's dtype with its heads side by side in memory ((B, Nq, H, D)), so
-    merging the heads, out.transpose(1, 2).reshape(B, Nq, H * D), is free (the kernels' offsets into it are
-    64-bit)."""
-    batch, heads, n_q, head_dim = q.shape
-    return torch.empty((batch, n_q, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
-    v_new: Optional[Tensor], scale: float, num_splits: int,
-) -> Tensor:
-    """Write k_new and v_new (both or neither) into the caches at each sequence's filled length, then attend: the
-    split kernel, and the combine kernel when num_splits > 1 (decode.py). num_splits: chunks per sequence, 0 to
-    let tiles.launch_splits choose. Returns out, (B, H, Nq, D) in q's dtype. The caches are declared mutated
-    (torch.compile and functionalization then keep the writes), whether or not this call appends."""
-    batch, heads, n_q, head_dim = q.shape
-    kv_heads, n_max = k_cache.shape[1], k_cache.shape[2]
-    block_d = tiles.block_d(head_dim)
-    tile = tiles.decode_tile(head_dim, q.dtype, q.device)
-    programs_per_split = triton.cdiv(heads // kv_heads * n_q, tile.block_m) * batch * kv_heads  # row blocks
-    num_splits = num_splits or tiles.launch_splits(programs_per_split, n_max, q.device)
-    out = _allocate_decode_output(q)
-    split = num_splits > 1
-    # The chunks' partial results (unused with one split: the split kernel then writes out itself).
-    o_splits = torch.empty((batch, heads, n_q, num_splits, head_dim), device=q.device,
-                           dtype=torch.float32) if split else out
-    lse_splits = torch.empty((batch, heads, n_q, num_splits), device=q.device, dtype=torch.float32) if split else out
-    with launch_device(q):
-        if k_new is not None:
-            decode_append_kernel[(batch * kv_heads,)](
-                k_new, v_new, k_cache, v_cache, cache_seqlens, *k_new.stride()[:3], *v_new.stride()[:3],
-                *k_cache.stride()[:3], *v_cache.stride()[:3], kv_heads, n_q, n_max,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tiles.APPEND_BLOCK_R,
-                ALIGNED=operands_aligned(k_new, v_new, k_cache, v_cache),
-            )
-        decode_split_kernel[(num_splits * programs_per_split,)](
-            q, k_cache, v_cache, out, o_splits, lse_splits, cache_seqlens, *q.stride()[:3], *k_cache.stride()[:3],
-            *v_cache.stride()[:3], *out.stride()[:3], heads, kv_heads, n_q, n_max, n_q if k_new is not None else 0,
-            num_splits, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tile.block_m, BLOCK_N=tile.block_n, SPLIT=split,
-            ALIGNED=operands_aligned(q, k_cache, v_cache, out), num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
+def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):
+    """The boolean keep-mask (batch, heads, n_q, n_k) the attention kernels apply to batches first_b, first_b + 1,
+    ... of a call with this seed (a one-element int64 tensor; None without dropout: everything kept). A launcher,
+    not an operator: the mask helpers serve tests and inspection."""
+    mask = torch.ones((batch, heads, n_q, n_k), device=device, dtype=torch.bool)
+    if seed is None or mask.numel() == 0:
+        return mask
+    block = tiles.dropout_mask_block(device)
+    with launch_device(mask):
+        dropout_mask_kernel[(triton.cdiv(n_q, block), triton.cdiv(n_k, block), batch * heads)](
+            MASK=mask, SEED=seed, first_b=first_b, H=heads, N_Q=n_q, N_K=n_k, dropout_p=float(dropout_p),
+            BLOCK_M=block, BLOCK_N=block,
         )
-        if split:
-            decode_combine_kernel[(programs_per_split,)](
-                o_splits, lse_splits, out, *out.stride()[:3], heads, kv_heads, n_q, num_splits,
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=tile.block_m, ALIGNED=operands_aligned(out),
-                num_warps=tiles.COMBINE_NUM_WARPS,
-            )
-    return out
-
-
-@decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
-    return _allocate_decode_output(q)
+    return mask

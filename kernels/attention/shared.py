@@ -1,5 +1,6 @@
 """What every attention kernel shares: the program's coordinates, sequence bounds and matrix slices, operand
-alignment, tile loads and stores, the visible band, and dropout. The kernels (forward.py, backward.py) compute,
+alignment, tile loads and stores, the visible band, dropout, and the online softmax over key blocks (the forward's
+loop, which decoding runs too: kernels/decode/kernels.py). The kernels (forward.py, backward.py) compute,
 per batch b and query head h, against key/value head h // (H / H_KV) (grouped-query attention; H_KV = H is plain
 multi-head attention), with s = scale (default D^-0.5) and offset = Nk - Nq:
 
@@ -269,3 +270,51 @@ def phase_range(phase: tl.constexpr, lo, full_lo, full_hi, hi):
     else:
         start, end = full_hi, hi
     return start, end
+
+
+@triton.jit
+def online_softmax(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
+    offs_m, start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """The online softmax of one block of queries q over key blocks [lo, hi): returns the running row max m_i,
+    denominator l_i and unnormalised output acc (all fp32) updated by those keys. MASKED blocks apply the band and
+    the sequence's end; the others are known to be seen whole by every row and skip both. offs_m: each row's query
+    index (the band's); start_m: the first of a block of BLOCK_M consecutive queries (dropout's tile); bh: b * H + h
+    (dropout's stream). The other arguments mean what they mean in the forward kernel and band_bounds."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            seen = visible(query_idx=offs_m[:, None], key_idx=offs_n[None, :], n_k=n_k, first=first, last=last,
+                           BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
+            qk = tl.where(seen, qk, float("-inf"))
+        # Scores in the log2 domain, s = q k^T * scale * log2(e), so exp2 can be used; the scale is applied to the
+        # row max and inside the exponent (one FMA per score), not to every score first.
+        # m_new = max(m_old, rowmax(s)); a row that has seen no key yet keeps m = -inf, so exponentiate against 0
+        # instead to get 0 rather than exp2(-inf - -inf) = NaN
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        # p = 2^(s - m_new); alpha = 2^(m_old - m_new) rescales what was accumulated so far
+        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        # l = alpha * l + rowsum(p): the softmax denominator sees every probability, dropped or not
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(seed=seed, bh=bh, first_query=start_m, first_key=start_n, n_k=n_k,
+                                dropout_p=dropout_p, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        # acc = alpha * acc + p v
+        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i

@@ -1,5 +1,5 @@
 """Launch tiles of the attention kernels: block sizes, warps and stages per input precision, head size, kernel,
-dropout, GPU architecture and operand alignment.
+dropout, GPU architecture and operand alignment; and the dropout-mask kernel's block.
 
 The dK/dV kernel holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream
 BLOCK_N keys. dK and dV are computed by one launch ("dkdv") or, where no tile for it fits, by two, "dk" and "dv"
@@ -166,6 +166,9 @@ RULES = [
 INTERPRETER_TILE = Tile(32, 32, 1, 1)
 # Which gradients each key-block launch computes: (COMPUTE_DK, COMPUTE_DV).
 COMPUTED_GRADIENTS = {"dkdv": (True, True), "dk": (True, False), "dv": (False, True)}
+# The dropout-mask kernel (attention_dropout_mask: tests and inspection, not speed) writes square tiles of this
+# many queries and keys on a GPU, the interpreter's BLOCK_M on CPU; a multiple of 4, as Philox draws four keys.
+DROPOUT_MASK_BLOCK = 64
 
 
 def block_d(head_dim):
@@ -190,19 +193,28 @@ def preprocess_block_m(padded_head_dim, dtype):
     return min(64, elements // padded_head_dim)
 
 
-def _precision(dtype):
+def precision(dtype):
+    """The precision class a table keys on: \"fp32\", or \"16bit\" for fp16 and bf16 alike."""
     return "fp32" if dtype == torch.float32 else "16bit"
+
+
+_LAUNCH_KEY_FIELDS = ("precision", "head", "kernel", "dropout", "arch", "aligned")
 
 
 def _launch_key(kernel, head_dim, dtype, dropout, arch, aligned):
     """What a TileRule matches: 90 stands for sm_90, 80 for every other architecture (the general tiles)."""
-    return _precision(dtype), block_d(head_dim), kernel, dropout, 90 if arch == 90 else 80, aligned
+    return precision(dtype), block_d(head_dim), kernel, dropout, 90 if arch == 90 else 80, aligned
 
 
 def table_tile(kernel, head_dim, dtype, dropout, arch, aligned):
-    """The tile `kernel` runs on `arch` (90 for sm_90; every other arch gets the general tiles, made for sm_80)."""
+    """The tile `kernel` runs on `arch` (90 for sm_90; every other arch gets the general tiles, made for sm_80).
+    A launch no rule matches is a LookupError naming its key."""
     launch = _launch_key(kernel, head_dim, dtype, dropout, arch, aligned)
-    return next(rule.tile for rule in RULES if rule.matches(*launch))
+    tile = next((rule.tile for rule in RULES if rule.matches(*launch)), None)
+    if tile is None:
+        key = ", ".join(f"{field}={value!r}" for field, value in zip(_LAUNCH_KEY_FIELDS, launch))
+        raise LookupError(f"no attention tile rule matches the launch ({key})")
+    return tile
 
 
 def launch_tile(kernel, head_dim, dtype, dropout, device, aligned):
@@ -221,62 +233,6 @@ def launch_passes(head_dim, dtype, dropout, device, aligned):
     return key_block_passes(head_dim, dtype, dropout, device_arch(device) if device.type == "cuda" else 90, aligned)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Decoding (decode.py): the split kernel's tiles and the number of splits.
-#
-# The split kernel holds block_m query rows of one key/value group (its query heads times the new tokens; a larger
-# group takes several row blocks, each reading the group's keys, the later ones from L2) and streams block_n cached
-# keys per step. Decoding computes little per byte of cache: the tiles are chosen for loads in flight (stages,
-# programs per multiprocessor), not for products, so block_m is the smallest tl.dot (16; wgmma would need 64 rows
-# per warpgroup, mostly padding). Each tile compiles without spills for sm_90 and sm_80, aligned operands and not,
-# fp16, bf16 and fp32, one split and several (ptxas -v on a scratch compile the way bench/compile_report compiles;
-# the decode kernels are not in its report). Register counts jump between tiles: head size 256 needs 8 warps, and
-# misaligned operands take up to 255 registers per thread.
-_DECODE_TABLE = {
-    "16bit": {16: Tile(16, 64, 4, 3), 32: Tile(16, 64, 4, 3), 64: Tile(16, 64, 4, 3), 128: Tile(16, 32, 4, 3),
-              256: Tile(16, 16, 8, 3)},
-    "fp32": {16: Tile(16, 32, 4, 2), 32: Tile(16, 32, 4, 2), 64: Tile(16, 64, 4, 2), 128: Tile(16, 32, 8, 2),
-             256: Tile(16, 16, 8, 2)},
-}
-DECODE_INTERPRETER_TILE = Tile(16, 16, 1, 1)
-# New keys and values are copied into the cache this many rows per step.
-APPEND_BLOCK_R = 16
-# Splits: enough programs for DECODE_PROGRAMS_PER_MULTIPROCESSOR per multiprocessor, each with at least
-# DECODE_MIN_KEYS_PER_SPLIT of the cache's slots (fewer would spend more on writing and combining partial results
-# than on reading keys), and at most MAX_DECODE_SPLITS (FlashAttention's bound: past it the combine kernel, which
-# walks the splits one by one, costs more than the parallelism gains).
-DECODE_PROGRAMS_PER_MULTIPROCESSOR = 2
-DECODE_MIN_KEYS_PER_SPLIT = 256
-MAX_DECODE_SPLITS = 128
-# The combine kernel takes the split kernel's blocks of query rows.
-COMBINE_NUM_WARPS = 4
-# What the split count is computed for under Triton's interpreter, which has no multiprocessors.
-INTERPRETER_MULTIPROCESSORS = 4
-
-
-def decode_table_tile(head_dim, dtype):
-    """The split kernel's tile on a GPU (one table for every checked architecture)."""
-    return _DECODE_TABLE[_precision(dtype)][block_d(head_dim)]
-
-
-def decode_tile(head_dim, dtype, device):
-    """The split kernel's tile for `device`: the table's on a GPU, small blocks under the interpreter."""
-    return decode_table_tile(head_dim, dtype) if device.type == "cuda" else DECODE_INTERPRETER_TILE
-
-
-def decode_splits(programs, n_max, multiprocessors):
-    """How many chunks each sequence's keys are cut into, from what the host knows without reading the lengths:
-    `programs` (batch x key/value heads x row blocks) per split, the cache's slots per sequence n_max and the GPU's
-    multiprocessors. A short sequence in a long cache is still spread over every split (the kernel sizes the chunks
-    from each sequence's own length)."""
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
-    return max(1, min(wanted, triton.cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
-
-
-def launch_splits(programs, n_max, device):
-    """decode_splits for `device`'s multiprocessors."""
-    if device.type == "cuda":
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        multiprocessors = INTERPRETER_MULTIPROCESSORS
-    return decode_splits(programs, n_max, multiprocessors)
+def dropout_mask_block(device):
+    """Queries and keys per program of the dropout-mask kernel on `device`."""
+    return DROPOUT_MASK_BLOCK if device.type == "cuda" else INTERPRETER_TILE.block_m

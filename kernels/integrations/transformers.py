@@ -42,7 +42,9 @@ from transformers.masking_utils import (
 # "attentions" in it): the one place that knows, as some models (GPT-2) take the flag without passing it on.
 from transformers.utils.output_capturing import _active_collector as _requested_outputs
 
+from .._validate import check_number
 from ..attention import attention, attention_varlen
+from ..attention.checks import check_dropout, check_scale
 
 NAME = "decoder_kernels"
 
@@ -68,6 +70,8 @@ def decoder_kernels_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
     (batch, n_keys) bool mask over the first n_keys keys (False: padding); the keys after those lie past the newest
     query: a static cache's unfilled slots.
     """
+    if local_size is not None:
+        check_number("local_size", local_size, int, lambda n: n >= 1, "a positive int (or None)")
     _check_pattern(mask_function, local_size, use_vmap, batch_size, q_length, kv_length, q_offset, kv_offset, device)
     n_keys = min(kv_length, int(q_offset + q_length - kv_offset))
     if attention_mask is None:
@@ -90,6 +94,10 @@ def decoder_kernels_attention(module, query, key, value, attention_mask, dropout
     sliding_window: the module's window, in which a query sees the sliding_window keys up to its own, as in
     transformers' eager mask. Returns ((B, Nq, H, D) output, None)."""
     _refuse_what_kernels_cannot_compute(module, attention_mask, softcap, is_causal, s_aux, kwargs)
+    check_dropout(dropout, name="dropout")
+    check_scale(scaling, name="scaling")
+    if sliding_window is not None:
+        check_number("sliding_window", sliding_window, int, lambda n: n >= 1, "a positive int (or None)")
     options = {"dropout_p": dropout if module.training else 0.0,  # as eager's dropout(..., training=module.training)
                "scale": scaling, "window": (-1, -1) if sliding_window is None else (sliding_window - 1, 0)}
     if attention_mask is None:
@@ -126,15 +134,18 @@ def _without_gaps(padding):
 
 def _refuse_what_kernels_cannot_compute(module, attention_mask, softcap, is_causal, s_aux, kwargs):
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
-        raise ValueError(f"decoder_kernels got a {attention_mask.dim()}D {attention_mask.dtype} attention mask: the "
-                         "kernels take a causal band, a sliding window and padding, not an arbitrary mask or bias "
-                         "(was the model given a prepared 4D mask?); use attn_implementation='sdpa' or 'eager'")
+        raise ValueError(f"decoder_kernels got a {attention_mask.dim()}D {attention_mask.dtype} attention mask "
+                         "(attention_mask): the kernels take a causal band, a sliding window and padding, not an "
+                         "arbitrary mask or bias (was the model given a prepared 4D mask?); use "
+                         "attn_implementation='sdpa' or 'eager'")
     if softcap is not None:
         raise ValueError(f"decoder_kernels does not softcap attention logits (softcap={softcap})")
     if s_aux is not None:
         raise ValueError("decoder_kernels has no attention sinks (s_aux)")
     if not (module.is_causal if is_causal is None else is_causal):
-        raise ValueError(f"decoder_kernels computes causal attention; {type(module).__name__} is not causal")
+        source = f"{type(module).__name__}.is_causal" if is_causal is None else "is_causal"
+        raise ValueError(f"decoder_kernels computes causal attention; {type(module).__name__} is not causal "
+                         f"({source} is False)")
     if "attentions" in (_requested_outputs.get() or {}):
         raise ValueError("decoder_kernels never forms the attention weights, so it cannot return them "
                          "(output_attentions=True); use attn_implementation='eager'")

@@ -1,10 +1,17 @@
 """The public LayerNorm functions: input checks and the dtype the norm runs in, then the operators."""
 
+import numbers
+
 import torch
 
-from .._validate import check_runnable, check_same_device_and_dtype, check_tensor
+from .._validate import check_number, check_runnable, check_same_device_and_dtype, check_tensor
 from .ops import layer_norm_forward
 from .tiles import MAX_ELEMENTS
+
+
+def check_eps(eps):
+    """eps: a real number (TypeError otherwise), at least 0 (ValueError otherwise)."""
+    check_number("eps", eps, numbers.Real, lambda e: e >= 0, "a non-negative number")
 
 
 def _prepared_inputs(x, residual, weight, bias, eps):
@@ -31,8 +38,7 @@ def _prepared_inputs(x, residual, weight, bias, eps):
                     f"{name} must have shape ({n_cols},) to match the last dimension of x, got {tuple(parameter.shape)}"
                 )
     check_runnable("x", x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_eps(eps)
 
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     if torch.is_autocast_enabled(x.device.type):

@@ -59,7 +59,8 @@ def _scale_and_shift(x_hat, WEIGHT, BIAS, cols, col_mask, HAS_WEIGHT: tl.constex
 def _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
     """y = (x - mean) * rstd * w + b from the centered tile, stored at the rows' pointers y_rows in Y's dtype."""
-    y = _scale_and_shift(centered * rstd[:, None], WEIGHT, BIAS, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
+    y = _scale_and_shift(centered * rstd[:, None], WEIGHT=WEIGHT, BIAS=BIAS, cols=cols, col_mask=col_mask,
+                         HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS)
     tl.store(y_rows + cols[None, :], y.to(y_rows.dtype.element_ty), mask=mask)
 
 
@@ -124,13 +125,15 @@ def layer_norm_forward_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
-    x = _load_input(x_rows, residual_rows, sum_rows, cols, mask, HAS_RESIDUAL, True)
+    x = _load_input(x_rows=x_rows, residual_rows=residual_rows, sum_rows=sum_rows, cols=cols, mask=mask,
+                    HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
     # mean = sum(x) / N;  var = sum((x - mean)^2) / N, both from the registers
     mean = tl.sum(x, axis=1) / n_cols
     centered = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centered * centered, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
-    _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
+    _store_output(y_rows, centered, rstd, cols=cols, mask=mask, col_mask=col_mask, WEIGHT=WEIGHT, BIAS=BIAS,
+                  HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -158,7 +161,8 @@ def layer_norm_forward_streamed_kernel(
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
-        x = _load_input(x_rows, residual_rows, sum_rows, cols, mask, HAS_RESIDUAL, True)
+        x = _load_input(x_rows=x_rows, residual_rows=residual_rows, sum_rows=sum_rows, cols=cols, mask=mask,
+                        HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=True)
         chunk_count = tl.sum((cols < n_cols).to(tl.float32), axis=0)
         chunk_mean = tl.sum(x, axis=1) / chunk_count
         chunk_centered = tl.where(mask, x - chunk_mean[:, None], 0.0)
@@ -176,9 +180,11 @@ def layer_norm_forward_streamed_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
-        x = _load_input(x_rows, residual_rows, sum_rows, cols, mask, HAS_RESIDUAL, False)
+        x = _load_input(x_rows=x_rows, residual_rows=residual_rows, sum_rows=sum_rows, cols=cols, mask=mask,
+                        HAS_RESIDUAL=HAS_RESIDUAL, STORE_SUM=False)
         centered = tl.where(mask, x - mean[:, None], 0.0)
-        _store_output(y_rows, centered, rstd, cols, mask, col_mask, WEIGHT, BIAS, HAS_WEIGHT, HAS_BIAS)
+        _store_output(y_rows, centered, rstd, cols=cols, mask=mask, col_mask=col_mask, WEIGHT=WEIGHT, BIAS=BIAS,
+                      HAS_WEIGHT=HAS_WEIGHT, HAS_BIAS=HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -237,7 +243,7 @@ def layer_norm_backward_kernel(
         mean_g = tl.sum(g, axis=1) / n_cols
         mean_g_x_hat = tl.sum(g * x_hat, axis=1) / n_cols
         dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
-        _store_dx(DSUM, DX, dx, rows, cols, mask, n_cols, HAS_DSUM)
+        _store_dx(DSUM=DSUM, DX=DX, dx=dx, rows=rows, cols=cols, mask=mask, n_cols=n_cols, HAS_DSUM=HAS_DSUM)
         # dweight += sum over rows of dy * x_hat;  dbias += sum over rows of dy
         dweight += tl.sum(dy * x_hat, axis=0)
         dbias += tl.sum(dy, axis=0)
@@ -271,8 +277,9 @@ def layer_norm_backward_streamed_kernel(
         sum_g = tl.zeros((ROWS,), dtype=tl.float32)
         sum_g_x_hat = tl.zeros((ROWS,), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
-            cols, col_mask, mask, dy, x_hat, g = _chunk_gradients(X, DY, WEIGHT, rows, row_mask, start, mean, rstd,
-                                                                  stride_x, n_cols, BLOCK_N, HAS_WEIGHT)
+            cols, col_mask, mask, dy, x_hat, g = _chunk_gradients(
+                X=X, DY=DY, WEIGHT=WEIGHT, rows=rows, row_mask=row_mask, start=start, mean=mean, rstd=rstd,
+                stride_x=stride_x, n_cols=n_cols, BLOCK_N=BLOCK_N, HAS_WEIGHT=HAS_WEIGHT)
             sum_g += tl.sum(g, axis=1)
             sum_g_x_hat += tl.sum(g * x_hat, axis=1)
         mean_g = sum_g / n_cols
@@ -281,10 +288,11 @@ def layer_norm_backward_streamed_kernel(
         # columns are read and written within one iteration; the barrier below orders one tile's writes before
         # the next tile's reads, whichever threads do them).
         for start in range(0, n_cols, BLOCK_N):
-            cols, col_mask, mask, dy, x_hat, g = _chunk_gradients(X, DY, WEIGHT, rows, row_mask, start, mean, rstd,
-                                                                  stride_x, n_cols, BLOCK_N, HAS_WEIGHT)
+            cols, col_mask, mask, dy, x_hat, g = _chunk_gradients(
+                X=X, DY=DY, WEIGHT=WEIGHT, rows=rows, row_mask=row_mask, start=start, mean=mean, rstd=rstd,
+                stride_x=stride_x, n_cols=n_cols, BLOCK_N=BLOCK_N, HAS_WEIGHT=HAS_WEIGHT)
             dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
-            _store_dx(DSUM, DX, dx, rows, cols, mask, n_cols, HAS_DSUM)
+            _store_dx(DSUM=DSUM, DX=DX, dx=dx, rows=rows, cols=cols, mask=mask, n_cols=n_cols, HAS_DSUM=HAS_DSUM)
             if COMPUTE_DWEIGHT:
                 dweight = tl.load(DWEIGHT_PARTIAL + partial_offset + cols, mask=col_mask, other=0.0)
                 tl.store(DWEIGHT_PARTIAL + partial_offset + cols, dweight + tl.sum(dy * x_hat, axis=0),

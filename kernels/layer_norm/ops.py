@@ -61,9 +61,10 @@ def _forward(x, residual, weight, bias, eps):
     kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
     with launch_device(x):
         kernel[(triton.cdiv(n_rows, tile.rows),)](
-            x, residual if residual is not None else x, s if s is not None else y, y,
-            weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
-            x.stride(0), residual.stride(0) if residual is not None else 0, n_rows, n_cols, eps,
+            X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
+            WEIGHT=weight if weight is not None else x, BIAS=bias if bias is not None else x, MEAN=mean, RSTD=rstd,
+            stride_x=x.stride(0), stride_residual=residual.stride(0) if residual is not None else 0,
+            n_rows=n_rows, n_cols=n_cols, eps=eps,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_N=tile.block_n, num_warps=tile.num_warps, **rows,
         )
@@ -89,9 +90,10 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
         kernel, rows = _kernel_for(tile, layer_norm_backward_kernel, layer_norm_backward_streamed_kernel)
         with launch_device(x):
             kernel[(programs,)](
-                dy, dsum if dsum is not None else dy, x, weight if weight is not None else x, mean, rstd, dx,
-                dweight_partial if compute_dweight else mean, dbias_partial if compute_dbias else mean,
-                x.stride(0), n_rows, n_cols,
+                DY=dy, DSUM=dsum if dsum is not None else dy, X=x, WEIGHT=weight if weight is not None else x,
+                MEAN=mean, RSTD=rstd, DX=dx, DWEIGHT_PARTIAL=dweight_partial if compute_dweight else mean,
+                DBIAS_PARTIAL=dbias_partial if compute_dbias else mean, stride_x=x.stride(0), n_rows=n_rows,
+                n_cols=n_cols,
                 HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
                 COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
                 BLOCK_N=tile.block_n, num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS, **rows,

@@ -18,8 +18,16 @@ itself. The chunk size is computed on the device from L_b, so no host ever reads
 import triton
 import triton.language as tl
 
-from .forward import _forward_inner
-from .shared import LOG2_E, attention_kernel, band_bounds, load_tile, matrix_of, program_coordinates, store_tile
+from ..attention.shared import (
+    LOG2_E,
+    attention_kernel,
+    band_bounds,
+    load_tile,
+    matrix_of,
+    online_softmax,
+    program_coordinates,
+    store_tile,
+)
 
 
 @triton.jit
@@ -69,7 +77,7 @@ def decode_append_kernel(
     ALIGNED: every tensor's pointer is 16-byte aligned and its strides multiples of 16 bytes (operands_aligned).
     """
     _, b, kv_head = program_coordinates(1, H_KV, 1)
-    n_k, valid = cache_length(CACHE_SEQLENS, b, N_Q, N_K)
+    n_k, valid = cache_length(CACHE_SEQLENS, b, n_new=N_Q, N_K=N_K)
     if valid:
         start = n_k - N_Q
         K_NEW, stride_knn = matrix_of(K_NEW, b, kv_head, 0, stride_knb, stride_knh, stride_knn, ALIGNED)
@@ -130,7 +138,7 @@ def decode_split_kernel(
     rows = block % row_blocks * BLOCK_R + tl.arange(0, BLOCK_R)
     query_of_row = rows % N_Q
     offs_d = tl.arange(0, BLOCK_D)
-    n_k, valid = cache_length(CACHE_SEQLENS, b, n_new, N_K)
+    n_k, valid = cache_length(CACHE_SEQLENS, b, n_new=n_new, N_K=N_K)
 
     # This split's keys: a contiguous chunk of whole blocks, sized from the sequence's own length, so a short
     # sequence in a long cache is still spread over every split
@@ -141,11 +149,12 @@ def decode_split_kernel(
     # need no mask; the rest of the chunk (the bottom-right diagonal, the sequence's last partial block) does
     seen_by_every_row = tl.maximum(n_k - N_Q + 1, 0) // BLOCK_N * BLOCK_N
     unmasked_end = tl.maximum(tl.minimum(seen_by_every_row, end), start)
-    first, last = band_bounds(N_Q, n_k, 0, 0)
+    first, last = band_bounds(n_q=N_Q, n_k=n_k, window_left=0, window_right=0)
 
     K, stride_kn = matrix_of(K, b, kv_head, 0, stride_kb, stride_kh, stride_kn, ALIGNED)
     V, stride_vn = matrix_of(V, b, kv_head, 0, stride_vb, stride_vh, stride_vn, ALIGNED)
-    q_rows = group_row_pointers(Q, b, kv_head, rows, group, N_Q, stride_qb, stride_qh, stride_qm, ALIGNED)
+    q_rows = group_row_pointers(Q, b=b, kv_head=kv_head, rows=rows, group=group, N_Q=N_Q, stride_b=stride_qb,
+                                stride_h=stride_qh, stride_m=stride_qm, ALIGNED=ALIGNED)
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM),
                 other=0.0)
 
@@ -156,9 +165,9 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * LOG2_E  # log2(e) folded into the scale
     for masked in tl.static_range(2):
-        acc, l_i, m_i = _forward_inner(
-            acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m=query_of_row, start_m=0, offs_d=offs_d, seed=0,
-            bh=0, dropout_p=0.0, qk_scale=qk_scale, lo=unmasked_end if masked else start,
+        acc, l_i, m_i = online_softmax(
+            acc, l_i, m_i, q, K, V, stride_kn=stride_kn, stride_vn=stride_vn, offs_m=query_of_row, start_m=0,
+            offs_d=offs_d, seed=0, bh=0, dropout_p=0.0, qk_scale=qk_scale, lo=unmasked_end if masked else start,
             hi=end if masked else unmasked_end, n_k=n_k, first=first, last=last, HEAD_DIM=HEAD_DIM,
             BLOCK_M=BLOCK_R, BLOCK_N=BLOCK_N, MASKED=masked == 1, BOUNDED_LEFT=False, BOUNDED_RIGHT=True,
             DROPOUT=False,
@@ -179,7 +188,8 @@ def decode_split_kernel(
                    HEAD_DIM)
         tl.store(LSE_SPLITS + (first_row + rows) * num_splits + split, lse, mask=rows < n_rows)
     else:
-        o_rows = group_row_pointers(O, b, kv_head, rows, group, N_Q, stride_ob, stride_oh, stride_om, ALIGNED)
+        o_rows = group_row_pointers(O, b=b, kv_head=kv_head, rows=rows, group=group, N_Q=N_Q, stride_b=stride_ob,
+                                    stride_h=stride_oh, stride_m=stride_om, ALIGNED=ALIGNED)
         tl.store(o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
 
@@ -230,6 +240,7 @@ def decode_combine_kernel(
         m_i = m_new
     # out = acc / l; a row that sees no key at all has l = 0 and acc = 0: output 0
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_rows = group_row_pointers(O, b, kv_head, rows, group, N_Q, stride_ob, stride_oh, stride_om, ALIGNED)
+    o_rows = group_row_pointers(O, b=b, kv_head=kv_head, rows=rows, group=group, N_Q=N_Q, stride_b=stride_ob,
+                                stride_h=stride_oh, stride_m=stride_om, ALIGNED=ALIGNED)
     tl.store(o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))

@@ -1,0 +1,71 @@
+"""Launch tiles of the decoding kernels: the split kernel's tile per input precision and head size, the append and
+combine kernels' blocks, and the number of splits.
+
+The split kernel holds block_m query rows of one key/value group (its query heads times the new tokens; a larger
+group takes several row blocks, each reading the group's keys, the later ones from L2) and streams block_n cached
+keys per step. Decoding computes little per byte of cache: the tiles are chosen for loads in flight (stages,
+programs per multiprocessor), not for products, so block_m is the smallest tl.dot (16; wgmma would need 64 rows per
+warpgroup, mostly padding). Each tile compiles without spills for sm_90 and sm_80, aligned operands and not, fp16,
+bf16 and fp32, one split and several (ptxas -v on a scratch compile the way bench/compile_report compiles; the
+decode kernels are not in its report). Register counts jump between tiles: head size 256 needs 8 warps, and
+misaligned operands take up to 255 registers per thread.
+"""
+
+import torch
+import triton
+
+from ..attention.tiles import Tile, block_d, precision
+
+_DECODE_TABLE = {
+    "16bit": {16: Tile(16, 64, 4, 3), 32: Tile(16, 64, 4, 3), 64: Tile(16, 64, 4, 3), 128: Tile(16, 32, 4, 3),
+              256: Tile(16, 16, 8, 3)},
+    "fp32": {16: Tile(16, 32, 4, 2), 32: Tile(16, 32, 4, 2), 64: Tile(16, 64, 4, 2), 128: Tile(16, 32, 8, 2),
+             256: Tile(16, 16, 8, 2)},
+}
+DECODE_INTERPRETER_TILE = Tile(16, 16, 1, 1)
+# New keys and values are copied into the cache this many rows per step.
+APPEND_BLOCK_R = 16
+# Splits: enough programs for DECODE_PROGRAMS_PER_MULTIPROCESSOR per multiprocessor, each with at least
+# DECODE_MIN_KEYS_PER_SPLIT of the cache's slots (fewer would spend more on writing and combining partial results
+# than on reading keys), and at most MAX_DECODE_SPLITS (FlashAttention's bound: past it the combine kernel, which
+# walks the splits one by one, costs more than the parallelism gains).
+DECODE_PROGRAMS_PER_MULTIPROCESSOR = 2
+DECODE_MIN_KEYS_PER_SPLIT = 256
+MAX_DECODE_SPLITS = 128
+# The combine kernel takes the split kernel's blocks of query rows.
+COMBINE_NUM_WARPS = 4
+# What the split count is computed for under Triton's interpreter, which has no multiprocessors.
+INTERPRETER_MULTIPROCESSORS = 4
+
+
+def decode_table_tile(head_dim, dtype):
+    """The split kernel's tile on a GPU (one table for every checked architecture). A launch the table has no tile
+    for is a LookupError naming its key."""
+    key = precision(dtype), block_d(head_dim)
+    tile = _DECODE_TABLE.get(key[0], {}).get(key[1])
+    if tile is None:
+        raise LookupError(f"no decoding tile for the launch (precision={key[0]!r}, head={key[1]!r})")
+    return tile
+
+
+def decode_tile(head_dim, dtype, device):
+    """The split kernel's tile for `device`: the table's on a GPU, small blocks under the interpreter."""
+    return decode_table_tile(head_dim, dtype) if device.type == "cuda" else DECODE_INTERPRETER_TILE
+
+
+def decode_splits(programs, n_max, multiprocessors):
+    """How many chunks each sequence's keys are cut into, from what the host knows without reading the lengths:
+    `programs` (batch x key/value heads x row blocks) per split, the cache's slots per sequence n_max and the GPU's
+    multiprocessors. A short sequence in a long cache is still spread over every split (the kernel sizes the chunks
+    from each sequence's own length)."""
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
+    return max(1, min(wanted, triton.cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
+
+
+def launch_splits(programs, n_max, device):
+    """decode_splits for `device`'s multiprocessors."""
+    if device.type == "cuda":
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        multiprocessors = INTERPRETER_MULTIPROCESSORS
+    return decode_splits(programs, n_max, multiprocessors)
