@@ -111,6 +111,16 @@ MUTANTS = [
     Mutant("transformers: any mask pattern accepted", "kernels/integrations/transformers.py",
            "if mask_function is causal_mask_function and local_size is None:", "if True:",
            ("tests/test_transformers.py", "-k", "refused")),
+    # flash-attn integration
+    Mutant("flash-attn: (batch, seqlen, heads, headdim) read as (batch, heads, seqlen, headdim)",
+           "kernels/integrations/flash_attn.py", "return t.transpose(1, 2)", "return t",
+           ("tests/test_flash_attn.py", "-k", "func_matches")),
+    Mutant("flash-attn: window_size read as (right, left)", "kernels/integrations/flash_attn.py",
+           "window=tuple(window_size)", "window=tuple(window_size)[::-1]",
+           ("tests/test_flash_attn.py", "-k", "window_size_is_left_then_right")),
+    Mutant("flash-attn: decoding several queries without causal computed causally",
+           "kernels/integrations/flash_attn.py", "if not (causal or right == 0 or seqlen_q == 1):", "if False:",
+           ("tests/test_flash_attn.py", "-k", "refused")),
 ]
 
 
