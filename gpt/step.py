@@ -143,7 +143,7 @@ def _step_modes(device, compile, cuda_graphs, reasons) -> dict:
     if measured is not None:
         default_why = f"bench.train measured this fastest on the {card}"
     elif card is not None:
-        default_why = f"the default until bench.train measures it faster on the {card}"
+        default_why = f"not yet measured faster on the {card} by bench.train"
     else:
         default_why = "the default on a CPU"
     modes = {}

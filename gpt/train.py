@@ -63,8 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     add_device_arguments(p)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="(default: triton on a CUDA GPU, else eager)")
-    p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, help="(default: triton on a CUDA GPU, else eager)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="(default: triton on a CUDA GPU, else eager; "
+                   "sdpa is torch's scaled_dot_product_attention)")
+    p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, help="(default: triton on a CUDA GPU, else eager, "
+                   "torch's nn.LayerNorm)")
     p.add_argument("--dtype", choices=DTYPES, help="autocast precision of the forward; weights stay float32 (default: "
                    "bfloat16 on a GPU with bf16, float16 with a GradScaler on one without, float32 on a CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="run the model under "

@@ -54,8 +54,7 @@ def test_defaults_on_a_gpu_with_bf16(fake_gpu):
         "backends: attention=triton, layernorm=triton (this package's kernels, the default on a CUDA GPU)",
         "precision: bfloat16 autocast, weights and optimizer state in float32 (the default on a GPU with bf16)",
         "optimizer: AdamW, fused; TF32 matmuls on (the default on CUDA)",
-        "step: compile off, CUDA graphs off (the default until bench.train measures it faster on the NVIDIA H100 "
-        "80GB HBM3)",
+        "step: compile off, CUDA graphs off (not yet measured faster on the NVIDIA H100 80GB HBM3 by bench.train)",
     ]
 
 
