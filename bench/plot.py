@@ -92,10 +92,10 @@ def plot_layernorm(plt, run, folder):
 def plot_train(plt, run, folder):
     configs = list(dict.fromkeys(r["config"] for r in run["results"]))
     fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
-    fig.suptitle(f"GPT training, {run['environment']['card']}: tokens/s (bf16 autocast)")
+    fig.suptitle(f"GPT training, {run['environment']['card']}: tokens/s of gpt-train's step")
     for ax, config in zip(axes[0], configs):
         entries = [r for r in run["results"] if r["config"] == config]
-        labels = [f"{r['backend']}{' +compile' if r['compiled'] else ''}" for r in entries]
+        labels = [f"{r['backend']}, {r['mode']}" for r in entries]
         values = [r.get("tokens_per_s", 0.0) for r in entries]
         bars = ax.bar(range(len(entries)), values, color=["black" if r["backend"] == "triton" else "tab:blue"
                                                           for r in entries])

@@ -1,7 +1,10 @@
 """The checkpoint gpt-train writes and gpt-sample reads.
 
 A checkpoint is one `torch.save`d dict: "config" (the GPTConfig as a dict), "model" (the state dict), "optimizer"
-(AdamW's state), "step", "vocab" (the tokenizer's characters), "args" (the run's arguments) and "losses".
+(AdamW's state), "step", "vocab" (the tokenizer's characters), "args" (the run's arguments) and "losses"; and
+"scaler", the fp16 GradScaler's state (empty for other precisions; absent from older checkpoints). The weights and
+AdamW's state are float32 whatever the backends and the autocast precision, so a checkpoint resumes or samples
+under any of them.
 """
 
 import os

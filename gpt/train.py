@@ -4,11 +4,17 @@
     gpt-train --preset reference --data input.txt         # the reference model, on a GPU
     torchrun --nproc_per_node=4 -m gpt.train --preset reference
 
+On a CUDA GPU it trains fast by default: this package's Triton kernels, bf16 autocast (fp16 with a GradScaler where
+the card has no bf16), fused AdamW and TF32; on a CPU, the eager modules in fp32. --attention, --layernorm, --dtype,
+--compile and --cuda-graphs override the defaults, and the first log lines say what was chosen and why
+(gpt/step.py). The log reports tokens/s, and MFU on a GPU it knows (gpt/throughput.py).
+
 Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel: every rank draws its own
 batches, gradients are averaged by DDP, and only rank 0 logs, evaluates, writes checkpoints and samples.
 """
 
 import argparse
+import contextlib
 import gc
 import inspect
 import math
@@ -25,11 +31,12 @@ import torch.distributed.nn  # noqa: F401  imported before any process group exi
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from gpt.cli import (add_device_arguments, check_device_arguments, default_device, exit_with_error, resolve_backends,
-                     set_cpu_threads)  # fmt: skip
+from gpt.cli import add_device_arguments, check_device_arguments, default_device, exit_with_error, set_cpu_threads
 from gpt.data import CharTokenizer, TextDataset, load_text
 from gpt.model import ATTENTION_BACKENDS, GPT, LAYERNORM_BACKENDS, GPTConfig
 from gpt.sample import default_prompt, sample_text
+from gpt.step import DTYPES, SettingsError, TrainStep, load_optimizer_state, make_optimizer, resolve_settings
+from gpt.throughput import SpeedReport, Throughput
 
 # Values a preset sets; any flag given explicitly on the command line overrides them.
 PRESETS = {
@@ -56,8 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     add_device_arguments(p)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="eager")
-    p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, default="eager")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="(default: triton on a CUDA GPU, else eager; "
+                   "sdpa is torch's scaled_dot_product_attention)")
+    p.add_argument("--layernorm", choices=LAYERNORM_BACKENDS, help="(default: triton on a CUDA GPU, else eager, "
+                   "torch's nn.LayerNorm)")
+    p.add_argument("--dtype", choices=DTYPES, help="autocast precision of the forward; weights stay float32 (default: "
+                   "bfloat16 on a GPU with bf16, float16 with a GradScaler on one without, float32 on a CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="run the model under "
+                   "torch.compile(fullgraph=True) (default: off until bench.train measures it faster on the card)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, help="capture the whole training step as "
+                   "one CUDA graph and replay it (default: off until bench.train measures it faster on the card)")
     p.add_argument("--n-embd", type=int)
     p.add_argument("--n-head", type=int)
     p.add_argument("--n-layer", type=int)
@@ -158,16 +173,6 @@ def wrap_ddp(model: GPT, device: torch.device) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=device_ids, **{no_buffer_sync: False})
 
 
-def train_step(model, optimizer, x, y) -> torch.Tensor:
-    """One optimizer step on the batch (x, y); returns this rank's loss, detached.
-    With a DDP-wrapped model, backward averages the gradients across ranks."""
-    _, loss = model(x, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.distributed:
         value = value.clone()
@@ -183,8 +188,10 @@ def batch_generator(seed: int, runtime: Runtime, step: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int, device, seed: int) -> dict:
-    """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation."""
+def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int, device, seed: int,
+                  autocast=contextlib.nullcontext) -> dict:  # fmt: skip
+    """Mean loss over `eval_iters` batches of each split; the same batches at every evaluation. `autocast()` is the
+    training step's autocast context."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     losses = {}
@@ -192,7 +199,8 @@ def estimate_loss(model, dataset: TextDataset, batch_size: int, eval_iters: int,
         total = 0.0
         for _ in range(eval_iters):
             x, y = dataset.get_batch(split, batch_size, device, generator)
-            total += model(x, y)[1].item()
+            with autocast():
+                total += model(x, y)[1].item()
         losses[split] = total / eval_iters
     model.train()
     return losses
@@ -220,19 +228,21 @@ class StopOnCtrlC:
 class ProgressBar:
     """One line on stderr, redrawn in place with a carriage return (at most ~10 times a second)."""
 
-    def __init__(self, total: int, start: int = 0, width: int = 30):
-        self.total, self.start, self.width = total, start, width
-        self.started = self.last_draw = time.perf_counter()
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width = total, width
+        self.last_draw = time.perf_counter()
         self.line = ""
 
-    def update(self, step: int, loss: float, force: bool = False):
+    def update(self, step: int, loss: float, speed: str = ""):
+        """Redraw with the step, the loss and `speed` (tokens/s) when the last redraw is 0.1 s old or it is the
+        last step."""
         now = time.perf_counter()
-        if not force and now - self.last_draw < 0.1 and step < self.total:
+        if now - self.last_draw < 0.1 and step < self.total:
             return
         self.last_draw = now
         filled = self.width * step // max(self.total, 1)
-        rate = (step - self.start) / max(now - self.started, 1e-9)
-        self._draw(f"{step}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] loss {loss:.4f} {rate:.1f} it/s")
+        speed = f", {speed}" if speed else ""
+        self._draw(f"{step}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] loss {loss:.4f}{speed}")
 
     def write(self, message: str):
         """Print a log line on stdout without leaving a half-drawn bar behind it."""
@@ -278,13 +288,18 @@ def train(args: argparse.Namespace) -> dict:
 def _train(args, runtime: Runtime) -> dict:
     log = print if runtime.is_main else (lambda *a, **k: None)
     checkpoint_path = Path(args.out_dir) / CHECKPOINT_NAME
-    attention, layernorm = resolve_backends(args.attention, args.layernorm, runtime.device, log)
+    try:
+        settings = resolve_settings(runtime.device, args.attention, args.layernorm, args.dtype, args.compile,
+                                    args.cuda_graphs, log_fallback=log)  # fmt: skip
+    except SettingsError as e:
+        raise InputError(e) from e
 
     try:
         checkpoint = load_checkpoint(checkpoint_path, runtime.device) if args.resume else None
         if checkpoint is not None:
             # The checkpoint fixes the model's shape, its vocabulary and (unless --data says otherwise) its text.
-            config = GPTConfig(**{**checkpoint["config"], "attention": attention, "layernorm": layernorm})
+            config = GPTConfig(**{**checkpoint["config"], "attention": settings.attention,
+                                  "layernorm": settings.layernorm})  # fmt: skip
             tokenizer = CharTokenizer(checkpoint["vocab"])
             data_path = args.data if args.data is not None else checkpoint["args"].get("data")
             start_step = checkpoint["step"]
@@ -299,20 +314,23 @@ def _train(args, runtime: Runtime) -> dict:
         raise InputError(e) from e
     tokenizer = dataset.tokenizer
     if config is None:
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, attention=attention, layernorm=layernorm,
-                           **{k: getattr(args, k) for k in MODEL_KEYS})  # fmt: skip
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, attention=settings.attention,
+                           layernorm=settings.layernorm, **{k: getattr(args, k) for k in MODEL_KEYS})  # fmt: skip
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = GPT(config).to(runtime.device)
+    model = GPT(config).to(runtime.device)  # float32 weights, whatever the autocast precision
     model.check_token_ids = False  # the batches are the tokenizer's: no device sync per step to re-check them
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = make_optimizer(model, args.lr, settings)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
     torch.manual_seed(args.seed + runtime.rank)  # dropout masks differ per rank
-    trained = wrap_ddp(model, runtime.device) if runtime.distributed else model
+    wrap = (lambda module: wrap_ddp(module, runtime.device)) if runtime.distributed else None
+    train_step = TrainStep(model, optimizer, settings, runtime.device, wrap=wrap)
+    if checkpoint is not None and checkpoint.get("scaler") and train_step.scaler.is_enabled():
+        train_step.scaler.load_state_dict(checkpoint["scaler"])
+    speed = SpeedReport(model, runtime.device, runtime.world_size)
+    throughput = Throughput(args.batch_size * config.block_size * runtime.world_size)
 
     threads = torch.get_num_threads()
     device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
@@ -321,7 +339,9 @@ def _train(args, runtime: Runtime) -> dict:
     resume_note = f" (resumed from {checkpoint_path})" if checkpoint is not None else ""
     corpus = data_path or "Python standard library sources"
     log(f"device: {runtime.device} ({device_name}){ddp_note}")
-    log(f"backends: attention={config.attention}, layernorm={config.layernorm}")
+    for line in settings.describe():
+        log(line)
+    log(speed.basis())
     log(f"data: {corpus} ({len(text):,} characters, vocabulary {tokenizer.vocab_size})")
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, n_layer={config.n_layer}, n_head={config.n_head}, "
         f"n_embd={config.n_embd}, block_size={config.block_size}, dropout={config.dropout}")  # fmt: skip
@@ -331,39 +351,53 @@ def _train(args, runtime: Runtime) -> dict:
     def make_checkpoint(step, losses):
         run_args = {**vars(args), "data": data_path}  # a resumed run reads the same text again
         return {"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "vocab": tokenizer.chars, "args": run_args, "losses": losses}  # fmt: skip
+                "scaler": train_step.scaler.state_dict(), "step": step, "vocab": tokenizer.chars, "args": run_args,
+                "losses": losses}  # fmt: skip
+
+    def speed_note():
+        rate = throughput.recent_tokens_per_s()
+        return "" if rate is None else speed.describe(rate)
 
     history = []
-    bar = ProgressBar(args.max_iters, start_step) if runtime.is_main else None
+    bar = ProgressBar(args.max_iters) if runtime.is_main else None
     step = start_step
     last_checkpoint = start_step if checkpoint is not None else None
     with StopOnCtrlC() as ctrl_c:
         while True:
             if runtime.is_main and (step % args.eval_interval == 0 or step >= args.max_iters):
-                losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed)
+                losses = estimate_loss(model, dataset, args.batch_size, args.eval_iters, runtime.device, args.seed,
+                                       autocast=lambda: settings.autocast(runtime.device.type))  # fmt: skip
                 history.append((step, losses))
-                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                note = speed_note()
+                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                          + (f"; {note}" if note else ""))  # fmt: skip
                 if step > start_step:
                     save_checkpoint(make_checkpoint(step, losses), checkpoint_path)
                     last_checkpoint = step
+                throughput.restart()  # evaluating and writing the checkpoint are not training time
             if step >= args.max_iters:
                 break
             generator = batch_generator(args.seed, runtime, step)
             x, y = dataset.get_batch("train", args.batch_size, runtime.device, generator)
-            loss = train_step(trained, optimizer, x, y)
+            loss = train_step(x, y)
             stop_request = torch.tensor(float(ctrl_c.requested), device=loss.device)
             loss, stop_votes = mean_across_ranks(torch.stack([loss, stop_request]), runtime).tolist()
             step += 1
+            throughput.step_done(timed=not train_step.warming_up)
             if not math.isfinite(loss):  # the same value on every rank, so every rank stops
                 raise FloatingPointError(f"loss became {loss} at step {step}; try a lower --lr")
             if runtime.is_main:
-                bar.update(step, loss)
+                bar.update(step, loss, speed_note())
             if stop_votes > 0 and step < args.max_iters:  # on the last step, finishing is as quick as stopping
                 break
     interrupted = step < args.max_iters
 
     if runtime.is_main:
         bar.close()
+        rate = throughput.overall_tokens_per_s()
+        if rate is not None:
+            log(f"speed: {speed.describe(rate)}, over the {throughput.timed_steps} timed steps (evaluation and the "
+                f"warm-up steps left out)")  # fmt: skip
         if interrupted and last_checkpoint is None:
             print(f"interrupted at step {step}, before the first checkpoint (due at step {args.eval_interval}): "
                   f"nothing was saved", file=sys.stderr)  # fmt: skip
@@ -375,7 +409,7 @@ def _train(args, runtime: Runtime) -> dict:
     if runtime.distributed:
         dist.barrier()  # every rank leaves the group at once (NCCL's teardown is collective in some versions)
     return {"history": history, "checkpoint": checkpoint_path, "model": model, "tokenizer": tokenizer,
-            "interrupted": interrupted}  # fmt: skip
+            "interrupted": interrupted, "settings": settings}  # fmt: skip
 
 
 def main(argv=None):

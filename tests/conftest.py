@@ -114,3 +114,16 @@ def poisoned_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Makes torch's device queries answer as on a machine with a CUDA GPU, without one: fake_gpu(bf16=...,
+    name=...) sets whether the card has bf16 and its name. Only the queries are stubbed: nothing may run on it."""
+
+    def install(bf16=True, name="NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install

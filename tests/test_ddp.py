@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 
 from gpt.checkpoint import load_checkpoint
 from gpt.model import GPT, GPTConfig
-from gpt.train import leave_process_group, mean_across_ranks, setup_runtime, train_step, wrap_ddp
+from gpt.step import TrainStep, resolve_settings
+from gpt.train import leave_process_group, mean_across_ranks, setup_runtime, wrap_ddp
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -48,9 +49,9 @@ def one_step(optimizer_name, x, y, ddp_device=None):
     """A fresh model (seed 0) after one optimizer step on (x, y); DDP-wrapped when ddp_device is given."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG))
-    trained = wrap_ddp(model, ddp_device) if ddp_device is not None else model
-    loss = train_step(trained, OPTIMIZERS[optimizer_name](model.parameters()), x, y)
-    return model, loss
+    wrap = (lambda module: wrap_ddp(module, ddp_device)) if ddp_device is not None else None
+    step = TrainStep(model, OPTIMIZERS[optimizer_name](model.parameters()), resolve_settings("cpu"), "cpu", wrap=wrap)
+    return model, step(x, y)
 
 
 def gloo_threads() -> list[str]:
@@ -115,13 +116,16 @@ def write_text(tmp_path) -> Path:
     return data
 
 
-def test_torchrun_trains_with_rank_0_logging_and_checkpointing(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-mode", "compile"])
+def test_torchrun_trains_with_rank_0_logging_and_checkpointing(tmp_path, compiled):
+    """Also with --compile: each rank compiles the model inside its DDP wrapper."""
     command = torchrun_command(write_text(tmp_path), tmp_path / "out", "--max-iters", "4", "--eval-interval", "2",
-                               "--sample-tokens", "10")  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=TORCHRUN_ENV, timeout=300)
+                               "--sample-tokens", "10", *(["--compile"] if compiled else []))  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=TORCHRUN_ENV, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stderr, result.stderr
     assert f"DDP over {WORLD_SIZE} ranks" in result.stdout
+    assert f"step: compile {'on' if compiled else 'off'}" in result.stdout
     assert result.stdout.count("---- sample ----") == 1 and result.stdout.count("step 4: train loss") == 1
     assert os.listdir(tmp_path / "out") == ["ckpt.pt"]
     assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 4

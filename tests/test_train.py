@@ -1,9 +1,11 @@
 """gpt-train and gpt-sample: a tiny run lowers the loss, checkpoints round-trip, resume continues exactly (also
-after Ctrl-C), checkpoint writes are atomic, the sample CLI prints text, Triton falls back to eager without a GPU,
-and bad input is one line."""
+after Ctrl-C, across precisions, and with a GPU run's optimizer options), checkpoint writes are atomic, --compile
+trains and resumes, the log reports tokens/s and MFU over training steps only, the sample CLI prints text, Triton
+falls back to eager without a GPU, and bad input is one line."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,13 @@ import pytest
 import torch
 from conftest import DEVICE
 
+import gpt.train
+from gpt import throughput
 from gpt.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from gpt.data import CharTokenizer
 from gpt.model import GPT, GPTConfig
 from gpt.sample import main as sample_main
+from gpt.step import TrainStep
 from gpt.train import PRESETS, InputError, parse_args, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,9 +155,129 @@ def test_triton_falls_back_to_eager_on_cpu(data_file, tmp_path, capsys):
 def test_training_logs_and_progress_bar(data_file, tmp_path, capsys):
     tiny_run(data_file, tmp_path, "cpu", "--max-iters", "3", "--eval-interval", "3", "--eval-iters", "1")
     captured = capsys.readouterr()
-    assert "device: cpu" in captured.out and "backends: attention=eager" in captured.out
-    assert "step 3: train loss" in captured.out and "---- sample ----" in captured.out
-    assert "\r3/3 [" in captured.err and "loss" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("device: cpu (CPU, ")
+    assert lines[1:6] == [
+        "backends: attention=eager, layernorm=eager (the reference modules, the default on a CPU, where Triton runs "
+        "only interpreted)",
+        "precision: float32 (the default on a CPU)",
+        "optimizer: AdamW, not fused; TF32 matmuls off (fused AdamW and TF32 are used on CUDA only)",
+        "step: compile off, CUDA graphs off (the default on a CPU)",
+        "speed: tokens/s (MFU is reported on a GPU only)",
+    ]
+    assert re.search(r"^step 3: train loss [\d.]+, val loss [\d.]+; [\d,]+ tokens/s$", captured.out, re.MULTILINE)
+    assert re.search(r"^speed: [\d,]+ tokens/s, over the 2 timed steps", captured.out, re.MULTILINE)
+    assert "---- sample ----" in captured.out
+    assert re.search(r"\r3/3 \[#+\] loss [\d.]+, [\d,]+ tokens/s", captured.err)
+
+
+class FakeClock:
+    """time.perf_counter's stand-in: the time moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_log_reports_tokens_per_s_and_mfu_of_training_steps_only(data_file, tmp_path, monkeypatch, capsys):
+    """With a stand-in clock: the warm-up step takes 100 s, each evaluation 1000 s, every other step a time chosen
+    to be 25% of an H100's peak (the card's name stubbed). The log's tokens/s and MFU are those steps' alone, in the
+    periodic lines (the rolling window) and in the final summary."""
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    monkeypatch.setattr(throughput, "card_name", lambda device: "NVIDIA H100 80GB HBM3")
+    model = GPT(GPTConfig(vocab_size=len(set(TEXT)), n_embd=16, n_head=2, n_layer=1, block_size=16))
+    tokens_per_step = 16 * 16
+    step_s = tokens_per_step * throughput.flops_per_token(model) / (0.25 * 989e12)
+    real_step, real_evaluation = TrainStep.__call__, gpt.train.estimate_loss
+
+    def timed_step(self, x, y):
+        loss = real_step(self, x, y)
+        clock.now += 100.0 if self.warming_up else step_s
+        return loss
+
+    def timed_evaluation(*args, **kwargs):
+        clock.now += 1000.0
+        return real_evaluation(*args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", timed_step)
+    monkeypatch.setattr(gpt.train, "estimate_loss", timed_evaluation)
+    tiny_run(data_file, tmp_path, "cpu", "--max-iters", "6", "--eval-interval", "3", "--eval-iters", "1")
+    out = capsys.readouterr().out
+    assert "speed: tokens/s and MFU" in out and "against the NVIDIA H100 80GB HBM3's peak bf16 rate, 989 TFLOP/s" in out
+    reported = re.findall(r"^(step 3|step 6|speed): .*?([\d,]+) tokens/s, MFU ([\d.]+)%", out, re.MULTILINE)
+    assert [where for where, _, _ in reported] == ["step 3", "step 6", "speed"], out
+    for _, rate, mfu in reported:
+        assert float(rate.replace(",", "")) == pytest.approx(tokens_per_step / step_s, rel=1e-3)  # the clock's ulp
+        assert mfu == "25.0"
+    assert "over the 5 timed steps" in out
+
+
+def test_checkpoints_move_between_precisions(data_file, tmp_path):
+    """Written under bf16 autocast, a checkpoint holds float32 weights and AdamW state: it loads into an fp32 model
+    and gives the trained model's logits, and it resumes in fp32; one written in fp32 resumes under bf16; and a bf16
+    run resumed in bf16 is the run never interrupted."""
+    schedule = ["--eval-interval", "10", "--eval-iters", "2"]
+
+    def run(out_dir, dtype, max_iters, *extra):
+        return tiny_run(data_file, tmp_path / out_dir, "cpu", "--dtype", dtype, "--max-iters", str(max_iters),
+                        *schedule, *extra)  # fmt: skip
+
+    written = run("bf16", "bfloat16", 10)
+    checkpoint = load_checkpoint(written["checkpoint"])
+    assert checkpoint["args"]["dtype"] == "bfloat16"
+    moments = [t for state in checkpoint["optimizer"]["state"].values() for t in state.values()]
+    assert {t.dtype for t in [*checkpoint["model"].values(), *moments] if t.is_floating_point()} == {torch.float32}
+    fp32_model = GPT(GPTConfig(**checkpoint["config"])).eval()
+    fp32_model.load_state_dict(checkpoint["model"])
+    idx = torch.tensor([CharTokenizer(checkpoint["vocab"]).encode("the lazy dog")])
+    torch.testing.assert_close(fp32_model(idx)[0], written["model"].eval()(idx)[0], rtol=0, atol=0)
+
+    shutil.copytree(tmp_path / "bf16", tmp_path / "bf16-then-fp32")
+    run("fp32", "float32", 10)
+    straight = run("bf16-straight", "bfloat16", 20)
+    for out_dir, dtype in [("bf16-then-fp32", "float32"), ("fp32", "bfloat16"), ("bf16", "bfloat16")]:
+        resumed = run(out_dir, dtype, 20, "--resume")
+        (_, at_10), (_, at_20) = resumed["history"]
+        assert at_20["val"] < at_10["val"], (out_dir, resumed["history"])
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_takes_this_runs_optimizer_options(data_file, tmp_path):
+    """A checkpoint holds AdamW's options where it was written: fused on a GPU, capturable under CUDA graphs.
+    Resumed on a CPU, the run takes its own options, keeps the moments and step counts, and goes on exactly."""
+    target = ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2"]
+    straight = tiny_run(data_file, tmp_path / "straight", "cpu", *target)
+    written = tiny_run(data_file, tmp_path / "gpu", "cpu", "--max-iters", "10", "--eval-interval", "10")
+    checkpoint = load_checkpoint(written["checkpoint"])
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group.update(fused=True, capturable=True)  # as a CUDA-graph run on a GPU saves them
+    save_checkpoint(checkpoint, written["checkpoint"])
+    resumed = train(parse_args(["--out-dir", str(tmp_path / "gpu"), "--device", "cpu", *TINY, *target, "--resume"]))
+    for (name, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for group in load_checkpoint(resumed["checkpoint"])["optimizer"]["param_groups"]:
+        assert not group["fused"] and not group["capturable"]  # what this run used (and now saved)
+
+
+def test_compile_trains_and_resumes(data_file, tmp_path, capsys):
+    """--compile on CPU (Inductor; eager backends there): a run stopped and resumed under compile ends where the
+    eager run ends, up to the rounding of fused arithmetic."""
+    target = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2"]
+    torch._dynamo.reset()
+    try:
+        eager = tiny_run(data_file, tmp_path / "eager", "cpu", *target)
+        tiny_run(data_file, tmp_path / "compiled", "cpu", "--compile", "--max-iters", "3", "--eval-interval", "3")
+        resumed = train(parse_args(["--out-dir", str(tmp_path / "compiled"), "--device", "cpu", *TINY, *target,
+                                    "--compile", "--resume"]))  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert "step: compile on (as requested), CUDA graphs off (the default on a CPU)" in capsys.readouterr().out
+    for (name, a), b in zip(eager["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_presets_and_explicit_flags():
@@ -216,6 +341,7 @@ BAD_INPUT = {
     "sample-tpu": ("gpt.sample", "--device tpu", "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     "no-threads": ("gpt.train", "--data {data} --threads 0", "--threads must be positive, got 0"),
     "sample-no-threads": ("gpt.sample", "--threads 0", "--threads must be positive, got 0"),
+    "cuda-graphs-on-cpu": ("gpt.train", "--data {data} --device cpu --cuda-graphs", "--cuda-graphs needs a CUDA GPU"),
 }
 
 
