@@ -878,7 +878,7 @@ def launch_table(phases):
             products = f"{sum(launch.flops.values()) / p.pair_flops:.2f}" if p.pair_flops else ""
             operands = ", ".join(
                 f"{name} {_ratio(o['loaded'] + o['stored'], p.needed)} ({_ratio(o['read'] + o['written'], p.needed)})"
-                for name, o in sorted(launch.operands.items(), key=lambda item: -sum(item[1].values())))
+                for name, o in sorted(launch.operands.items(), key=lambda item: (-sum(item[1].values()), item[0])))
             lines.append(f"| {p.op} | {p.case} | {launch.kernel} | {grid} | {launch.tile} | "
                          f"{_ratio(launch.moved, p.needed)} | {_ratio(launch.distinct, p.needed)} | {products} | "
                          f"{operands} |")
