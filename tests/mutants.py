@@ -82,6 +82,12 @@ MUTANTS = [
            ("tests/test_layer_norm.py",)),
     Mutant("dweight from the first program's rows only", "kernels/layer_norm/ops.py",
            "dweight = dweight_partial.sum(0)", "dweight = dweight_partial[0]", ("tests/test_layer_norm.py",)),
+    # The work counter (bench/workcount.py)
+    Mutant("work counter: masked-out elements counted as moved", "bench/workcount.py",
+           "addresses = addresses[np.broadcast_to(mask, addresses.shape)]", "addresses = addresses.ravel()",
+           ("tests/test_workcount.py",)),
+    Mutant("work counter: padding pairs counted as visible", "bench/workcount.py", "visible = ~padding",
+           "visible = np.ones_like(padding)", ("tests/test_workcount.py", "-k", "attention")),
     # Model and data
     Mutant("attention block without its residual", "gpt/model.py", "x = x + self.sa(self.ln1(x), cache)",
            "x = self.sa(self.ln1(x), cache)", ("tests/test_model.py",)),

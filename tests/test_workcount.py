@@ -1,0 +1,118 @@
+"""bench.workcount's counts on launches whose answer is known exactly: a masked copy (bytes moved and distinct), one
+tl.dot (FLOPs), torch-side ops, the attention forward at an sm_90 tile (its (query, key) pairs by kind), and the
+LayerNorm extrapolation against a direct count."""
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+if torch.cuda.is_available():  # the kernels are compiled for the GPU in this session, not interpreted
+    pytest.skip("bench.workcount counts the kernels under Triton's CPU interpreter", allow_module_level=True)
+
+from bench import workcount  # noqa: E402
+from kernels.attention import tiles as attention_tiles  # noqa: E402
+
+
+@triton.jit
+def _pair_sum_kernel(X, Y, n, BLOCK: tl.constexpr):
+    """Y[i] = X[i] + X[i + BLOCK] (0 past n) for the BLOCK elements of each program: X[i] is read by two programs."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(X + offsets, mask=offsets < n, other=0.0)
+    b = tl.load(X + offsets + BLOCK, mask=offsets + BLOCK < n, other=0.0)
+    tl.store(Y + offsets, a + b, mask=offsets < n)
+
+
+@triton.jit
+def _product_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    """C = A @ B for one row-major (M, K) x (K, N) tile, in fp32."""
+    rows, columns, inner = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + rows[:, None] * K + inner[None, :])
+    b = tl.load(B + inner[:, None] * N + columns[None, :])
+    tl.store(C + rows[:, None] * N + columns[None, :], tl.dot(a, b))
+
+
+def test_masked_loads_count_only_their_true_elements_and_distinct_bytes_count_each_byte_once():
+    n, block = 100, 32
+    x = torch.randn(n, dtype=torch.float16)
+    y = torch.empty_like(x)
+    with workcount.record() as recording:
+        _pair_sum_kernel[(triton.cdiv(n, block),)](x, y, n, BLOCK=block)
+    (launch,) = recording.launches
+    assert launch.kernel == "_pair_sum_kernel" and launch.grid == (4, 1, 1)
+    # a: elements 0..99 once; b: elements 32..99 (offsets + 32 < 100) once more; 2 bytes each
+    assert launch.operands["X"] == {"loaded": (100 + 68) * 2, "stored": 0, "read": 100 * 2, "written": 0}
+    assert launch.operands["Y"] == {"loaded": 0, "stored": 100 * 2, "read": 0, "written": 100 * 2}
+    assert launch.moved == 536 and launch.distinct == 400
+    torch.testing.assert_close(y[:68], x[:68] + x[32:])
+
+
+def test_a_product_counts_2_m_n_k_flops():
+    m, n, k = 16, 32, 64
+    a, b = torch.randn(m, k, dtype=torch.float16), torch.randn(k, n, dtype=torch.float16)
+    c = torch.empty(m, n)
+    with workcount.record() as recording:
+        _product_kernel[(1,)](a, b, c, M=m, N=n, K=k)
+    (launch,) = recording.launches
+    assert launch.flops == {"unclassified": 2 * m * n * k}  # no attention operands: pairs not classified
+    assert launch.moved == (m * k + k * n) * 2 + m * n * 4
+
+
+def test_torch_side_ops_read_their_inputs_and_write_their_outputs_once():
+    x = torch.randn(4, 8)  # 128 bytes
+    with workcount.record() as recording:
+        partial = torch.zeros(4, 8)  # written, not read
+        total = x.sum(0)  # 128 read, 32 written
+        partial.copy_(x)  # 128 read, 128 written (the destination is not read)
+        x.view(-1), x.transpose(0, 1), torch.empty(1000)  # views and allocations move nothing
+        total.to(torch.float16)  # 32 read, 16 written
+    assert [(w.op, w.read, w.written) for w in recording.torch_work] == [
+        ("zeros", 0, 128), ("sum", 128, 32), ("copy_", 128, 128), ("_to_copy", 32, 16)]
+
+
+def _whole_block_pairs(n, block_m, block_n):
+    """The (query, key) pairs of a causal forward over N = n that computes each query block against whole key
+    blocks up to its last row's key: (visible, masked, padding), padding being a query or key index >= n."""
+    visible = masked = padding = 0
+    for start_m in range(0, n, block_m):
+        queries = np.arange(start_m, start_m + block_m)
+        last_key = min(start_m + block_m, n) - 1
+        keys = np.arange(0, (last_key // block_n + 1) * block_n)
+        past_end = (queries[:, None] >= n) | (keys[None, :] >= n)
+        seen = ~past_end & (keys[None, :] <= queries[:, None])
+        visible += seen.sum()
+        padding += past_end.sum()
+        masked += seen.size - seen.sum() - past_end.sum()
+    return visible, masked, padding
+
+
+def test_attention_forward_at_the_sm90_tile_counts_its_pairs_by_kind():
+    n, d = 100, 64
+    case = workcount.AttentionCase(batch=1, heads=1, n=n, head_dim=d)
+    forward, _ = workcount.run_attention(case)
+    (launch,) = forward.launches
+    tile = attention_tiles.table_tile("forward", d, torch.float16, False, 90, True)
+    assert launch.tile.startswith(f"BLOCK_M {tile.block_m}, BLOCK_N {tile.block_n}")
+    # At the 64 x 64 tile: query block 0 against key block 0; query block 1 (rows 64..99 real) against key blocks
+    # 0 and 1 (keys 64..99 real): 3 x 4096 pairs, of which 100 * 101 / 2 = 5050 visible and 28 * 64 + 64 * 64 -
+    # 36 * 36 = 4592 padding.
+    visible, masked, padding = _whole_block_pairs(n, tile.block_m, tile.block_n)
+    if (tile.block_m, tile.block_n) == (64, 64):
+        assert (visible, masked, padding) == (5050, 2646, 4592)
+    per_pair = 2 * 2 * d  # Q K^T and P V, 2 * d FLOPs each
+    assert launch.flops == {"visible": visible * per_pair, "masked": masked * per_pair, "padding": padding * per_pair}
+    assert forward.products("visible") == 2.0
+    # every input read and every output written at least once, nothing else: distinct = needed
+    rows = n * d * 2
+    assert launch.distinct == forward.needed == 4 * rows + 4 * n
+
+
+def test_layer_norm_extrapolated_to_more_rows_and_multiprocessors_counts_what_a_direct_run_counts():
+    width, rows, multiprocessors = 1100, 96, 4  # streamed backward rows, 6 per program
+    direct = workcount.run_norm("layer_norm", width, rows, multiprocessors)
+    extrapolated = workcount._norm_at_scale("layer_norm", width, [rows], multiprocessors)
+    for measured, predicted in zip(direct, extrapolated):
+        assert [(launch.kernel, launch.grid, launch.operands) for launch in predicted.launches] == [
+            (launch.kernel, launch.grid, launch.operands) for launch in measured.launches]
+        assert predicted.torch_work == measured.torch_work and predicted.needed == measured.needed
