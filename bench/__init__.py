@@ -9,4 +9,6 @@ GPU commands (each refuses plainly on a machine without CUDA):
 CPU commands:
     python -m bench.compile_report  registers / spills / shared memory / wgmma of every shipped kernel config
     python -m bench.plot DIR        PNG plots from the JSON a GPU run wrote (needs matplotlib)
+    python -m bench.workcount       bytes moved / distinct bytes / matrix products per launch at sm_90 launch
+                                    parameters, as ratios to the minimum (Triton's interpreter)
 """
