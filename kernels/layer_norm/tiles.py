@@ -1,5 +1,16 @@
-"""Tile shapes of the LayerNorm kernels, from the row width: rows per program, columns per tile, whether a row is
-streamed in chunks (the streamed kernels), and warps."""
+"""Launch tiles of the LayerNorm kernels, one TileTable keyed by direction, precision and width, and the grids.
+
+    direction   "forward", "backward" (both passes of a streamed backward share its tile), or "partials_sum"
+                (the backward's final reduction of the dweight / dbias partial rows)
+    precision   "16bit" (fp16, bf16) or "fp32"
+    width       the row width padded to a power of two, up to the widest row the direction holds on chip for the
+                precision (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
+
+A tile is (rows, block_n, num_warps, programs_per_sm): rows per register tile (for partials_sum: partial rows
+loaded per step), columns per tile (a streamed row's chunk, or column tile), warps, and the programs of the
+persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills, with aligned
+operands and without (the compile report); the on-chip limits are where the next width up spilled.
+"""
 
 import functools
 from collections import namedtuple
@@ -7,51 +18,82 @@ from collections import namedtuple
 import torch
 import triton
 
-Tile = namedtuple("Tile", "rows block_n streamed num_warps")
+from .._tiles import TileRule, TileTable
+from ..attention.tiles import precision
 
-# Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is streamed in
-# chunk-wide tiles), the elements a tile of narrow rows aims for, and the elements each thread holds (which sets
-# the warps). The backward keeps more values live per element, so its tiles are smaller. Sized so that every
-# tile compiles for sm_80 and sm_90 without register spills, with aligned operands and without (the compile
-# report; streamed fp16 rows in 4096-wide tiles of 8 warps spill on sm_90 when misaligned).
-_FORWARD = dict(max_block=8192, chunk=8192, tile_elements=4096, elements_per_thread=16)
-_BACKWARD = dict(max_block=1024, chunk=2048, tile_elements=2048, elements_per_thread=8)
-MAX_ROWS_PER_PROGRAM = 16
-# Programs of the backward: a few per SM on a GPU, so dweight and dbias have few partial rows to sum.
-BACKWARD_PROGRAMS_PER_SM = 4
-BACKWARD_PROGRAMS_ON_CPU = 4
+Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
+
+# The widest row each direction holds in registers, per precision. The backward holds more per column (the weight
+# and the dweight / dbias partial sums across all its rows, besides the row of x and dy) than the forward (the
+# weight and bias, besides the row).
+MAX_ON_CHIP_WIDTH = {
+    ("forward", "16bit"): 16384, ("forward", "fp32"): 8192,
+    ("backward", "16bit"): 8192, ("backward", "fp32"): 4096,
+}
+# What the grids are sized for under Triton's interpreter, which has no multiprocessors.
+INTERPRETER_MULTIPROCESSORS = 2
 # Offsets in the kernels are 32-bit (64-bit row offsets cost registers and spills), so a tensor holds fewer
 # elements than this.
 MAX_ELEMENTS = 2**31
-# A width of each class the tiles tell apart: several rows per tile (384, the decoder's), the backward's widest
-# tile (1024), one row per forward tile and streamed backward rows (4096, and 8192: the forward's widest tile),
-# streamed in both directions (65536). The compile report compiles these.
-SHIPPED_WIDTHS = (384, 1024, 4096, 8192, 65536)
 
 
-def _tile(n_cols, max_block, chunk, tile_elements, elements_per_thread):
-    """A row of at most max_block elements is one tile row; narrow rows are stacked up to tile_elements per
-    tile. A wider row is streamed in chunk-wide tiles, one row at a time. The warps give each thread about
-    elements_per_thread elements, between 1 and 16 warps."""
-    if n_cols <= max_block:
-        block_n = triton.next_power_of_2(n_cols)
-        rows = min(MAX_ROWS_PER_PROGRAM, max(1, tile_elements // block_n))
-        streamed = False
-    else:
-        block_n, rows, streamed = chunk, 1, True
-    return Tile(rows, block_n, streamed, min(16, max(1, rows * block_n // (32 * elements_per_thread))))
+def _rules(direction, tiles, why):
+    """One rule per (width, tile) of `tiles`, for every precision: {width: Tile}."""
+    return [TileRule({"direction": direction, "width": width}, tile, why) for width, tile in tiles.items()]
 
 
-def forward_tile(n_cols):
-    return _tile(n_cols, **_FORWARD)
-
-
-def backward_tile(n_cols):
-    return _tile(n_cols, **_BACKWARD)
+# Narrow rows are stacked into tiles of about 4096 elements (forward) or 2048 (backward, which keeps more values
+# live per element), at most 16 rows, with about 16 (8) elements per thread; from 4096 (2048) columns up a tile is
+# one row. Programs per multiprocessor: as many as fit beside each other in its registers (65536 32-bit registers,
+# at the registers the compile report shows), at most 8.
+TABLE = TileTable("layer_norm", ("direction", "precision", "width"), [
+    *_rules("forward", {
+        1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 1, 8), 64: Tile(16, 64, 2, 8), 128: Tile(16, 128, 4, 8),
+        256: Tile(16, 256, 8, 4), 512: Tile(8, 512, 8, 4), 1024: Tile(4, 1024, 8, 4), 2048: Tile(2, 2048, 8, 4),
+        4096: Tile(1, 4096, 8, 4), 8192: Tile(1, 8192, 16, 2),
+    }, "one read of each row, weight and bias held across the program's rows"),
+    TileRule({"direction": "forward", "precision": "16bit", "width": 16384}, Tile(1, 16384, 32, 1),
+             "one read of each row, weight and bias held across the program's rows"),
+    TileRule({"direction": "forward", "width": "streamed"}, Tile(1, 8192, 16, 2),
+             "wider than the registers hold: chunks of 8192, the last one held"),
+    *_rules("backward", {
+        1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 8), 128: Tile(16, 128, 8, 4),
+        256: Tile(8, 256, 8, 4), 512: Tile(4, 512, 8, 4), 1024: Tile(2, 1024, 8, 4), 2048: Tile(1, 2048, 8, 4),
+        4096: Tile(1, 4096, 16, 2),
+    }, "one read of each row, dweight / dbias partials in registers across the program's rows"),
+    TileRule({"direction": "backward", "precision": "16bit", "width": 8192}, Tile(1, 8192, 32, 1),
+             "one read of each row, dweight / dbias partials in registers across the program's rows"),
+    TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 1024, 8, 4),
+             "two passes over column tiles of 1024, partials in registers across each program's rows"),
+    TileRule({"direction": "partials_sum"}, Tile(8, 256, 2, 0),
+             "8 partial rows in flight per step, 256 columns per program"),
+])
 
 
 @functools.lru_cache(maxsize=None)
-def backward_programs(device):
+def launch_width(direction, dtype, n_cols):
+    """The table's width key of a row of n_cols elements: its padded width, or "streamed" where that exceeds
+    what the direction holds on chip at the dtype's precision (partials_sum holds no row: always streamed)."""
+    padded = triton.next_power_of_2(n_cols)
+    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype)), 0) else "streamed"
+
+
+def launch_tile(direction, dtype, n_cols):
+    """The tile of a launch (memoised by the table)."""
+    return TABLE.lookup(direction=direction, precision=precision(dtype), width=launch_width(direction, dtype, n_cols))
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device):
+    """The device's multiprocessors (INTERPRETER_MULTIPROCESSORS on CPU), which the persistent grids are sized by."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * BACKWARD_PROGRAMS_PER_SM
-    return BACKWARD_PROGRAMS_ON_CPU
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
+
+
+def persistent_grid(n_items, programs):
+    """The number of programs that gives at most `programs` programs non-empty contiguous runs of n_items items
+    (row tiles; kernels' program_run): each owns cdiv(n_items, programs) items, the last possibly fewer."""
+    return triton.cdiv(n_items, triton.cdiv(n_items, programs)) if n_items else 0
