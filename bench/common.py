@@ -33,7 +33,7 @@ def require_gpu(command):
     if not torch.cuda.is_available():
         print(
             f"{command} needs a CUDA GPU, and none is visible here (torch.cuda.is_available() is False).\n"
-            "Run it on a machine with an NVIDIA GPU; `python -m bench.compile_report` works without one.",
+            "Run it on a machine with an NVIDIA GPU; `python -m tools.tiles.report` works without one.",
             file=sys.stderr,
         )
         raise SystemExit(2)

@@ -1,4 +1,4 @@
-"""bench/gpu_run.sh end to end without a GPU, in its dry run: every step runs its plumbing (a few tests, the
+"""tools/tiles/gpu_run.sh end to end without a GPU, in its dry run: every step runs its plumbing (a few tests, the
 tuner's candidates checked on CPU, the suite's steps listed) and leaves its files in $OUT."""
 
 import os
@@ -11,10 +11,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real run is bench/gpu_run.sh itself")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real run is tools/tiles/gpu_run.sh itself")
 def test_the_gpu_run_runs_dry_on_cpu(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "TRITON_INTERPRET": "1", "TUNE_S": "240"}
-    result = subprocess.run(["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run(["bash", "tools/tiles/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
     for name in ("env.txt", "tests.txt", "tests.xml", "tune.txt", "suite.txt", "results.tgz"):

@@ -4,12 +4,12 @@
 #   1. env.txt     the card, driver, versions, commit
 #   2. tests.txt   the CUDA test suite (test_compile_report left out: CPU-only, CI runs it), 8 pytest workers
 #                  (pytest-xdist) so Triton's compiles run side by side; tests.xml has every test's outcome
-#   3. tune.txt    python -m bench.tune: candidate attention tiles timed (bench/results/<card>/tiles.md|json)
+#   3. tune.txt    python -m tools.tiles.tune: candidate attention tiles timed (bench/results/<card>/tiles.md|json)
 #   4. suite.txt   python -m bench.suite --skip-tests with the time left: attention, LayerNorm, training, decoding,
 #                  the headline pytest-benchmark shapes (bench/results/<card>/)
 #   5. results.tgz bench/results, to commit under bench/results/<card>/
 # A step that fails is recorded and the run goes on. Everything lands in $OUT (default /tmp/gpu-out).
-# Run from the checkout's root on the GPU machine: bash bench/gpu_run.sh
+# Run from the checkout's root on the GPU machine: bash tools/tiles/gpu_run.sh
 # DRY_RUN=1 checks the plumbing on a machine without a GPU (tests/test_gpu_run.py does): a handful of tests, the
 # tuner's every candidate checked on CPU without timing, the suite's steps listed, the tarball.
 set -u
@@ -39,7 +39,7 @@ timeout -s INT -k 20 "$TESTS_S" "$PYTHON" -m pytest -v --tb=short $plugins -p no
   --ignore=tests/test_compile_report.py --junitxml="$OUT/tests.xml" tests > "$OUT/tests.txt" 2>&1
 echo "tests exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tests.txt"
 
-timeout $(( TUNE_S + 60 )) "$PYTHON" -m bench.tune --budget-s "$TUNE_S" $dry > "$OUT/tune.txt" 2>&1
+timeout $(( TUNE_S + 60 )) "$PYTHON" -m tools.tiles.tune --budget-s "$TUNE_S" $dry > "$OUT/tune.txt" 2>&1
 echo "tune exit $? after $(( $(date +%s) - started )) s" >> "$OUT/tune.txt"
 
 suite_s=$(( $(left) - 15 ))
