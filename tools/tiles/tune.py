@@ -25,6 +25,7 @@ import torch
 
 import kernels
 from bench import common
+from kernels._gpu import device_arch
 from kernels.attention import backward, forward, tiles
 from kernels.reference import attention_reference
 from tools.tiles import search
@@ -80,8 +81,7 @@ def candidates(device):
 
 def gpu_arch(device):
     """The GPU's arch (90 for sm_90), or sm_90's in a dry run."""
-    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    return major * 10 + minor
+    return device_arch(device) if device.type == "cuda" else 90
 
 
 def shipped_tile(kernel, head_dim, device):
