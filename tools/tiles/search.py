@@ -17,8 +17,8 @@ decide a spill, so a tile clean for one key is not assumed clean for its neighbo
 launches (HEADLINE_LAUNCH: 16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward, dK/dV fused
 and split, dQ): each tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the
 model's config), sorted by modelled clocks per 128 x 128 block, and the best RANKED_CLEAN that are clean in every
-variant of the key are kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the model's best and
-runner-up beside each shipped tile) and tools.tiles.tune reads (the candidates it times on a GPU).
+variant of the key are kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the
+model's best and runner-up beside each shipped tile) and tools.tiles.tune reads (the candidates it times on a GPU).
 """
 
 import argparse
