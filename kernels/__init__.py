@@ -20,8 +20,8 @@ reference.py (the eager math the tests and benchmarks compare against), _validat
 shares), _gpu.py (the architectures the tiles are checked for), _library.py (the operator namespace, and the
 operators' CPU implementation: Triton's interpreter computes bf16 in fp32).
 A change to what is computed goes in a kernel file; to speed, in a tiles file; to what users may pass, in an api
-file; to autograd or torch.compile behaviour, in an ops file. bench/compile_report.py compiles every tile the
-attention and LayerNorm tiles files can give, for every checked architecture, and fails on spills.
+file; to autograd or torch.compile behaviour, in an ops file. tools/tiles/ (python -m tools.tiles.report) compiles
+every tile the attention and LayerNorm tiles files can give, for every checked architecture, and fails on spills.
 
 Data flow of one fused decoder block (gpt/model.py): layer_norm (ln1) -> one qkv projection -> attention on
 strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fused with ln2) -> feed-forward ->

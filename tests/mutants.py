@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ("kernels", "gpt", "bench", "tests", "pyproject.toml")
+COPIED = ("kernels", "gpt", "bench", "tools", "tests", "pyproject.toml")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ group takes several row blocks, each reading the group's keys, the later ones fr
 keys per step. Decoding computes little per byte of cache: the tiles are chosen for loads in flight (stages,
 programs per multiprocessor), not for products, so block_m is the smallest tl.dot (16; wgmma would need 64 rows per
 warpgroup, mostly padding). Each tile compiles without spills for sm_90 and sm_80, aligned operands and not, fp16,
-bf16 and fp32, one split and several (ptxas -v on a scratch compile the way bench/compile_report compiles; the
+bf16 and fp32, one split and several (ptxas -v on a scratch compile the way tools.tiles.compile compiles; the
 decode kernels are not in its report). Register counts jump between tiles: head size 256 needs 8 warps, and
 misaligned operands take up to 255 registers per thread.
 """
