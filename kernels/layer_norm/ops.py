@@ -53,7 +53,7 @@ def _forward(x, residual, weight, bias, eps):
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return y, s, mean, rstd
-    tile = tiles.launch_tile("forward", x.dtype, n_cols)
+    tile = tiles.launch_tile("forward", x.dtype, n_cols, tiles.operands_aligned(n_cols, x, residual, weight, bias))
     if tile.block_n >= n_cols:
         kernel, rows = layer_norm_forward_kernel, {"ROWS": tile.rows}
         n_tiles = triton.cdiv(n_rows, tile.rows)
@@ -81,7 +81,8 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     dy = dy.contiguous()
     dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
-    tile = tiles.launch_tile("backward", x.dtype, n_cols)
+    aligned = tiles.operands_aligned(n_cols, dy, dsum, x, weight)
+    tile = tiles.launch_tile("backward", x.dtype, n_cols, aligned)
     column_tiles = triton.cdiv(n_cols, tile.block_n)
     # Row groups: a persistent grid of about programs_per_sm programs per multiprocessor, column tiles included.
     wanted = max(1, tile.programs_per_sm * tiles.multiprocessors(x.device) // column_tiles)
@@ -117,7 +118,7 @@ def _sum_partials(dweight_partial, dbias_partial, weight, dtype, n_cols, compute
     device = dweight_partial.device
     dweight = torch.empty(n_cols, dtype=weight.dtype, device=device) if compute_dweight else None
     dbias = torch.empty(n_cols, dtype=dtype, device=device) if compute_dbias else None
-    tile = tiles.launch_tile("partials_sum", torch.float32, n_cols)
+    tile = tiles.launch_tile("partials_sum", dtype, n_cols, n_cols % 16 == 0)
     layer_norm_partials_sum_kernel[(triton.cdiv(n_cols, tile.block_n),)](
         DWEIGHT_PARTIAL=dweight_partial, DBIAS_PARTIAL=dbias_partial,
         DWEIGHT=dweight if compute_dweight else dbias, DBIAS=dbias if compute_dbias else dweight,

@@ -23,12 +23,15 @@ from ..attention.tiles import precision
 
 Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
 
-# The widest row each direction holds in registers, per precision. The backward holds more per column (the weight
-# and the dweight / dbias partial sums across all its rows, besides the row of x and dy) than the forward (the
-# weight and bias, besides the row).
+# The widest row each direction holds in registers, per precision and operand alignment. The backward holds more
+# per column (the weight and the dweight / dbias partial sums across all its rows, besides the row of x and dy)
+# than the forward (the weight and bias, besides the row). Misaligned operands are loaded element by element,
+# which costs registers: their rows stop one width earlier (the next one up spilled).
 MAX_ON_CHIP_WIDTH = {
-    ("forward", "16bit"): 16384, ("forward", "fp32"): 8192,
-    ("backward", "16bit"): 8192, ("backward", "fp32"): 4096,
+    ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
+    ("forward", "fp32", True): 16384, ("forward", "fp32", False): 8192,
+    ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
+    ("backward", "fp32", True): 4096, ("backward", "fp32", False): 4096,
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
 INTERPRETER_MULTIPROCESSORS = 2
@@ -38,51 +41,74 @@ MAX_ELEMENTS = 2**31
 
 
 def _rules(direction, tiles, why):
-    """One rule per (width, tile) of `tiles`, for every precision: {width: Tile}."""
+    """One rule per (width, tile) of `tiles`, {width: Tile}, for every precision and alignment."""
     return [TileRule({"direction": direction, "width": width}, tile, why) for width, tile in tiles.items()]
 
 
+_ON_CHIP_FORWARD = "each row read once; weight and bias held across the program's rows"
+_ON_CHIP_BACKWARD = "each row read once; weight and dweight / dbias partials held across the program's rows"
 # Narrow rows are stacked into tiles of about 4096 elements (forward) or 2048 (backward, which keeps more values
 # live per element), at most 16 rows, with about 16 (8) elements per thread; from 4096 (2048) columns up a tile is
-# one row. Programs per multiprocessor: as many as fit beside each other in its registers (65536 32-bit registers,
-# at the registers the compile report shows), at most 8.
-TABLE = TileTable("layer_norm", ("direction", "precision", "width"), [
+# one row. Programs per multiprocessor: as many as fit in its 65536 registers at the registers the compile report
+# shows with aligned operands (misaligned ones, which take more, may then run in two waves), within 48 warps
+# (sm_86 and sm_89 hold fewer than sm_80 and sm_90), at most 8.
+TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), [
     *_rules("forward", {
         1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
-        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 1, 8), 64: Tile(16, 64, 2, 8), 128: Tile(16, 128, 4, 8),
-        256: Tile(16, 256, 8, 4), 512: Tile(8, 512, 8, 4), 1024: Tile(4, 1024, 8, 4), 2048: Tile(2, 2048, 8, 4),
-        4096: Tile(1, 4096, 8, 4), 8192: Tile(1, 8192, 16, 2),
-    }, "one read of each row, weight and bias held across the program's rows"),
-    TileRule({"direction": "forward", "precision": "16bit", "width": 16384}, Tile(1, 16384, 32, 1),
-             "one read of each row, weight and bias held across the program's rows"),
-    TileRule({"direction": "forward", "width": "streamed"}, Tile(1, 8192, 16, 2),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 2, 8), 128: Tile(16, 128, 4, 7),
+        256: Tile(16, 256, 8, 3), 512: Tile(8, 512, 8, 3), 1024: Tile(4, 1024, 8, 3), 2048: Tile(2, 2048, 8, 3),
+        4096: Tile(1, 4096, 8, 3), 8192: Tile(1, 8192, 16, 1),
+    }, _ON_CHIP_FORWARD),
+    TileRule({"direction": "forward", "width": 16384, "aligned": True}, Tile(1, 16384, 32, 1), _ON_CHIP_FORWARD),
+    TileRule({"direction": "forward", "width": "streamed", "aligned": True}, Tile(1, 8192, 16, 1),
              "wider than the registers hold: chunks of 8192, the last one held"),
+    TileRule({"direction": "forward", "width": "streamed", "aligned": False}, Tile(1, 4096, 16, 1),
+             "wider than the registers hold: chunks of 4096, the last one held"),
     *_rules("backward", {
         1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
-        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 8), 128: Tile(16, 128, 8, 4),
-        256: Tile(8, 256, 8, 4), 512: Tile(4, 512, 8, 4), 1024: Tile(2, 1024, 8, 4), 2048: Tile(1, 2048, 8, 4),
-        4096: Tile(1, 4096, 16, 2),
-    }, "one read of each row, dweight / dbias partials in registers across the program's rows"),
-    TileRule({"direction": "backward", "precision": "16bit", "width": 8192}, Tile(1, 8192, 32, 1),
-             "one read of each row, dweight / dbias partials in registers across the program's rows"),
-    TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 1024, 8, 4),
-             "two passes over column tiles of 1024, partials in registers across each program's rows"),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 6), 128: Tile(16, 128, 8, 3),
+        256: Tile(8, 256, 8, 3), 512: Tile(4, 512, 8, 3), 1024: Tile(2, 1024, 8, 3), 2048: Tile(1, 2048, 8, 3),
+        4096: Tile(1, 4096, 16, 1),
+    }, _ON_CHIP_BACKWARD),
+    TileRule({"direction": "backward", "precision": "16bit", "width": 8192, "aligned": True}, Tile(1, 8192, 32, 1),
+             _ON_CHIP_BACKWARD),
+    TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 2048, 16, 1),
+             "two passes over column tiles of 2048, 4 rows at a time; partials held across the program's rows"),
     TileRule({"direction": "partials_sum"}, Tile(8, 256, 2, 0),
-             "8 partial rows in flight per step, 256 columns per program"),
+             "8 partial rows in flight per step, 256 columns per program (one launch: no persistent grid)"),
 ])
 
 
 @functools.lru_cache(maxsize=None)
-def launch_width(direction, dtype, n_cols):
+def launch_width(direction, dtype, n_cols, aligned):
     """The table's width key of a row of n_cols elements: its padded width, or "streamed" where that exceeds
-    what the direction holds on chip at the dtype's precision (partials_sum holds no row: always streamed)."""
+    what the direction holds on chip at the dtype's precision and the alignment (partials_sum holds no row: always
+    streamed)."""
     padded = triton.next_power_of_2(n_cols)
-    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype)), 0) else "streamed"
+    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype), aligned), 0) else "streamed"
 
 
-def launch_tile(direction, dtype, n_cols):
+def launch_tile(direction, dtype, n_cols, aligned):
     """The tile of a launch (memoised by the table)."""
-    return TABLE.lookup(direction=direction, precision=precision(dtype), width=launch_width(direction, dtype, n_cols))
+    return TABLE.lookup(direction=direction, precision=precision(dtype),
+                        width=launch_width(direction, dtype, n_cols, aligned), aligned=aligned)
+
+
+def operands_aligned(n_cols, *tensors):
+    """Whether the launch compiles the kernels' aligned variant: Triton's JIT marks a pointer aligned when it is a
+    multiple of 16 bytes and an integer when it is a multiple of 16, so every tensor's pointer and row stride (and
+    the width) must be. None stands for an absent tensor; the kernels' outputs are fresh and contiguous."""
+    return n_cols % 16 == 0 and all(t is None or (t.data_ptr() % 16 == 0 and (t.dim() == 1 or t.stride(0) % 16 == 0))
+                                    for t in tensors)
+
+
+def launch_keys():
+    """Every (direction, precision, width, aligned) key the launchers can look up."""
+    keys = [(direction, precision, width, aligned)
+            for (direction, precision, aligned), limit in MAX_ON_CHIP_WIDTH.items()
+            for width in [2**i for i in range(limit.bit_length())] + ["streamed"]]
+    return keys + [("partials_sum", precision, "streamed", aligned) for precision in ("16bit", "fp32")
+                   for aligned in (True, False)]
 
 
 @functools.lru_cache(maxsize=None)
