@@ -67,12 +67,13 @@ MULTIPROCESSORS = 132  # H100 SXM and H200
 
 
 @contextlib.contextmanager
-def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCESSORS):
+def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCESSORS, min_backward_rows=None):
     """Inside the block the launchers pick what they pick on an sm_90 card with `multiprocessors` SMs: the attention
     tables' sm_90 tiles (aligned or not, as the call's operands are) and the multiprocessors the LayerNorm grids are
     sized for (its tiles are the same on CPU).
     head_dim and dtype (of an attention call) size the delta kernel's rows, which the launcher takes from
-    INTERPRETER_TILE on CPU."""
+    INTERPRETER_TILE on CPU. min_backward_rows, when given, replaces the least rows a LayerNorm backward program
+    takes (the extrapolation's samples take 1, so that their grids vary at few rows)."""
     patches = [
         (attention_tiles, "launch_tile", lambda kernel, head_dim, dtype, dropout, device, aligned:
             attention_tiles.table_tile(kernel, head_dim, dtype, dropout, ARCH, aligned)),
@@ -80,6 +81,8 @@ def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCES
             attention_tiles.key_block_passes(head_dim, dtype, dropout, ARCH, aligned)),
         (norm_tiles, "multiprocessors", lambda device: multiprocessors),
     ]
+    if min_backward_rows is not None:
+        patches.append((norm_tiles, "MIN_BACKWARD_ROWS_PER_PROGRAM", min_backward_rows))
     if head_dim is not None:
         delta_rows = attention_tiles.preprocess_block_m(attention_tiles.block_d(head_dim), dtype)
         patches.append((attention_tiles, "INTERPRETER_TILE", attention_tiles.INTERPRETER_TILE._replace(
@@ -746,10 +749,10 @@ SAMPLE_ROWS = (8, 16, 32, 64, 128, 256, 512, 1024)
 SAMPLE_MULTIPROCESSORS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, seed=0):
+def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, seed=0, min_backward_rows=None):
     """The forward and backward Phases of `op` ("layer_norm" or "add_layer_norm") on (rows, width) fp16 inputs,
     run directly. execute=False records the launches without running their programs (and leaves the inputs
-    unwritten, so no memory is touched by them)."""
+    unwritten, so no memory is touched by them). min_backward_rows: as in gpu_launch_parameters."""
     torch.manual_seed(seed)
     dtype = torch.float16
     make = torch.randn if execute else torch.empty
@@ -758,11 +761,12 @@ def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, see
     residual = make(rows, width, dtype=dtype).requires_grad_() if with_sum else None
     weight, bias = (make(width, dtype=dtype).requires_grad_() for _ in range(2))
     inputs = [t for t in (x, residual, weight, bias) if t is not None]
-    with gpu_launch_parameters(multiprocessors=multiprocessors), record(execute) as forward:
+    launch_parameters = dict(multiprocessors=multiprocessors, min_backward_rows=min_backward_rows)
+    with gpu_launch_parameters(**launch_parameters), record(execute) as forward:
         outputs = kernels.add_layer_norm(x, residual, weight, bias) if with_sum else (kernels.layer_norm(x, weight,
                                                                                                          bias),)
     grads = [make(rows, width, dtype=dtype) for _ in outputs]
-    with gpu_launch_parameters(multiprocessors=multiprocessors), record(execute) as backward:
+    with gpu_launch_parameters(**launch_parameters), record(execute) as backward:
         torch.autograd.grad(outputs, inputs, grads)
     statistics = 2 * 4 * rows  # the fp32 mean and 1 / std of each row
     rows_bytes, vector = _nbytes(x), _nbytes(weight)
@@ -782,7 +786,7 @@ def _norm_at_scale(op, width, targets, multiprocessors=MULTIPROCESSORS):
     samples: see the module docstring."""
     dry_targets = {rows: run_norm(op, width, rows, multiprocessors, execute=False) for rows in targets}
     for r0, s0 in _sample_points(op, width):
-        corners = [run_norm(op, width, r, s) for r in (r0, 2 * r0) for s in (s0, 2 * s0)]
+        corners = [run_norm(op, width, r, s, min_backward_rows=1) for r in (r0, 2 * r0) for s in (s0, 2 * s0)]
         phases = []
         for rows in targets:
             extrapolated = [_affine(corner_phases, target, r0, rows)
@@ -798,10 +802,12 @@ def _norm_at_scale(op, width, targets, multiprocessors=MULTIPROCESSORS):
 
 def _sample_points(op, width):
     """(r0, s0) for each r0 of SAMPLE_ROWS: the first s0 of SAMPLE_MULTIPROCESSORS at which every phase's programs
-    (_programs) differ between s0 and 2 * s0 SMs at r0 or at 2 * r0 rows (found by dry runs, which cost nothing)."""
+    (_programs) differ between s0 and 2 * s0 SMs at r0 or at 2 * r0 rows (found by dry runs, which cost nothing).
+    The samples let a backward program take a single row: only the target's grid must be the launcher's own."""
     for r0 in SAMPLE_ROWS:
         for s0 in SAMPLE_MULTIPROCESSORS:
-            programs = [[_programs(phase) for phase in run_norm(op, width, r, s, execute=False)]
+            programs = [[_programs(phase) for phase in run_norm(op, width, r, s, execute=False,
+                                                                 min_backward_rows=1)]
                         for r in (r0, 2 * r0) for s in (s0, 2 * s0)]
             if all(p00 != p01 or p10 != p11 for p00, p01, p10, p11 in zip(*programs)):
                 yield r0, s0

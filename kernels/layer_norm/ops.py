@@ -54,12 +54,10 @@ def _forward(x, residual, weight, bias, eps):
     if n_rows == 0:
         return y, s, mean, rstd
     tile = tiles.launch_tile("forward", x.dtype, n_cols, tiles.operands_aligned(n_cols, x, residual, weight, bias))
-    if tile.block_n >= n_cols:
-        kernel, rows = layer_norm_forward_kernel, {"ROWS": tile.rows}
-        n_tiles = triton.cdiv(n_rows, tile.rows)
-    else:  # streamed: one row at a time
-        kernel, rows, n_tiles = layer_norm_forward_streamed_kernel, {}, n_rows
-    programs = tiles.persistent_grid(n_tiles, tile.programs_per_sm * tiles.multiprocessors(x.device))
+    # a row held in registers, ROWS to a tile; or streamed, one at a time
+    kernel, rows = ((layer_norm_forward_kernel, {"ROWS": tile.rows}) if tile.block_n >= n_cols
+                    else (layer_norm_forward_streamed_kernel, {}))
+    programs = tiles.forward_programs(n_rows, tile, x.device)
     with launch_device(x):
         kernel[(programs,)](
             X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
@@ -84,9 +82,7 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     aligned = tiles.operands_aligned(n_cols, dy, dsum, x, weight)
     tile = tiles.launch_tile("backward", x.dtype, n_cols, aligned)
     column_tiles = triton.cdiv(n_cols, tile.block_n)
-    # Row groups: a persistent grid of about programs_per_sm programs per multiprocessor, column tiles included.
-    wanted = max(1, tile.programs_per_sm * tiles.multiprocessors(x.device) // column_tiles)
-    row_groups = tiles.persistent_grid(triton.cdiv(n_rows, tile.rows), wanted)
+    row_groups = tiles.backward_row_groups(n_rows, tile, column_tiles, x.device)
     # One buffer for both partial sums, (2, row groups, n_cols): [0] dweight's, [1] dbias's; never zero-filled, as
     # every program stores its rows once.
     partials = torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device) if (

@@ -35,6 +35,9 @@ MAX_ON_CHIP_WIDTH = {
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
 INTERPRETER_MULTIPROCESSORS = 2
+# A backward program stores a dweight and a dbias row in fp32, which the final sum reads again: the bytes of several
+# rows of 16-bit input. So each program takes at least this many rows (the partials cost at most 10% more).
+MIN_BACKWARD_ROWS_PER_PROGRAM = 32
 # Offsets in the kernels are 32-bit (64-bit row offsets cost registers and spills), so a tensor holds fewer
 # elements than this.
 MAX_ELEMENTS = 2**31
@@ -119,7 +122,21 @@ def multiprocessors(device):
     return INTERPRETER_MULTIPROCESSORS
 
 
-def persistent_grid(n_items, programs):
+def forward_programs(n_rows, tile, device):
+    """The forward's grid: about programs_per_sm programs per multiprocessor, each a contiguous run of tiles of
+    tile.rows rows (1 for streamed rows)."""
+    return _persistent_grid(triton.cdiv(n_rows, tile.rows), tile.programs_per_sm * multiprocessors(device))
+
+
+def backward_row_groups(n_rows, tile, column_tiles, device):
+    """The backward's row groups (its grid is column tiles x row groups): about programs_per_sm programs per
+    multiprocessor in all, each of at least MIN_BACKWARD_ROWS_PER_PROGRAM rows."""
+    wanted = min(tile.programs_per_sm * multiprocessors(device) // column_tiles,
+                 n_rows // MIN_BACKWARD_ROWS_PER_PROGRAM)
+    return _persistent_grid(triton.cdiv(n_rows, tile.rows), max(1, wanted))
+
+
+def _persistent_grid(n_items, programs):
     """The number of programs that gives at most `programs` programs non-empty contiguous runs of n_items items
-    (row tiles; kernels' program_run): each owns cdiv(n_items, programs) items, the last possibly fewer."""
+    (row tiles; the kernels' program_run): each owns cdiv(n_items, programs) items, the last possibly fewer."""
     return triton.cdiv(n_items, triton.cdiv(n_items, programs)) if n_items else 0
