@@ -78,8 +78,8 @@ WIDTHS = [
     (7, "stacked rows, misaligned"),
     (384, "stacked rows"),
     (4096, "one row per tile"),
-    (8192, "16-bit backward on-chip limit; fp32 backward streamed"),
-    (8208, "one past the 16-bit backward limit: streamed, the last of five column tiles 16 wide"),
+    (8192, "the backward's on-chip limit"),
+    (8208, "one past it: backward streamed, the last of five column tiles 16 wide"),
     (8200, "misaligned: forward and backward streamed"),
     (16384, "forward on-chip limit"),
     (16400, "one past it: forward streamed, its 16-wide last chunk held; backward in nine column tiles"),
@@ -91,8 +91,8 @@ WIDTHS = [
 @pytest.mark.parametrize("width", [w for w, _ in WIDTHS])
 def test_every_width_class(grid, device, dtype, op_name, width):
     """Wide rows: 9 rows on 8 multiprocessors, which gives the forward one row per program at 4096 (more programs
-    than rows) and two at 8192, the streamed fp32 backward at 8192 two row groups of unequal length, the others one
-    (every test_grid_shapes has the narrow rows' grids)."""
+    than rows), two (and one) at 8192 and 16384, the on-chip backward two (and one); the streamed backward one row
+    group (test_streamed_backward_row_groups has several, test_grid_shapes the narrow rows' grids)."""
     grid(8)
     _check(op_name, dtype, device, rows=9 if width > 1000 else 37, width=width)
 
@@ -114,6 +114,17 @@ def test_grid_shapes(grid, device, dtype, op_name, width, rows, multiprocessors)
     else:
         assert row_tiles < tile.programs_per_sm * multiprocessors
     _check(op_name, dtype, device, rows=rows, width=width)
+
+
+@pytest.mark.parametrize("op_name", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_streamed_backward_row_groups(grid, device, dtype, op_name):
+    """23 rows of 8208 on 16 multiprocessors: five column tiles, three row groups of two row tiles (8, 8 and 7
+    rows), each program holding its column tile's partials across them."""
+    grid(16)
+    tile = tiles.launch_tile("backward", dtype, 8208, True)
+    assert tiles.backward_row_groups(23, tile, 5, torch.device(device)) == 3
+    _check(op_name, dtype, device, rows=23, width=8208)
 
 
 @pytest.mark.parametrize("mean", [100.0, 1000.0])

@@ -31,7 +31,7 @@ MAX_ON_CHIP_WIDTH = {
     ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
     ("forward", "fp32", True): 16384, ("forward", "fp32", False): 8192,
     ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
-    ("backward", "fp32", True): 4096, ("backward", "fp32", False): 4096,
+    ("backward", "fp32", True): 8192, ("backward", "fp32", False): 4096,
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
 INTERPRETER_MULTIPROCESSORS = 2
@@ -75,6 +75,8 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
     }, _ON_CHIP_BACKWARD),
     TileRule({"direction": "backward", "precision": "16bit", "width": 8192, "aligned": True}, Tile(1, 8192, 32, 1),
              _ON_CHIP_BACKWARD),
+    TileRule({"direction": "backward", "precision": "fp32", "width": 8192, "aligned": True}, Tile(1, 8192, 16, 1),
+             _ON_CHIP_BACKWARD + " (32 warps spill here, with 64 registers a thread)"),
     TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 2048, 16, 1),
              "two passes over column tiles of 2048, 4 rows at a time; partials held across the program's rows"),
     TileRule({"direction": "partials_sum"}, Tile(8, 256, 2, 0),

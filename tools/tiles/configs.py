@@ -204,6 +204,22 @@ def layer_norm_config(dtype_name, kernel_name, width, tile, alignments=(True, Fa
                    kernel=kernel_name, width=width, block_m=tile.rows, block_n=tile.block_n)
 
 
+def layer_norm_limit_probes():
+    """For each on-chip limit of the LayerNorm table (direction, precision, operand alignment), the next width up
+    run the on-chip way: the add variant (the most live values) with the limit's tile at twice the columns and
+    twice the warps (at most 32), in fp16 or fp32, for the alignment on every checked arch. The report shows their
+    spills: why each limit is where it is."""
+    from kernels.layer_norm import tiles
+
+    probes = []
+    for (direction, precision, aligned), limit in tiles.MAX_ON_CHIP_WIDTH.items():
+        tile = tiles.TABLE.lookup(direction=direction, precision=precision, width=limit, aligned=aligned)
+        wider = tile._replace(block_n=2 * limit, num_warps=min(32, 2 * tile.num_warps))
+        dtype_name = "float16" if precision == "16bit" else "float32"
+        probes.append(layer_norm_config(dtype_name, f"add_{direction}", 2 * limit, tuple(wider), (aligned,)))
+    return probes
+
+
 def _kernel_param_names(kernel):
     return [param.name for param in _kernel_params(kernel)]
 
