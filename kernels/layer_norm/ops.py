@@ -53,10 +53,12 @@ def _forward(x, residual, weight, bias, eps):
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return y, s, mean, rstd
-    tile = tiles.launch_tile("forward", x.dtype, n_cols, tiles.operands_aligned(n_cols, x, residual, weight, bias))
-    # a row held in registers, ROWS to a tile; or streamed, one at a time
-    kernel, rows = ((layer_norm_forward_kernel, {"ROWS": tile.rows}) if tile.block_n >= n_cols
-                    else (layer_norm_forward_streamed_kernel, {}))
+    aligned = tiles.operands_aligned(n_cols, x, residual, weight, bias)
+    tile = tiles.launch_tile("forward", x.dtype, n_cols, aligned)
+    # rows held in registers, ROWS to a tile; or streamed, one at a time
+    kernel, rows = ((layer_norm_forward_streamed_kernel, {})
+                    if tiles.launch_width("forward", x.dtype, n_cols, aligned) == "streamed"
+                    else (layer_norm_forward_kernel, {"ROWS": tile.rows}))
     programs = tiles.forward_programs(n_rows, tile, x.device)
     with launch_device(x):
         kernel[(programs,)](
@@ -83,21 +85,21 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     tile = tiles.launch_tile("backward", x.dtype, n_cols, aligned)
     column_tiles = triton.cdiv(n_cols, tile.block_n)
     row_groups = tiles.backward_row_groups(n_rows, tile, column_tiles, x.device)
-    # One buffer for both partial sums, (2, row groups, n_cols): [0] dweight's, [1] dbias's; never zero-filled, as
-    # every program stores its rows once.
-    partials = torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device) if (
-        compute_dweight or compute_dbias) else (mean, mean)
-    dweight_partial, dbias_partial = partials
+    # One buffer for both partial sums, (2, row groups, n_cols): [0] dweight's, [1] dbias's. Never zero-filled: every
+    # program stores its rows once. (Without either gradient nothing is stored there; mean stands in.)
+    dweight_partial, dbias_partial = (torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device)
+                                      if compute_dweight or compute_dbias else (mean, mean))
     common = dict(DY=dy, X=x, WEIGHT=weight if weight is not None else x, MEAN=mean, RSTD=rstd,
                   stride_x=x.stride(0), n_rows=n_rows, n_cols=n_cols, HAS_WEIGHT=weight is not None,
                   ROWS=tile.rows, BLOCK_N=tile.block_n, num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS)
     gradients = dict(DSUM=dsum if dsum is not None else dy, DX=dx, DWEIGHT_PARTIAL=dweight_partial,
                      DBIAS_PARTIAL=dbias_partial, HAS_DSUM=dsum is not None, COMPUTE_DWEIGHT=compute_dweight,
                      COMPUTE_DBIAS=compute_dbias)
+    streamed = tiles.launch_width("backward", x.dtype, n_cols, aligned) == "streamed"
     with launch_device(x):
-        if row_groups and column_tiles == 1:
+        if row_groups and not streamed:
             layer_norm_backward_kernel[(row_groups,)](**common, **gradients)
-        elif row_groups:
+        elif row_groups:  # two passes over column tiles
             row_sums = torch.empty((2, column_tiles, n_rows), dtype=torch.float32, device=x.device)
             layer_norm_backward_row_sums_kernel[(column_tiles, row_groups)](**common, ROW_SUMS=row_sums)
             layer_norm_backward_columns_kernel[(column_tiles, row_groups)](**common, **gradients, ROW_SUMS=row_sums)

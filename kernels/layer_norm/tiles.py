@@ -1,15 +1,17 @@
-"""Launch tiles of the LayerNorm kernels, one TileTable keyed by direction, precision and width, and the grids.
+"""Launch tiles of the LayerNorm kernels, one TileTable keyed by direction, precision, width and operand alignment,
+and the persistent grids.
 
     direction   "forward", "backward" (both passes of a streamed backward share its tile), or "partials_sum"
-                (the backward's final reduction of the dweight / dbias partial rows)
+                (the backward's final sum of the dweight / dbias partial rows)
     precision   "16bit" (fp16, bf16) or "fp32"
-    width       the row width padded to a power of two, up to the widest row the direction holds on chip for the
-                precision (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
+    width       the row width padded to a power of two, up to the widest row the direction holds on chip
+                (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
+    aligned     whether the launch compiles the kernels' aligned variant (operands_aligned)
 
 A tile is (rows, block_n, num_warps, programs_per_sm): rows per register tile (for partials_sum: partial rows
 loaded per step), columns per tile (a streamed row's chunk, or column tile), warps, and the programs of the
-persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills, with aligned
-operands and without (the compile report); the on-chip limits are where the next width up spilled.
+persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills for the
+alignments that reach it (the compile report, which also shows the next width up spilling past each on-chip limit).
 """
 
 import functools
