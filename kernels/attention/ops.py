@@ -1,6 +1,7 @@
-"""Attention as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
-torch.compile sees each launch as one opaque node with known output shapes), and the autograd formula that ties
-the forward operator to the backward one; and the launcher of the dropout-mask kernel.
+"""Attention as PyTorch operators: the launchers of the Triton kernels, each an _library.Operator (registered with
+torch.library, so torch.compile sees each launch as one opaque node with known output shapes; called directly in
+eager mode), and the autograd formula that ties the forward operator to the backward one; and the launcher of the
+dropout-mask kernel.
 
 Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed. The forward
 and backward take a dense batch, q (B, H, Nq, D) and k, v (B, H_KV, Nk, D), or packed sequences (cu_seqlens_q and
@@ -17,7 +18,7 @@ import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE, bf16_in_fp32
+from .._library import bf16_in_fp32, differentiable, operator
 from . import tiles
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .forward import attention_forward_kernel, dropout_mask_kernel
@@ -145,15 +146,14 @@ def _forward(
     return out, lse
 
 
-attention_forward = torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())(_forward)
-attention_forward.register_kernel("cpu")(bf16_in_fp32(_forward, fp32_outputs=(1,)))  # lse stays fp32
-
-
-@attention_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale,
-      seed):
+def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                  dropout_p, scale, seed):
     packed = cu_seqlens_q is not None
     return _allocate_forward_outputs(q, packed, max_seqlen_q if packed else q.shape[2])
+
+
+attention_forward = operator("attention_forward", _forward, fake=_forward_fake,
+                             cpu=bf16_in_fp32(_forward, fp32_outputs=(1,)))  # lse stays fp32
 
 
 def _backward(
@@ -205,8 +205,6 @@ def _backward(
     return dq, _sum_groups(dk, k, launch), _sum_groups(dv, v, launch)
 
 
-attention_backward = torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())(_backward)
-attention_backward.register_kernel("cpu")(bf16_in_fp32(_backward))
 
 
 def _per_query_head(kv, launch):
@@ -229,16 +227,18 @@ def _sum_groups(shares, kv, launch):
     return grouped.sum(2).to(kv.dtype)
 
 
-@attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-      window_right, dropout_p, scale, seed):
+def _backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                   window_right, dropout_p, scale, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# Autograd: the formula registered on the forward operator, the one place the backward is defined. The public
-# functions call the operator itself (an autograd.Function around it would cost a second dispatch per call), and so
-# do opcheck and torch.compile. The seed is an argument of the forward, so the dropout mask is a function of the
-# arguments and the backward regenerates it. The LSE output is not differentiable.
+attention_backward = operator("attention_backward", _backward, fake=_backward_fake, cpu=bf16_in_fp32(_backward))
+
+
+# Autograd: one formula for both routes (_library.differentiable), the one place the backward is defined. The seed
+# is an argument of the forward, so the dropout mask is a function of the arguments and the backward regenerates
+# it. The LSE output is not differentiable, and a missing gradient of out (only the LSE was used) is not
+# materialised as zeros: nothing depends on out, so nothing is launched.
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -247,20 +247,21 @@ def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
     ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 12
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
     return (dq, dk, dv) + (None,) * 9
 
 
-attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+attention_forward = differentiable(attention_forward, _save_for_backward, _gradients)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def attention_dropout_seed(like: Tensor) -> Tensor:
+def _draw_seed(like: Tensor) -> Tensor:
     """A dropout seed in [0, 2^31): a one-element int64 tensor on `like`'s device, drawn from that device's
     default generator, so `torch.manual_seed` reproduces it. On a GPU it is drawn by the device, not the host:
     no synchronisation, and under CUDA-graph capture every replay draws a fresh seed (torch's generator advances
@@ -269,9 +270,9 @@ def attention_dropout_seed(like: Tensor) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=like.device)
 
 
-@attention_dropout_seed.register_fake
-def _(like):
-    return torch.empty(1, dtype=torch.int64, device=like.device)
+attention_dropout_seed = operator("attention_dropout_seed", _draw_seed,
+                                  fake=lambda like: torch.empty(1, dtype=torch.int64, device=like.device),
+                                  tags=(torch.Tag.nondeterministic_seeded,))
 
 
 def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):

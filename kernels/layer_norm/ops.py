@@ -1,6 +1,6 @@
-"""LayerNorm as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
-torch.compile sees each launch as one opaque node with known output shapes), and one autograd formula for
-layer_norm and add_layer_norm.
+"""LayerNorm as PyTorch operators: the launchers of the Triton kernels, each an _library.Operator (registered with
+torch.library, so torch.compile sees each launch as one opaque node with known output shapes; called directly in
+eager mode), and one autograd formula for layer_norm and add_layer_norm.
 
 Operators (namespace decoder_kernels): layer_norm_forward, layer_norm_backward.
 """
@@ -12,7 +12,7 @@ import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE
+from .._library import differentiable, operator
 from . import tiles
 from .kernels import (
     BACKWARD_COMPILE_OPTIONS,
@@ -108,27 +108,27 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The launches as PyTorch operators
+# The launches as PyTorch operators (_library.operator: registered for torch.compile, called directly in eager)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm_forward", mutates_args=())
-def layer_norm_forward(
+def _forward_op(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s, mean, rstd) of LayerNorm over the last dimension of s = x (+ residual, when given). Without a
-    residual, s is an empty tensor (an operator's output may not alias its input)."""
+    residual, s is an empty tensor (an operator's output may not alias its input; the eager route returns None)."""
     y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
 
 
-@layer_norm_forward.register_fake
-def _(x, residual, weight, bias, eps):
+def _forward_fake(x, residual, weight, bias, eps):
     y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm_backward", mutates_args=())
-def layer_norm_backward(
+layer_norm_forward = operator("layer_norm_forward", _forward_op, fake=_forward_fake, eager=_forward)
+
+
+def _backward_op(
     dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
     compute_dweight: bool, compute_dbias: bool,
 ) -> list[Tensor]:
@@ -138,8 +138,7 @@ def layer_norm_backward(
     return [ds] + ([dweight] if compute_dweight else []) + ([dbias] if compute_dbias else [])
 
 
-@layer_norm_backward.register_fake
-def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
+def _backward_fake(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
     width = s.shape[-1]
     return (
         [torch.empty(s.shape, dtype=s.dtype, device=s.device)]
@@ -148,9 +147,12 @@ def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
     )
 
 
+layer_norm_backward = operator("layer_norm_backward", _backward_op, fake=_backward_fake)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Autograd: the formula registered on the forward operator, for layer_norm and add_layer_norm alike, the one place
-# their backward is defined. The public functions call the operator itself, as opcheck and torch.compile do.
+# Autograd: one formula for both routes (_library.differentiable), for layer_norm and add_layer_norm alike, the one
+# place their backward is defined.
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -180,4 +182,4 @@ def _gradients(ctx, dy, dsum, _dmean, _drstd):
     return ds, (ds if ctx.with_residual else None), dweight, dbias, None
 
 
-layer_norm_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+layer_norm_forward = differentiable(layer_norm_forward, _save_for_backward, _gradients)
