@@ -14,11 +14,10 @@ fp32 (_library.bf16_in_fp32).
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import bf16_in_fp32, differentiable, operator
+from .._library import bf16_in_fp32, cdiv, differentiable, operator
 from . import tiles
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .forward import attention_forward_kernel, dropout_mask_kernel
@@ -28,12 +27,15 @@ from .shared import operands_aligned
 MAX_OFFSET = 2**31
 # The kernels' tensors whose rows are keys (their row stride is stride_<name>n; the others' stride_<name>m).
 _KEY_ROWS = ("k", "v", "dk", "dv")
+# The (batch, head, row) stride arguments of each tensor the kernels take, by its name there.
+_STRIDE_ARGUMENTS = {name: (f"stride_{name}b", f"stride_{name}h", f"stride_{name}{'n' if name in _KEY_ROWS else 'm'}")
+                     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
 
 
-def _stride(t, dim):
-    """t's stride along dim as the kernels take it: 0 where the dimension has one element, so that a stride that
+def _strides(t):
+    """t's strides as the kernels take them, read once: 0 where a dimension has one element, so that a stride that
     never moves a pointer cannot exceed the kernels' integer types."""
-    return t.stride(dim) if t.shape[dim] > 1 else 0
+    return [stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride())]
 
 
 def rows_fit(t, row_stride, n_rows):
@@ -78,26 +80,28 @@ class _Launch:
 
     def row_stride(self, t):
         """The row stride of q, k, v or a tensor laid out like one."""
-        return _stride(t, 0) if self.packed else _stride(t, 2)
+        return _strides(t)[0 if self.packed else 2]
 
     def strides(self, name, t):
         """The (batch, head, row) strides of q, k, v or a tensor laid out like one, as the kernel arguments
         stride_<name>b, stride_<name>h and stride_<name>m (stride_<name>n for rows of keys): dense (B, H, N, D) or
         packed (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
-        batch_stride = 0 if self.packed else _stride(t, 0)
-        row = "n" if name in _KEY_ROWS else "m"
-        return {f"stride_{name}b": batch_stride, f"stride_{name}h": _stride(t, 1),
-                f"stride_{name}{row}": self.row_stride(t)}
+        strides = _strides(t)
+        batch, head, row = _STRIDE_ARGUMENTS[name]
+        if self.packed:
+            return {batch: 0, head: strides[1], row: strides[0]}
+        return {batch: strides[0], head: strides[1], row: strides[2]}
 
     def statistics_strides(self, lse):
         """The (batch, head) strides of LSE or DELTA, stride_lb and stride_lh: dense (B, H, Nq), packed
         (H, total_q)."""
+        strides = _strides(lse)
         if self.packed:
-            return {"stride_lb": 0, "stride_lh": _stride(lse, 0)}
-        return {"stride_lb": _stride(lse, 0), "stride_lh": _stride(lse, 1)}
+            return {"stride_lb": 0, "stride_lh": strides[0]}
+        return {"stride_lb": strides[0], "stride_lh": strides[1]}
 
     def grid(self, n, heads, block):
-        return (triton.cdiv(n, block) * self.batch * heads,)
+        return (cdiv(n, block) * self.batch * heads,)
 
 
 def _allocate_forward_outputs(q, packed, n_q):
@@ -284,7 +288,7 @@ def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):
         return mask
     block = tiles.dropout_mask_block(device)
     with launch_device(mask):
-        dropout_mask_kernel[(triton.cdiv(n_q, block), triton.cdiv(n_k, block), batch * heads)](
+        dropout_mask_kernel[(cdiv(n_q, block), cdiv(n_k, block), batch * heads)](
             MASK=mask, SEED=seed, first_b=first_b, H=heads, N_Q=n_q, N_K=n_k, dropout_p=float(dropout_p),
             BLOCK_M=block, BLOCK_N=block,
         )

@@ -10,11 +10,10 @@ cache_seqlens int32 (B,).
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import bf16_in_fp32, operator
+from .._library import bf16_in_fp32, cdiv, operator
 from ..attention.shared import operands_aligned
 from ..attention.tiles import block_d
 from . import tiles
@@ -39,7 +38,7 @@ def _allocate_output(q):
 def _programs_per_split(q, kv_heads):
     """The split kernel's programs per chunk of keys: (B x H_KV) groups times each group's blocks of query rows."""
     batch, heads, n_q, head_dim = q.shape
-    row_blocks = triton.cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype, q.device).block_m)
+    row_blocks = cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype, q.device).block_m)
     return row_blocks * batch * kv_heads
 
 

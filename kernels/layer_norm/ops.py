@@ -8,11 +8,10 @@ Operators (namespace decoder_kernels): layer_norm_forward, layer_norm_backward.
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import differentiable, operator
+from .._library import cdiv, differentiable, operator
 from . import tiles
 from .kernels import (
     BACKWARD_COMPILE_OPTIONS,
@@ -43,7 +42,7 @@ def _allocate_forward_outputs(x, with_sum):
     """y (and s), mean and rstd of the forward, allocated the same way by the launch and by its fake
     implementation: y and s contiguous in x's shape, mean and rstd one fp32 value per row."""
     n_rows = x.numel() // x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     return (y, torch.empty_like(y), mean, rstd) if with_sum else (y, None, mean, rstd)
@@ -60,7 +59,7 @@ def _forward(x, residual, weight, bias, eps):
     tile = tiles.forward_tile(n_cols)
     kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
     with launch_device(x):
-        kernel[(triton.cdiv(n_rows, tile.rows),)](
+        kernel[(cdiv(n_rows, tile.rows),)](
             X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
             WEIGHT=weight if weight is not None else x, BIAS=bias if bias is not None else x, MEAN=mean, RSTD=rstd,
             stride_x=x.stride(0), stride_residual=residual.stride(0) if residual is not None else 0,
@@ -75,13 +74,13 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     """Launch the backward kernel for the row width; reduce the partial dweight / dbias rows. dy and dsum are made
     contiguous (autograd's gradients almost always are already): they share dx's offsets, which saves the kernel
     registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     x = _as_rows(x)
     dy = dy.contiguous()
     dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
     tile = tiles.backward_tile(n_cols)
-    programs = max(1, min(triton.cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
+    programs = max(1, min(cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
     # A streamed row accumulates into its partial rows, which must start at zero.
     allocate = torch.zeros if tile.streamed else torch.empty
     dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
