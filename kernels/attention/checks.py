@@ -61,11 +61,12 @@ def check_band(causal, window):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} (options after q, k, v are "
                         "keyword-only: attention(q, k, v, causal=..., dropout_p=..., scale=...))")
-    expected = f"window must be (left, right), two ints >= -1 (-1: unbounded), got {window!r}"
-    if not isinstance(window, (tuple, list)) or not all(isinstance(w, int) and not isinstance(w, bool)
-                                                        for w in window):
-        raise TypeError(expected)
-    if len(window) != 2 or min(window) < -1:
+    well_typed = isinstance(window, (tuple, list)) and all(isinstance(w, int) and not isinstance(w, bool)
+                                                           for w in window)
+    if not well_typed or len(window) != 2 or min(window) < -1:
+        expected = f"window must be (left, right), two ints >= -1 (-1: unbounded), got {window!r}"
+        if not well_typed:
+            raise TypeError(expected)
         raise ValueError(expected)
     left, right = window
     if causal:
