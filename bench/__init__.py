@@ -7,6 +7,7 @@ GPU commands (each refuses plainly on a machine without CUDA):
     python -m bench.train           GPT training tokens/s and peak memory per backend
     python -m bench.suite           the CUDA test suite, then every benchmark, then the plots
 CPU commands:
+    python -m bench.host            the host's cost per call of every op against torch's own (also on a GPU)
     python -m bench.compile_report  registers / spills / shared memory / wgmma of every shipped kernel config
     python -m bench.plot DIR        PNG plots from the JSON a GPU run wrote (needs matplotlib)
 """
