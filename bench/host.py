@@ -364,8 +364,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default bench/results/ on a CPU, bench/results/<card>/ on a GPU)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds the cost of waking it
-    rounds = 3 if args.quick else args.rounds
+    try:
+        run = run_all(3 if args.quick else args.rounds)
+    finally:
+        torch.set_num_threads(threads)
+    out = args.out or (common.RESULTS_DIR / run["environment"]["card_slug"] if ON_GPU else common.RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host.json").write_text(json.dumps(run, indent=1) + "\n")
+    (out / "host.md").write_text(markdown(run) + "\n")
+    print(markdown(run))
+    print(f"\nwrote {out / 'host.md'} and host.json", flush=True)
+
+
+def run_all(rounds):
+    """Every measurement, as the dict host.json holds."""
     env, where = environment()
     print(f"bench.host: {where}", flush=True)
     if ON_GPU:
@@ -373,15 +387,9 @@ def main(argv=None):
     else:
         with stubbed_launches():
             rows, wrappers = measure(rounds)
-    run = dict(benchmark="bench.host", environment=env, where=where, rounds=rounds, rows=rows, wrappers=wrappers,
-               reference_step_launches=reference_step_launches(), goals=goals(rows),
-               date=time.strftime("%Y-%m-%d", time.gmtime()))
-    out = args.out or (common.RESULTS_DIR / env["card_slug"] if ON_GPU else common.RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "host.json").write_text(json.dumps(run, indent=1) + "\n")
-    (out / "host.md").write_text(markdown(run) + "\n")
-    print(markdown(run))
-    print(f"\nwrote {out / 'host.md'} and host.json", flush=True)
+    return dict(benchmark="bench.host", environment=env, where=where, rounds=rounds, rows=rows, wrappers=wrappers,
+                reference_step_launches=reference_step_launches(), goals=goals(rows),
+                date=time.strftime("%Y-%m-%d", time.gmtime()))
 
 
 if __name__ == "__main__":
