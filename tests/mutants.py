@@ -78,6 +78,11 @@ MUTANTS = [
     Mutant("dK and dV launched apart where one launch serves both", "kernels/attention/ops.py",
            "for kernel in tiles.launch_passes(launch.head_dim, q.dtype, dropout, q.device, aligned):",
            "for kernel in (\"dk\", \"dv\"):", ("tests/test_host_path.py", "-k", "creep")),
+    Mutant("a zero gradient filled in for add_layer_norm's unused y", "kernels/layer_norm/ops.py",
+           "    if dy is None:  # y unused: x and residual receive the gradient of s alone, weight and bias none; no "
+           "launch\n        return dsum, dsum, None, None, None\n    s, weight, mean, rstd = ctx.saved_tensors\n",
+           "    s, weight, mean, rstd = ctx.saved_tensors\n    if dy is None:\n        dy = torch.zeros_like(s)\n",
+           ("tests/test_host_path.py", "-k", "only_its_sum")),
     # Argument checks
     Mutant("a window of the wrong type taken for a wrong value", "kernels/attention/checks.py",
            "raise TypeError(expected)", "raise ValueError(expected)", ("tests/test_errors.py",)),

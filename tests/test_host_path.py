@@ -150,6 +150,20 @@ def test_a_call_launches_no_torch_side_sums_fills_or_copies(device, name):
     assert names.count("aten::randint") == (1 if name == "attention" else 0)
 
 
+def test_add_layer_norm_with_only_its_sum_used_launches_nothing_backward(device):
+    """s = x + residual passes its gradient to x and residual as it is: no normalisation backward, no zero
+    gradient filled in for the unused y."""
+    x, residual = (torch.randn(3, 40, device=device, requires_grad=True) for _ in range(2))
+    weight = torch.randn(40, device=device, requires_grad=True)
+    _, s = kernels.add_layer_norm(x, residual, weight)
+    grad = torch.randn_like(s)
+    with stubbed_launches() as launches:
+        names = _profiled_names(lambda: s.backward(grad))
+    # (autograd itself copies the one gradient into the second leaf's .grad, as it does for torch's own add)
+    assert launches.total() == 0 and not [n for n in names if n in TORCH_SIDE_LAUNCHES and n != "aten::copy_"]
+    assert torch.equal(x.grad, grad) and torch.equal(residual.grad, grad) and weight.grad is None
+
+
 def test_triton_launches_per_reference_gpt_step_do_not_creep(device):
     model, idx = _reference_gpt(device)
     with stubbed_launches() as launches:

@@ -210,7 +210,6 @@ def _backward(
 
 
 
-
 def _per_query_head(kv, launch):
     """The buffer the dK/dV kernel writes a gradient of k or v into: like it when every query head has its own
     key/value head; with grouped-query attention one fp32 share per query head (H heads), to be summed."""
