@@ -61,13 +61,19 @@ def test_operand_alignment_means_16_byte_rows(device):
 def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
     """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
     wgmma tile at head size 256 only for aligned operands."""
+    from kernels._gpu import device_arch
     from kernels.attention import tiles
 
-    for capability, arch in (((9, 0), 90), ((8, 0), 80)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
-        for aligned in (True, False):
-            expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
-            assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
+    try:
+        for capability, arch in (((9, 0), 90), ((8, 0), 80)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+            device_arch.cache_clear()  # asked once per device: forget the previous pretend GPU's answer
+            for aligned in (True, False):
+                expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
+                assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == \
+                    expected
+    finally:
+        device_arch.cache_clear()
     assert tiles.table_tile("forward", 256, torch.bfloat16, False, 90, True) != \
         tiles.table_tile("forward", 256, torch.bfloat16, False, 90, False)
 

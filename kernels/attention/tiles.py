@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from .._gpu import device_arch
+from .._library import next_power_of_2
 
 Tile = namedtuple("Tile", "block_m block_n num_warps num_stages")
 
@@ -173,7 +173,7 @@ DROPOUT_MASK_BLOCK = 64
 
 def block_d(head_dim):
     """The head size padded to a power of two, at least 16 (the smallest tl.dot)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def key_block_passes(head_dim, dtype, dropout, arch, aligned):

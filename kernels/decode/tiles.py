@@ -11,9 +11,8 @@ decode kernels are not in its report). Register counts jump between tiles: head 
 misaligned operands take up to 255 registers per thread.
 """
 
-import torch
-import triton
-
+from .._gpu import multiprocessors
+from .._library import cdiv
 from ..attention.tiles import Tile, block_d, precision
 
 _DECODE_TABLE = {
@@ -58,14 +57,11 @@ def decode_splits(programs, n_max, multiprocessors):
     `programs` (batch x key/value heads x row blocks) per split, the cache's slots per sequence n_max and the GPU's
     multiprocessors. A short sequence in a long cache is still spread over every split (the kernel sizes the chunks
     from each sequence's own length)."""
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
-    return max(1, min(wanted, triton.cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
+    wanted = cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
+    return max(1, min(wanted, cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
 
 
 def launch_splits(programs, n_max, device):
     """decode_splits for `device`'s multiprocessors."""
-    if device.type == "cuda":
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        multiprocessors = INTERPRETER_MULTIPROCESSORS
-    return decode_splits(programs, n_max, multiprocessors)
+    count = multiprocessors(device) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
+    return decode_splits(programs, n_max, count)

@@ -17,9 +17,8 @@ alignments that reach it (the compile report, which also shows the next width up
 import functools
 from collections import namedtuple
 
-import torch
-import triton
-
+from .._gpu import multiprocessors as device_multiprocessors
+from .._library import cdiv, next_power_of_2
 from .._tiles import TileRule, TileTable
 from ..attention.tiles import precision
 
@@ -91,7 +90,7 @@ def launch_width(direction, dtype, n_cols, aligned):
     """The table's width key of a row of n_cols elements: its padded width, or "streamed" where that exceeds
     what the direction holds on chip at the dtype's precision and the alignment (partials_sum holds no row: always
     streamed)."""
-    padded = triton.next_power_of_2(n_cols)
+    padded = next_power_of_2(n_cols)
     return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype), aligned), 0) else "streamed"
 
 
@@ -118,18 +117,15 @@ def launch_keys():
                    for aligned in (True, False)]
 
 
-@functools.lru_cache(maxsize=None)
 def multiprocessors(device):
     """The device's multiprocessors (INTERPRETER_MULTIPROCESSORS on CPU), which the persistent grids are sized by."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_MULTIPROCESSORS
+    return device_multiprocessors(device) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
 
 
 def forward_programs(n_rows, tile, device):
     """The forward's grid: about programs_per_sm programs per multiprocessor, each a contiguous run of tiles of
     tile.rows rows (1 for streamed rows)."""
-    return _persistent_grid(triton.cdiv(n_rows, tile.rows), tile.programs_per_sm * multiprocessors(device))
+    return _persistent_grid(cdiv(n_rows, tile.rows), tile.programs_per_sm * multiprocessors(device))
 
 
 def backward_row_groups(n_rows, tile, column_tiles, device):
@@ -137,10 +133,10 @@ def backward_row_groups(n_rows, tile, column_tiles, device):
     multiprocessor in all, each of at least MIN_BACKWARD_ROWS_PER_PROGRAM rows."""
     wanted = min(tile.programs_per_sm * multiprocessors(device) // column_tiles,
                  n_rows // MIN_BACKWARD_ROWS_PER_PROGRAM)
-    return _persistent_grid(triton.cdiv(n_rows, tile.rows), max(1, wanted))
+    return _persistent_grid(cdiv(n_rows, tile.rows), max(1, wanted))
 
 
 def _persistent_grid(n_items, programs):
     """The number of programs that gives at most `programs` programs non-empty contiguous runs of n_items items
     (row tiles; the kernels' program_run): each owns cdiv(n_items, programs) items, the last possibly fewer."""
-    return triton.cdiv(n_items, triton.cdiv(n_items, programs)) if n_items else 0
+    return cdiv(n_items, cdiv(n_items, programs)) if n_items else 0
