@@ -2,8 +2,9 @@
 
     attention_<dtype>.png        TFLOP/s against sequence length per provider: a row per (head size, causal),
                                  a column per mode; the dashed line is the card's measured bf16 matmul ceiling
-    layernorm_<op>.png           GB/s against width per provider: a row per dtype, a column per mode;
-                                 the dashed line is the card's measured copy bandwidth
+    layernorm_<op>_<rows>_rows.png
+                                 GB/s against width per provider, one plot per row count swept: a row per dtype,
+                                 a column per mode; the dashed line is the card's measured copy bandwidth
     train.png                    tokens/s per backend and config, eager-mode and compiled
 
 Needs matplotlib (not a dependency of the package: `pip install matplotlib`, or the `bench` extra). Runs anywhere,
@@ -77,15 +78,19 @@ def plot_layernorm(plt, run, folder):
     written = []
     ceiling = run["ceilings"]["copy_gbps"]
     for op in dict.fromkeys(r["op"] for r in run["results"]):
-        entries = [r for r in run["results"] if r["op"] == op]
-        dtypes = list(dict.fromkeys(r["dtype"] for r in entries))
-        fig, axes = _grid(plt, dtypes, f"{op}, {run['environment']['card']}: GB/s ({entries[0]['rows']} rows)")
-        for row, dtype in enumerate(dtypes):
-            for col, mode in enumerate(MODES):
-                _draw(axes[row][col], _series([r for r in entries if r["dtype"] == dtype], "width", mode, "gbps"),
-                      ceiling, f"copy {ceiling:.0f}", "width", "GB/s", f"{dtype}, {mode}")
-        axes[0][0].legend(fontsize=8)
-        written.append(_save(plt, fig, folder / f"layernorm_{op}.png"))
+        for rows in dict.fromkeys(r["rows"] for r in run["results"] if r["op"] == op):
+            entries = [r for r in run["results"] if (r["op"], r["rows"]) == (op, rows)]
+            if len({r["width"] for r in entries}) < 2:
+                continue  # a model's single shape: in the markdown table only
+            dtypes = list(dict.fromkeys(r["dtype"] for r in entries))
+            fig, axes = _grid(plt, dtypes, f"{op}, {run['environment']['card']}: GB/s ({rows} rows)")
+            for row, dtype in enumerate(dtypes):
+                for col, mode in enumerate(MODES):
+                    _draw(axes[row][col], _series([r for r in entries if r["dtype"] == dtype], "width", mode,
+                                                  "gbps"), ceiling, f"copy {ceiling:.0f}", "width", "GB/s",
+                          f"{dtype}, {mode}")
+            axes[0][0].legend(fontsize=8)
+            written.append(_save(plt, fig, folder / f"layernorm_{op}_{rows}_rows.png"))
     return written
 
 

@@ -25,9 +25,10 @@ dweight, dbias out. Attention's products are given per visible (query, key) pair
 visible pairs); the minimum is 2 in the forward (Q K^T, P V) and 5 in the backward (Q K^T, dO V^T, dV, dK, dQ).
 
 The interpreter takes seconds per row of a wide LayerNorm, so LayerNorm is counted at a few small row and
-multiprocessor counts and extrapolated to the target (`_norm_at_scale`): every count must be affine in rows and
-multiprocessors, which is checked exactly on the samples, and the target's own launches (run with their programs
-skipped) must have the grids the extrapolation predicts. Their torch-side work is counted there, exactly.
+multiprocessor counts and extrapolated to the target (`_norm_at_scale`): every count must be affine in the rows and
+the programs of the pass's persistent grid (each program costs its own weight loads and partial-sum stores), which
+is checked exactly on the samples, and the target's own launches (run with their programs skipped) must have the
+grids the extrapolation predicts. Their torch-side work is counted there, exactly.
 """
 
 import os
@@ -43,6 +44,7 @@ import textwrap  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, namedtuple  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from fractions import Fraction  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -65,18 +67,22 @@ MULTIPROCESSORS = 132  # H100 SXM and H200
 
 
 @contextlib.contextmanager
-def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCESSORS):
+def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCESSORS, min_backward_rows=None):
     """Inside the block the launchers pick what they pick on an sm_90 card with `multiprocessors` SMs: the attention
-    tables' sm_90 tiles (aligned or not, as the call's operands are) and the LayerNorm backward's program count.
+    tables' sm_90 tiles (aligned or not, as the call's operands are) and the multiprocessors the LayerNorm grids are
+    sized for (its tiles are the same on CPU).
     head_dim and dtype (of an attention call) size the delta kernel's rows, which the launcher takes from
-    INTERPRETER_TILE on CPU."""
+    INTERPRETER_TILE on CPU. min_backward_rows, when given, replaces the least rows a LayerNorm backward program
+    takes (the extrapolation's samples take 1, so that their grids vary at few rows)."""
     patches = [
         (attention_tiles, "launch_tile", lambda kernel, head_dim, dtype, dropout, device, aligned:
             attention_tiles.table_tile(kernel, head_dim, dtype, dropout, ARCH, aligned)),
         (attention_tiles, "launch_passes", lambda head_dim, dtype, dropout, device, aligned:
             attention_tiles.key_block_passes(head_dim, dtype, dropout, ARCH, aligned)),
-        (norm_tiles, "backward_programs", lambda device: multiprocessors * norm_tiles.BACKWARD_PROGRAMS_PER_SM),
+        (norm_tiles, "multiprocessors", lambda device: multiprocessors),
     ]
+    if min_backward_rows is not None:
+        patches.append((norm_tiles, "MIN_BACKWARD_ROWS_PER_PROGRAM", min_backward_rows))
     if head_dim is not None:
         delta_rows = attention_tiles.preprocess_block_m(attention_tiles.block_d(head_dim), dtype)
         patches.append((attention_tiles, "INTERPRETER_TILE", attention_tiles.INTERPRETER_TILE._replace(
@@ -278,6 +284,7 @@ class _LaunchCounter:
         addresses) where `mask` is true."""
         itemsize = max(1, pointers.get_element_ty().primitive_bitwidth // 8)
         addresses = pointers.data.astype(np.int64)
+        mask = np.asarray(mask, dtype=bool)  # the interpreter's masks may be int32 (0 / 1), which would index
         addresses = addresses[np.broadcast_to(mask, addresses.shape)]
         if addresses.size == 0:
             return
@@ -736,16 +743,16 @@ def run_attention(case, seed=0):
 NORM_OPS = ("layer_norm", "add_layer_norm")
 NORM_WIDTHS = (384, 1024, 4096, 16384, 65536)
 NORM_ROWS = (4096, 65536)  # the issue's table's rows, and the bandwidth-bound shape bench.layernorm measures
-# The LayerNorm samples: rows r0 and 2 * r0 (r0 the first of these for which every count is affine) on 1 and 2
-# multiprocessors.
-SAMPLE_ROWS = (8, 16, 32, 64, 128)
-SAMPLE_MULTIPROCESSORS = (1, 2)
+# The LayerNorm samples: rows r0 and 2 * r0 on s0 and 2 * s0 multiprocessors, for the first r0 and then the first
+# s0 at which every phase's grid differs between the samples (so that per-row and per-program counts separate).
+SAMPLE_ROWS = (8, 16, 32, 64, 128, 256, 512, 1024)
+SAMPLE_MULTIPROCESSORS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, seed=0):
+def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, seed=0, min_backward_rows=None):
     """The forward and backward Phases of `op` ("layer_norm" or "add_layer_norm") on (rows, width) fp16 inputs,
     run directly. execute=False records the launches without running their programs (and leaves the inputs
-    unwritten, so no memory is touched by them)."""
+    unwritten, so no memory is touched by them). min_backward_rows: as in gpu_launch_parameters."""
     torch.manual_seed(seed)
     dtype = torch.float16
     make = torch.randn if execute else torch.empty
@@ -754,11 +761,12 @@ def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, see
     residual = make(rows, width, dtype=dtype).requires_grad_() if with_sum else None
     weight, bias = (make(width, dtype=dtype).requires_grad_() for _ in range(2))
     inputs = [t for t in (x, residual, weight, bias) if t is not None]
-    with gpu_launch_parameters(multiprocessors=multiprocessors), record(execute) as forward:
+    launch_parameters = dict(multiprocessors=multiprocessors, min_backward_rows=min_backward_rows)
+    with gpu_launch_parameters(**launch_parameters), record(execute) as forward:
         outputs = kernels.add_layer_norm(x, residual, weight, bias) if with_sum else (kernels.layer_norm(x, weight,
                                                                                                          bias),)
     grads = [make(rows, width, dtype=dtype) for _ in outputs]
-    with gpu_launch_parameters(multiprocessors=multiprocessors), record(execute) as backward:
+    with gpu_launch_parameters(**launch_parameters), record(execute) as backward:
         torch.autograd.grad(outputs, inputs, grads)
     statistics = 2 * 4 * rows  # the fp32 mean and 1 / std of each row
     rows_bytes, vector = _nbytes(x), _nbytes(weight)
@@ -776,33 +784,50 @@ def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, see
 def _norm_at_scale(op, width, targets, multiprocessors=MULTIPROCESSORS):
     """The Phases of `op` at each number of rows in `targets` on `multiprocessors` SMs, extrapolated from small
     samples: see the module docstring."""
-    samples = {}
-    for r0 in SAMPLE_ROWS:
-        for rows in (r0, 2 * r0):
-            for sms in SAMPLE_MULTIPROCESSORS:
-                if (rows, sms) not in samples:
-                    samples[rows, sms] = run_norm(op, width, rows, sms)
-        corners = [samples[r, s] for r in (r0, 2 * r0) for s in SAMPLE_MULTIPROCESSORS]
+    dry_targets = {rows: run_norm(op, width, rows, multiprocessors, execute=False) for rows in targets}
+    for r0, s0 in _sample_points(op, width):
+        corners = [run_norm(op, width, r, s, min_backward_rows=1) for r in (r0, 2 * r0) for s in (s0, 2 * s0)]
         phases = []
         for rows in targets:
-            dry = run_norm(op, width, rows, multiprocessors, execute=False)
-            extrapolated = [_affine(corner_phases, target, r0, rows, multiprocessors)
-                            for *corner_phases, target in zip(*corners, dry)]
+            extrapolated = [_affine(corner_phases, target, r0, rows)
+                            for *corner_phases, target in zip(*corners, dry_targets[rows])]
             if None in extrapolated:
                 break
             phases += extrapolated
         else:
             return phases
-    raise RuntimeError(f"{op} at width {width}: counts not affine in rows and multiprocessors at any of the sample "
+    raise RuntimeError(f"{op} at width {width}: counts not affine in rows and programs at any of the sample "
                        f"rows {SAMPLE_ROWS}; count it directly (run_norm) instead")
 
 
-def _affine(corners, target, r0, rows, sms):
-    """The target Phase with each launch's counts extrapolated from the corner samples (r0, s0), (r0, s1),
-    (2 r0, s0), (2 r0, s1), or None where a count is not affine there or a grid is not what the target launched."""
-    s0, s1 = SAMPLE_MULTIPROCESSORS
+def _sample_points(op, width):
+    """(r0, s0) for each r0 of SAMPLE_ROWS: the first s0 of SAMPLE_MULTIPROCESSORS at which every phase's programs
+    (_programs) differ between s0 and 2 * s0 SMs at r0 or at 2 * r0 rows (found by dry runs, which cost nothing).
+    The samples let a backward program take a single row: only the target's grid must be the launcher's own."""
+    for r0 in SAMPLE_ROWS:
+        for s0 in SAMPLE_MULTIPROCESSORS:
+            programs = [[_programs(phase) for phase in run_norm(op, width, r, s, execute=False,
+                                                                 min_backward_rows=1)]
+                        for r in (r0, 2 * r0) for s in (s0, 2 * s0)]
+            if all(p00 != p01 or p10 != p11 for p00, p01, p10, p11 in zip(*programs)):
+                yield r0, s0
+                break
+
+
+def _programs(phase):
+    """The programs of a phase's first launch: the coordinate its counts are affine in, besides the rows (each
+    program's run of rows costs per row, and each program its own weight loads and partial-sum stores)."""
+    return int(np.prod(phase.launches[0].grid))
+
+
+def _affine(corners, target, r0, rows):
+    """The target Phase with each launch's counts extrapolated from the corner samples (r0 rows on s0 and 2 s0
+    SMs, 2 r0 rows on both) to (rows, the target's programs): each count fitted as a + b * rows + c * programs,
+    or None where a count is not affine there or a grid is not what the target launched."""
     if any(len(c.launches) != len(target.launches) for c in corners):
         return None
+    points = [(r, _programs(c)) for r, c in zip((r0, r0, 2 * r0, 2 * r0), corners)]
+    at = (rows, _programs(target))
     launches = []
     for index, launch in enumerate(target.launches):
         corner_launches = [c.launches[index] for c in corners]
@@ -810,13 +835,7 @@ def _affine(corners, target, r0, rows, sms):
             return None
 
         def at_target(values):
-            a00, a01, a10, a11 = values
-            if a00 + a11 != a01 + a10:
-                raise _NotAffine
-            per_rows, per_sms = (a10 - a00) * (rows - r0), (a01 - a00) * (sms - s0)
-            if per_rows % r0 or per_sms % (s1 - s0):
-                raise _NotAffine
-            return a00 + per_rows // r0 + per_sms // (s1 - s0)
+            return _plane_value(points, values, at)
 
         try:
             grid = tuple(at_target([c.grid[axis] for c in corner_launches]) for axis in range(3))
@@ -831,6 +850,31 @@ def _affine(corners, target, r0, rows, sms):
             return None
         launches.append(LaunchCount(launch.kernel, launch.grid, launch.tile, operands, flops))
     return Phase(target.op, target.case, target.needed, launches, target.torch_work, sample_rows=r0)
+
+
+def _plane_value(points, values, at):
+    """The value at `at` of the plane v = a + b x + c y through the four (x, y) points and their values, exactly;
+    _NotAffine where no plane passes through all four, or its value there is no integer."""
+    for i, j, k in ((0, 1, 2), (0, 1, 3), (0, 2, 3), (1, 2, 3)):
+        (x0, y0), (x1, y1), (x2, y2) = points[i], points[j], points[k]
+        determinant = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+        if determinant:
+            break
+    else:
+        raise _NotAffine
+    v0, v1, v2 = values[i], values[j], values[k]
+    b = Fraction((v1 - v0) * (y2 - y0) - (v2 - v0) * (y1 - y0), determinant)
+    c = Fraction((x1 - x0) * (v2 - v0) - (x2 - x0) * (v1 - v0), determinant)
+
+    def plane(x, y):
+        return v0 + b * (x - x0) + c * (y - y0)
+
+    if any(plane(x, y) != v for (x, y), v in zip(points, values)):
+        raise _NotAffine
+    value = plane(*at)
+    if value.denominator != 1:
+        raise _NotAffine
+    return int(value)
 
 
 class _NotAffine(Exception):
@@ -915,10 +959,11 @@ def markdown(attention, norms):
         parts += ["## LayerNorm\n", norm_table(norms), ""]
         if samples:
             parts += [textwrap.fill(
-                f"The launches' counts are extrapolated from runs at r and 2r rows on 1 and 2 SMs (r = "
+                f"The launches' counts are extrapolated from runs at r and 2r rows on s and 2s SMs (r = "
                 f"{', '.join(map(str, samples))} rows, the fewest at which every count is exactly affine in rows and "
-                "SMs), and the target's own launches have the grids the extrapolation predicts (see "
-                "bench/workcount.py). The torch-side work is counted at the target itself.", 116) + "\n"]
+                "the programs of the pass's grid), and the target's own launches have the grids the extrapolation "
+                "predicts (see bench/workcount.py). The torch-side work is counted at the target itself.", 116)
+                + "\n"]
     parts += ["## Per launch\n", launch_table(attention + norms), ""]
     return "\n".join(parts)
 

@@ -22,9 +22,10 @@ from gpt.model import GPT, GPTConfig
 # its launches per step do not depend on the batch.
 REFERENCE = dict(vocab_size=65, block_size=32, n_embd=384, n_head=6, n_layer=6, dropout=0.2)
 # Triton launches per reference training step (forward and backward) today: each of the 13 LayerNorms launches
-# once forward and once backward, each of the 6 attentions once forward and three times backward. Lower it when a
-# change launches less; a change that launches more must say why here.
-LAUNCHES_TODAY = 50
+# once forward and twice backward (its kernel, then the sum of its programs' dweight / dbias partial rows, which
+# replaced two torch sums and their casts), each of the 6 attentions once forward and three times backward. Lower
+# it when a change launches less; a change that launches more must say why here.
+LAUNCHES_TODAY = 63
 # The bound the project aims at.
 LAUNCH_BOUND = 32
 # aten ops that launch work besides our Triton kernels: reductions, fills and copies.
@@ -132,21 +133,15 @@ def test_a_compiled_graph_holds_the_operators_forward_and_backward(device):
 # What a call and a training step launch
 
 
-@pytest.mark.parametrize("name", [
-    "attention", "attention_varlen",
-    pytest.param("layer_norm", marks=pytest.mark.xfail(
-        reason="LayerNorm's dW and dB are summed by two torch sums until its kernels finish them in one launch",
-        strict=True)),
-    pytest.param("add_layer_norm", marks=pytest.mark.xfail(
-        reason="LayerNorm's dW and dB are summed by two torch sums until its kernels finish them in one launch",
-        strict=True)),
-])
+@pytest.mark.parametrize("name", ["attention", "attention_varlen", "layer_norm", "add_layer_norm"])
 def test_a_call_launches_no_torch_side_sums_fills_or_copies(device, name):
     """Forward and backward launch our Triton kernels and nothing else that computes: no sums, fills or copies
     (autograd materialising a zero gradient for attention's LSE would show as a fill). The dropout seed is its one
-    draw."""
+    draw. (add_layer_norm's x and residual receive one gradient, which autograd copies into the second leaf's
+    .grad, as it does for torch's own add.)"""
     names = _profiled_names(_forward_and_backward(_forwards(device)[name]))
-    assert not [n for n in names if n in TORCH_SIDE_LAUNCHES]
+    autograds_own = {"aten::copy_"} if name == "add_layer_norm" else set()
+    assert not [n for n in names if n in TORCH_SIDE_LAUNCHES and n not in autograds_own]
     assert names.count("aten::randint") == (1 if name == "attention" else 0)
 
 

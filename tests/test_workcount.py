@@ -48,6 +48,27 @@ def test_masked_loads_count_only_their_true_elements_and_distinct_bytes_count_ea
     torch.testing.assert_close(y[:68], x[:68] + x[32:])
 
 
+@triton.jit
+def _row_sum_kernel(X, Y, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Y = the sum of X's first n_rows rows (of n_cols), ROWS rows tried: each mask a column mask and-ed with a scalar
+    comparison, which the interpreter holds as int32 0 / 1."""
+    cols = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for row in tl.static_range(ROWS):
+        total += tl.load(X + row * n_cols + cols, mask=(cols < n_cols) & (row < n_rows), other=0.0)
+    tl.store(Y + cols, total, mask=cols < n_cols)
+
+
+def test_an_integer_mask_selects_its_true_elements():
+    x, y = torch.randn(3, 10), torch.empty(10)
+    with workcount.record() as recording:
+        _row_sum_kernel[(1,)](x, y, 3, 10, ROWS=4, BLOCK=16)
+    (launch,) = recording.launches
+    assert launch.operands == {"X": {"loaded": 120, "stored": 0, "read": 120, "written": 0},
+                               "Y": {"loaded": 0, "stored": 40, "read": 0, "written": 40}}
+    torch.testing.assert_close(y, x.sum(0))
+
+
 def test_a_product_counts_2_m_n_k_flops():
     m, n, k = 16, 32, 64
     a, b = torch.randn(m, k, dtype=torch.float16), torch.randn(k, n, dtype=torch.float16)
@@ -109,7 +130,7 @@ def test_attention_forward_at_the_sm90_tile_counts_its_pairs_by_kind():
 
 
 def test_layer_norm_extrapolated_to_more_rows_and_multiprocessors_counts_what_a_direct_run_counts():
-    width, rows, multiprocessors = 1100, 96, 4  # streamed backward rows, 6 per program
+    width, rows, multiprocessors = 5000, 96, 12  # misaligned: a streamed backward, 3 column tiles x 4 row groups
     direct = workcount.run_norm("layer_norm", width, rows, multiprocessors)
     extrapolated = workcount._norm_at_scale("layer_norm", width, [rows], multiprocessors)
     for measured, predicted in zip(direct, extrapolated):

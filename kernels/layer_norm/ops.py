@@ -13,13 +13,14 @@ from torch import Tensor
 from .._gpu import launch_device
 from .._library import cdiv, differentiable, operator
 from . import tiles
-from .kernels import (
-    BACKWARD_COMPILE_OPTIONS,
+from .backward import (
+    layer_norm_backward_columns_kernel,
     layer_norm_backward_kernel,
-    layer_norm_backward_streamed_kernel,
-    layer_norm_forward_kernel,
-    layer_norm_forward_streamed_kernel,
+    layer_norm_backward_row_sums_kernel,
+    layer_norm_partials_sum_kernel,
 )
+from .forward import layer_norm_forward_kernel, layer_norm_forward_streamed_kernel
+from .shared import BACKWARD_COMPILE_OPTIONS
 
 
 def _as_rows(tensor):
@@ -31,11 +32,6 @@ def _as_rows(tensor):
     if rows.shape[0] > 1 and (rows.shape[0] - 1) * rows.stride(0) + rows.shape[1] >= tiles.MAX_ELEMENTS:
         rows = rows.contiguous()  # a strided view spanning more than 32-bit offsets reach
     return rows
-
-
-def _kernel_for(tile, one_tile_kernel, streamed_kernel):
-    """The kernel for a tile, and its ROWS argument (a streamed row is one per program: no ROWS)."""
-    return (streamed_kernel, {}) if tile.streamed else (one_tile_kernel, {"ROWS": tile.rows})
 
 
 def _allocate_forward_outputs(x, with_sum):
@@ -56,10 +52,15 @@ def _forward(x, residual, weight, bias, eps):
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return y, s, mean, rstd
-    tile = tiles.forward_tile(n_cols)
-    kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
+    aligned = tiles.operands_aligned(n_cols, x, residual, weight, bias)
+    tile = tiles.launch_tile("forward", x.dtype, n_cols, aligned)
+    # rows held in registers, ROWS to a tile; or streamed, one at a time
+    kernel, rows = ((layer_norm_forward_streamed_kernel, {})
+                    if tiles.launch_width("forward", x.dtype, n_cols, aligned) == "streamed"
+                    else (layer_norm_forward_kernel, {"ROWS": tile.rows}))
+    programs = tiles.forward_programs(n_rows, tile, x.device)
     with launch_device(x):
-        kernel[(cdiv(n_rows, tile.rows),)](
+        kernel[(programs,)](
             X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
             WEIGHT=weight if weight is not None else x, BIAS=bias if bias is not None else x, MEAN=mean, RSTD=rstd,
             stride_x=x.stride(0), stride_residual=residual.stride(0) if residual is not None else 0,
@@ -71,39 +72,58 @@ def _forward(x, residual, weight, bias, eps):
 
 
 def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
-    """Launch the backward kernel for the row width; reduce the partial dweight / dbias rows. dy and dsum are made
-    contiguous (autograd's gradients almost always are already): they share dx's offsets, which saves the kernel
-    registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
+    """Launch the backward kernels for the row width, then the sum of the dweight / dbias partial rows. dy and dsum
+    are made contiguous (autograd's gradients almost always are already): they share dx's offsets, which saves the
+    kernels registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     x = _as_rows(x)
     dy = dy.contiguous()
     dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
-    tile = tiles.backward_tile(n_cols)
-    programs = max(1, min(cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
-    # A streamed row accumulates into its partial rows, which must start at zero.
-    allocate = torch.zeros if tile.streamed else torch.empty
-    dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
-    dbias_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dbias else None
-    if n_rows > 0:
-        kernel, rows = _kernel_for(tile, layer_norm_backward_kernel, layer_norm_backward_streamed_kernel)
-        with launch_device(x):
-            kernel[(programs,)](
-                DY=dy, DSUM=dsum if dsum is not None else dy, X=x, WEIGHT=weight if weight is not None else x,
-                MEAN=mean, RSTD=rstd, DX=dx, DWEIGHT_PARTIAL=dweight_partial if compute_dweight else mean,
-                DBIAS_PARTIAL=dbias_partial if compute_dbias else mean, stride_x=x.stride(0), n_rows=n_rows,
-                n_cols=n_cols,
-                HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
-                COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
-                BLOCK_N=tile.block_n, num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS, **rows,
-            )
-    elif compute_dweight or compute_dbias:  # no rows: the gradients are zero
-        dweight_partial = dweight_partial.zero_() if compute_dweight else None
-        dbias_partial = dbias_partial.zero_() if compute_dbias else None
-    # A fixed-order sum over the programs' rows: deterministic, unlike float atomics.
-    dweight = dweight_partial.sum(0).to(weight.dtype) if compute_dweight else None
-    dbias = dbias_partial.sum(0).to(x.dtype) if compute_dbias else None
+    aligned = tiles.operands_aligned(n_cols, dy, dsum, x, weight)
+    tile = tiles.launch_tile("backward", x.dtype, n_cols, aligned)
+    column_tiles = cdiv(n_cols, tile.block_n)
+    row_groups = tiles.backward_row_groups(n_rows, tile, column_tiles, x.device)
+    # One buffer for both partial sums, (2, row groups, n_cols): [0] dweight's, [1] dbias's. Never zero-filled: every
+    # program stores its rows once. (Without either gradient nothing is stored there; mean stands in.)
+    dweight_partial, dbias_partial = (torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device)
+                                      if compute_dweight or compute_dbias else (mean, mean))
+    common = dict(DY=dy, X=x, WEIGHT=weight if weight is not None else x, MEAN=mean, RSTD=rstd,
+                  stride_x=x.stride(0), n_rows=n_rows, n_cols=n_cols, HAS_WEIGHT=weight is not None,
+                  ROWS=tile.rows, BLOCK_N=tile.block_n, num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS)
+    gradients = dict(DSUM=dsum if dsum is not None else dy, DX=dx, DWEIGHT_PARTIAL=dweight_partial,
+                     DBIAS_PARTIAL=dbias_partial, HAS_DSUM=dsum is not None, COMPUTE_DWEIGHT=compute_dweight,
+                     COMPUTE_DBIAS=compute_dbias)
+    streamed = tiles.launch_width("backward", x.dtype, n_cols, aligned) == "streamed"
+    with launch_device(x):
+        if row_groups and not streamed:
+            layer_norm_backward_kernel[(row_groups,)](**common, **gradients)
+        elif row_groups:  # two passes over column tiles
+            row_sums = torch.empty((2, column_tiles, n_rows), dtype=torch.float32, device=x.device)
+            layer_norm_backward_row_sums_kernel[(column_tiles, row_groups)](**common, ROW_SUMS=row_sums)
+            layer_norm_backward_columns_kernel[(column_tiles, row_groups)](**common, **gradients, ROW_SUMS=row_sums)
+        dweight, dbias = _sum_partials(dweight_partial, dbias_partial, weight, x.dtype, n_cols, compute_dweight,
+                                       compute_dbias)
     return dx, dweight, dbias
+
+
+def _sum_partials(dweight_partial, dbias_partial, weight, dtype, n_cols, compute_dweight, compute_dbias):
+    """dweight (in the weight's dtype) and dbias (in `dtype`, the bias's) from the (programs, n_cols) partial rows,
+    added in program order by one launch; None for a gradient not computed."""
+    if not (compute_dweight or compute_dbias):
+        return None, None
+    device = dweight_partial.device
+    dweight = torch.empty(n_cols, dtype=weight.dtype, device=device) if compute_dweight else None
+    dbias = torch.empty(n_cols, dtype=dtype, device=device) if compute_dbias else None
+    tile = tiles.launch_tile("partials_sum", dtype, n_cols, n_cols % 16 == 0)
+    layer_norm_partials_sum_kernel[(cdiv(n_cols, tile.block_n),)](
+        DWEIGHT_PARTIAL=dweight_partial, DBIAS_PARTIAL=dbias_partial,
+        DWEIGHT=dweight if compute_dweight else dbias, DBIAS=dbias if compute_dbias else dweight,
+        n_partials=dweight_partial.shape[0], n_cols=n_cols,
+        COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias, ROWS=tile.rows, BLOCK_N=tile.block_n,
+        num_warps=tile.num_warps,
+    )
+    return dweight, dbias
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,58 +1,142 @@
-"""Tile shapes of the LayerNorm kernels, from the row width: rows per program, columns per tile, whether a row is
-streamed in chunks (the streamed kernels), and warps."""
+"""Launch tiles of the LayerNorm kernels, one TileTable keyed by direction, precision, width and operand alignment,
+and the persistent grids.
+
+    direction   "forward", "backward" (both passes of a streamed backward share its tile), or "partials_sum"
+                (the backward's final sum of the dweight / dbias partial rows)
+    precision   "16bit" (fp16, bf16) or "fp32"
+    width       the row width padded to a power of two, up to the widest row the direction holds on chip
+                (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
+    aligned     whether the launch compiles the kernels' aligned variant (operands_aligned)
+
+A tile is (rows, block_n, num_warps, programs_per_sm): rows per register tile (for partials_sum: partial rows
+loaded per step), columns per tile (a streamed row's chunk, or column tile), warps, and the programs of the
+persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills for the
+alignments that reach it (the compile report, which also shows the next width up spilling past each on-chip limit).
+"""
 
 import functools
 from collections import namedtuple
 
-from .._gpu import multiprocessors
-from .._library import next_power_of_2
+from .._gpu import multiprocessors as device_multiprocessors
+from .._library import cdiv, next_power_of_2
+from .._tiles import TileRule, TileTable
+from ..attention.tiles import precision
 
-Tile = namedtuple("Tile", "rows block_n streamed num_warps")
+Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
 
-# Tile shapes, per direction: the widest row that stays in registers as one tile (a wider row is streamed in
-# chunk-wide tiles), the elements a tile of narrow rows aims for, and the elements each thread holds (which sets
-# the warps). The backward keeps more values live per element, so its tiles are smaller. Sized so that every
-# tile compiles for sm_80 and sm_90 without register spills, with aligned operands and without (the compile
-# report; streamed fp16 rows in 4096-wide tiles of 8 warps spill on sm_90 when misaligned).
-_FORWARD = dict(max_block=8192, chunk=8192, tile_elements=4096, elements_per_thread=16)
-_BACKWARD = dict(max_block=1024, chunk=2048, tile_elements=2048, elements_per_thread=8)
-MAX_ROWS_PER_PROGRAM = 16
-# Programs of the backward: a few per SM on a GPU, so dweight and dbias have few partial rows to sum.
-BACKWARD_PROGRAMS_PER_SM = 4
-BACKWARD_PROGRAMS_ON_CPU = 4
+# The widest row each direction holds in registers, per precision and operand alignment. The backward holds more
+# per column (the weight and the dweight / dbias partial sums across all its rows, besides the row of x and dy)
+# than the forward (the weight and bias, besides the row). Misaligned operands are loaded element by element,
+# which costs registers: their rows stop one width earlier (the next one up spilled).
+MAX_ON_CHIP_WIDTH = {
+    ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
+    ("forward", "fp32", True): 16384, ("forward", "fp32", False): 8192,
+    ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
+    ("backward", "fp32", True): 8192, ("backward", "fp32", False): 4096,
+}
+# What the grids are sized for under Triton's interpreter, which has no multiprocessors.
+INTERPRETER_MULTIPROCESSORS = 2
+# A backward program stores a dweight and a dbias row in fp32, which the final sum reads again: the bytes of several
+# rows of 16-bit input. So each program takes at least this many rows (the partials cost at most 10% more).
+MIN_BACKWARD_ROWS_PER_PROGRAM = 32
 # Offsets in the kernels are 32-bit (64-bit row offsets cost registers and spills), so a tensor holds fewer
 # elements than this.
 MAX_ELEMENTS = 2**31
-# A width of each class the tiles tell apart: several rows per tile (384, the decoder's), the backward's widest
-# tile (1024), one row per forward tile and streamed backward rows (4096, and 8192: the forward's widest tile),
-# streamed in both directions (65536). The compile report compiles these.
-SHIPPED_WIDTHS = (384, 1024, 4096, 8192, 65536)
 
 
-def _tile(n_cols, max_block, chunk, tile_elements, elements_per_thread):
-    """A row of at most max_block elements is one tile row; narrow rows are stacked up to tile_elements per
-    tile. A wider row is streamed in chunk-wide tiles, one row at a time. The warps give each thread about
-    elements_per_thread elements, between 1 and 16 warps."""
-    if n_cols <= max_block:
-        block_n = next_power_of_2(n_cols)
-        rows = min(MAX_ROWS_PER_PROGRAM, max(1, tile_elements // block_n))
-        streamed = False
-    else:
-        block_n, rows, streamed = chunk, 1, True
-    return Tile(rows, block_n, streamed, min(16, max(1, rows * block_n // (32 * elements_per_thread))))
+def _rules(direction, tiles, why):
+    """One rule per (width, tile) of `tiles`, {width: Tile}, for every precision and alignment."""
+    return [TileRule({"direction": direction, "width": width}, tile, why) for width, tile in tiles.items()]
+
+
+_ON_CHIP_FORWARD = "each row read once; weight and bias held across the program's rows"
+_ON_CHIP_BACKWARD = "each row read once; weight and dweight / dbias partials held across the program's rows"
+# Narrow rows are stacked into tiles of about 4096 elements (forward) or 2048 (backward, which keeps more values
+# live per element), at most 16 rows, with about 16 (8) elements per thread; from 4096 (2048) columns up a tile is
+# one row. Programs per multiprocessor: as many as fit in its 65536 registers at the registers the compile report
+# shows with aligned operands (misaligned ones, which take more, may then run in two waves), within 48 warps
+# (sm_86 and sm_89 hold fewer than sm_80 and sm_90), at most 8.
+TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), [
+    *_rules("forward", {
+        1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 2, 8), 128: Tile(16, 128, 4, 7),
+        256: Tile(16, 256, 8, 3), 512: Tile(8, 512, 8, 3), 1024: Tile(4, 1024, 8, 3), 2048: Tile(2, 2048, 8, 3),
+        4096: Tile(1, 4096, 8, 3), 8192: Tile(1, 8192, 16, 1),
+    }, _ON_CHIP_FORWARD),
+    TileRule({"direction": "forward", "width": 16384, "aligned": True}, Tile(1, 16384, 32, 1), _ON_CHIP_FORWARD),
+    TileRule({"direction": "forward", "width": "streamed", "aligned": True}, Tile(1, 8192, 16, 1),
+             "wider than the registers hold: chunks of 8192, the last one held"),
+    TileRule({"direction": "forward", "width": "streamed", "aligned": False}, Tile(1, 4096, 16, 1),
+             "wider than the registers hold: chunks of 4096, the last one held"),
+    *_rules("backward", {
+        1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
+        16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 6), 128: Tile(16, 128, 8, 3),
+        256: Tile(8, 256, 8, 3), 512: Tile(4, 512, 8, 3), 1024: Tile(2, 1024, 8, 3), 2048: Tile(1, 2048, 8, 3),
+        4096: Tile(1, 4096, 16, 1),
+    }, _ON_CHIP_BACKWARD),
+    TileRule({"direction": "backward", "precision": "16bit", "width": 8192, "aligned": True}, Tile(1, 8192, 32, 1),
+             _ON_CHIP_BACKWARD),
+    TileRule({"direction": "backward", "precision": "fp32", "width": 8192, "aligned": True}, Tile(1, 8192, 16, 1),
+             _ON_CHIP_BACKWARD + " (32 warps spill here, with 64 registers a thread)"),
+    TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 2048, 16, 1),
+             "two passes over column tiles of 2048, 4 rows at a time; partials held across the program's rows"),
+    TileRule({"direction": "partials_sum"}, Tile(8, 256, 2, 0),
+             "8 partial rows in flight per step, 256 columns per program (one launch: no persistent grid)"),
+])
 
 
 @functools.lru_cache(maxsize=None)
-def forward_tile(n_cols):
-    return _tile(n_cols, **_FORWARD)
+def launch_width(direction, dtype, n_cols, aligned):
+    """The table's width key of a row of n_cols elements: its padded width, or "streamed" where that exceeds
+    what the direction holds on chip at the dtype's precision and the alignment (partials_sum holds no row: always
+    streamed)."""
+    padded = next_power_of_2(n_cols)
+    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype), aligned), 0) else "streamed"
 
 
-@functools.lru_cache(maxsize=None)
-def backward_tile(n_cols):
-    return _tile(n_cols, **_BACKWARD)
+def launch_tile(direction, dtype, n_cols, aligned):
+    """The tile of a launch (memoised by the table)."""
+    return TABLE.lookup(direction=direction, precision=precision(dtype),
+                        width=launch_width(direction, dtype, n_cols, aligned), aligned=aligned)
 
 
-def backward_programs(device):
-    if device.type == "cuda":
-        return multiprocessors(device) * BACKWARD_PROGRAMS_PER_SM
-    return BACKWARD_PROGRAMS_ON_CPU
+def operands_aligned(n_cols, *tensors):
+    """Whether the launch compiles the kernels' aligned variant: Triton's JIT marks a pointer aligned when it is a
+    multiple of 16 bytes and an integer when it is a multiple of 16, so every tensor's pointer and row stride (and
+    the width) must be. None stands for an absent tensor; the kernels' outputs are fresh and contiguous."""
+    return n_cols % 16 == 0 and all(t is None or (t.data_ptr() % 16 == 0 and (t.dim() == 1 or t.stride(0) % 16 == 0))
+                                    for t in tensors)
+
+
+def launch_keys():
+    """Every (direction, precision, width, aligned) key the launchers can look up."""
+    keys = [(direction, precision, width, aligned)
+            for (direction, precision, aligned), limit in MAX_ON_CHIP_WIDTH.items()
+            for width in [2**i for i in range(limit.bit_length())] + ["streamed"]]
+    return keys + [("partials_sum", precision, "streamed", aligned) for precision in ("16bit", "fp32")
+                   for aligned in (True, False)]
+
+
+def multiprocessors(device):
+    """The device's multiprocessors (INTERPRETER_MULTIPROCESSORS on CPU), which the persistent grids are sized by."""
+    return device_multiprocessors(device) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
+
+
+def forward_programs(n_rows, tile, device):
+    """The forward's grid: about programs_per_sm programs per multiprocessor, each a contiguous run of tiles of
+    tile.rows rows (1 for streamed rows)."""
+    return _persistent_grid(cdiv(n_rows, tile.rows), tile.programs_per_sm * multiprocessors(device))
+
+
+def backward_row_groups(n_rows, tile, column_tiles, device):
+    """The backward's row groups (its grid is column tiles x row groups): about programs_per_sm programs per
+    multiprocessor in all, each of at least MIN_BACKWARD_ROWS_PER_PROGRAM rows."""
+    wanted = min(tile.programs_per_sm * multiprocessors(device) // column_tiles,
+                 n_rows // MIN_BACKWARD_ROWS_PER_PROGRAM)
+    return _persistent_grid(cdiv(n_rows, tile.rows), max(1, wanted))
+
+
+def _persistent_grid(n_items, programs):
+    """The number of programs that gives at most `programs` programs non-empty contiguous runs of n_items items
+    (row tiles; the kernels' program_run): each owns cdiv(n_items, programs) items, the last possibly fewer."""
+    return cdiv(n_items, cdiv(n_items, programs)) if n_items else 0

@@ -22,9 +22,29 @@ ATTENTION_MASKS = {
     "causal": dict(BOUNDED_LEFT=False, BOUNDED_RIGHT=True, VARLEN=False),
     "window_varlen": dict(BOUNDED_LEFT=True, BOUNDED_RIGHT=True, VARLEN=True),
 }
-# The LayerNorm kernels a config can be: name -> (backward, with a residual).
-LAYER_NORM_KERNELS = {"forward": (False, False), "add_forward": (False, True),
-                      "backward": (True, False), "add_backward": (True, True)}
+# The precision class each dtype's tiles are keyed by.
+PRECISIONS = {"float16": "16bit", "bfloat16": "16bit", "float32": "fp32"}
+# The LayerNorm kernels a config can be: name -> (its tile table direction, whether it runs the "streamed" width,
+# the kernel in kernels/layer_norm/forward.py or backward.py, the constexprs that name it).
+_NORM_FORWARD = {"HAS_WEIGHT": True, "HAS_BIAS": True}
+_NORM_BACKWARD = {"HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}
+LAYER_NORM_KERNELS = {
+    "forward": ("forward", False, "layer_norm_forward_kernel", dict(_NORM_FORWARD, HAS_RESIDUAL=False)),
+    "add_forward": ("forward", False, "layer_norm_forward_kernel", dict(_NORM_FORWARD, HAS_RESIDUAL=True)),
+    "forward_streamed": ("forward", True, "layer_norm_forward_streamed_kernel",
+                         dict(_NORM_FORWARD, HAS_RESIDUAL=False)),
+    "add_forward_streamed": ("forward", True, "layer_norm_forward_streamed_kernel",
+                             dict(_NORM_FORWARD, HAS_RESIDUAL=True)),
+    "backward": ("backward", False, "layer_norm_backward_kernel", dict(_NORM_BACKWARD, HAS_DSUM=False)),
+    "add_backward": ("backward", False, "layer_norm_backward_kernel", dict(_NORM_BACKWARD, HAS_DSUM=True)),
+    "backward_row_sums": ("backward", True, "layer_norm_backward_row_sums_kernel", {"HAS_WEIGHT": True}),
+    "backward_columns": ("backward", True, "layer_norm_backward_columns_kernel",
+                         dict(_NORM_BACKWARD, HAS_DSUM=False)),
+    "add_backward_columns": ("backward", True, "layer_norm_backward_columns_kernel",
+                             dict(_NORM_BACKWARD, HAS_DSUM=True)),
+    "partials_sum": ("partials_sum", True, "layer_norm_partials_sum_kernel",
+                     {"COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}),
+}
 
 
 def operands_name(aligned):
@@ -147,36 +167,61 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
 
 
 def layer_norm_configs():
-    """One config per (kernel, dtype, width class) the LayerNorm launchers can pick, with weight and bias
-    present (FusedLayerNorm's case): forward, add-forward, backward, and add-backward (with the gradient of s);
-    each for every checked arch, aligned and not."""
+    """One config per launch key of the LayerNorm tile table (kernels.layer_norm.tiles.launch_keys: direction,
+    precision, width), per dtype of its precision and per kernel its launches run (LAYER_NORM_KERNELS), with weight
+    and bias present (FusedLayerNorm's case); each for every checked arch, aligned and not."""
     from kernels.layer_norm import tiles
 
-    return [layer_norm_config(dtype_name, width, add + direction) for dtype_name in DTYPE_NAMES
-            for width in tiles.SHIPPED_WIDTHS for add in ("", "add_") for direction in ("forward", "backward")]
+    alignments_of = {}  # (dtype, kernel, width, tile) -> the alignments whose launches run it
+    for direction, precision, width, aligned in tiles.launch_keys():
+        tile = tiles.TABLE.lookup(direction=direction, precision=precision, width=width, aligned=aligned)
+        for dtype_name in DTYPE_NAMES:
+            for kernel_name, (of_direction, streamed, _, _) in LAYER_NORM_KERNELS.items():
+                if (PRECISIONS[dtype_name], of_direction, streamed) == (precision, direction, width == "streamed"):
+                    alignments_of.setdefault((dtype_name, kernel_name, width, tuple(tile)), []).append(aligned)
+    return [layer_norm_config(*launch, tuple(alignments)) for launch, alignments in alignments_of.items()]
 
 
-def layer_norm_config(dtype_name, width, kernel_name):
-    """The config of one LayerNorm launch: `kernel_name` (one of LAYER_NORM_KERNELS) at this width class."""
-    from kernels.layer_norm import kernels, tiles
+def layer_norm_config(dtype_name, kernel_name, width, tile, alignments=(True, False)):
+    """The config of one LayerNorm launch: `kernel_name` (one of LAYER_NORM_KERNELS) at the table's width key,
+    run with `tile` (kernels.layer_norm.tiles.Tile), for the launches with these operand alignments on every
+    checked arch."""
+    from kernels.layer_norm import backward, forward, shared, tiles
 
-    backward, has_residual = LAYER_NORM_KERNELS[kernel_name]
-    options = {}
-    if backward:
-        tile = tiles.backward_tile(width)
-        kernel = kernels.layer_norm_backward_streamed_kernel if tile.streamed else kernels.layer_norm_backward_kernel
-        constexprs = {"HAS_DSUM": has_residual, "HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}
-        options = dict(kernels.BACKWARD_COMPILE_OPTIONS)
-        num_stages = options.pop("num_stages")
-    else:
-        tile = tiles.forward_tile(width)
-        kernel = kernels.layer_norm_forward_streamed_kernel if tile.streamed else kernels.layer_norm_forward_kernel
-        constexprs = {"HAS_RESIDUAL": has_residual, "HAS_WEIGHT": True, "HAS_BIAS": True}
-        num_stages = 3
-    constexprs.update(BLOCK_N=tile.block_n, **({} if tile.streamed else {"ROWS": tile.rows}))
-    return _config("layer_norm", ("layer_norm", dtype_name, width, kernel_name),
-                   f"layer_norm_{kernel_name}_{POINTER_TYPES[dtype_name][1:]}_n{width}", kernel, dtype_name,
-                   constexprs, tile.num_warps, num_stages, _targets(), options, kernel=kernel_name, width=width)
+    tile = tiles.Tile(*tile)
+    direction, _, function, constexprs = LAYER_NORM_KERNELS[kernel_name]
+    kernel = getattr(forward if direction == "forward" else backward, function)
+    constexprs = dict(constexprs, BLOCK_N=tile.block_n)
+    if "ROWS" in _kernel_param_names(kernel):
+        constexprs["ROWS"] = tile.rows
+    options = dict(shared.BACKWARD_COMPILE_OPTIONS) if direction == "backward" else {"num_stages": 3}
+    num_stages = options.pop("num_stages")
+    name = f"layer_norm_{kernel_name}_{POINTER_TYPES[dtype_name][1:]}" + (
+        "" if direction == "partials_sum" else f"_n{width}") + f"_{tile.rows}x{tile.block_n}w{tile.num_warps}"
+    return _config("layer_norm", ("layer_norm", dtype_name, kernel_name, width, tuple(tile), tuple(alignments)),
+                   name, kernel, dtype_name, constexprs, tile.num_warps, num_stages,
+                   tuple(target for target in _targets() if target[1] in alignments), options,
+                   kernel=kernel_name, width=width, block_m=tile.rows, block_n=tile.block_n)
+
+
+def layer_norm_limit_probes():
+    """For each on-chip limit of the LayerNorm table (direction, precision, operand alignment), the next width up
+    run the on-chip way: the add variant (the most live values) with the limit's tile at twice the columns and
+    twice the warps (at most 32), in fp16 or fp32, for the alignment on every checked arch. The report shows their
+    spills: why each limit is where it is."""
+    from kernels.layer_norm import tiles
+
+    probes = []
+    for (direction, precision, aligned), limit in tiles.MAX_ON_CHIP_WIDTH.items():
+        tile = tiles.TABLE.lookup(direction=direction, precision=precision, width=limit, aligned=aligned)
+        wider = tile._replace(block_n=2 * limit, num_warps=min(32, 2 * tile.num_warps))
+        dtype_name = "float16" if precision == "16bit" else "float32"
+        probes.append(layer_norm_config(dtype_name, f"add_{direction}", 2 * limit, tuple(wider), (aligned,)))
+    return probes
+
+
+def _kernel_param_names(kernel):
+    return [param.name for param in _kernel_params(kernel)]
 
 
 _BUILDERS = {"attention": attention_config, "attention_preprocess": preprocess_config, "layer_norm": layer_norm_config}

@@ -101,7 +101,23 @@ def matrix_instructions(result):
     return "mma.sync (no wgmma)" if result["mma_sync"] else "NONE (FMA)"
 
 
-def to_markdown(results):
+def layer_norm_limit_rows(probes):
+    """[direction, precision, operands, widest row on chip, the next width's tile, its worst spills per arch]."""
+    from kernels.layer_norm import tiles
+
+    rows = []
+    for (direction, precision, aligned), limit in tiles.MAX_ON_CHIP_WIDTH.items():
+        spills = [f"sm_{r['arch']}: {max(r['spill_store_bytes'], r['spill_load_bytes'])} B" if "error" not in r
+                  else f"sm_{r['arch']}: does not compile" for r in probes
+                  if (r["kernel"], r["width"], r["aligned"]) == (f"add_{direction}", 2 * limit, aligned)
+                  and r["dtype"] == ("float16" if precision == "16bit" else "float32")]
+        warps = next(r["num_warps"] for r in probes if (r["kernel"], r["width"]) == (f"add_{direction}", 2 * limit))
+        rows.append([direction, precision, operands_name(aligned), limit, f"{2 * limit} ({warps} warps)",
+                     ", ".join(spills)])
+    return rows
+
+
+def to_markdown(results, probes=()):
     import triton
 
     headers = ["config", "arch", "operands", "warps", "stages", "registers", "spills (st/ld B)", "stack B",
@@ -169,6 +185,21 @@ def to_markdown(results):
             "| --- | --- | --- | --- | --- | --- |",
         ]
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in ranking_rows(results, ranking)]
+    if probes:
+        lines += [
+            "",
+            "## LayerNorm: the widest rows held on chip",
+            "",
+            "Per direction, precision and operand alignment, the widest row the LayerNorm kernels hold in registers "
+            "(kernels/layer_norm/tiles.py MAX_ON_CHIP_WIDTH), and the next width up compiled the same way (the add "
+            "variant, twice the columns and warps of the limit's tile): its spills are why the limit stops there. "
+            "Wider rows are streamed in the forward and take two column-tiled passes in the backward.",
+            "",
+            "| direction | precision | operands | widest on chip | next width up | its spills (most of stores, "
+            "loads) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in layer_norm_limit_rows(probes)]
     lines += [
         "",
         "## Every config",
@@ -212,8 +243,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     started = time.perf_counter()
     results = compile_all(workers=args.workers)
+    probes = compile_all(configs.layer_norm_limit_probes(), workers=args.workers)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(to_markdown(results))
+    args.output.write_text(to_markdown(results, probes))
     if args.json:
         args.json.write_text(json.dumps(json_records(results), indent=1) + "\n")
     failing = [r for r in results if checks.problems(r)]
