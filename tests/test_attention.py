@@ -7,7 +7,7 @@ lengths that are not multiples of a block, several blocks, and the causal diagon
 
 import pytest
 import torch
-from attention_helpers import check_against_reference, make_inputs, values_and_grads
+from attention_helpers import check_against_reference, check_log_sum_exp, make_inputs, values_and_grads
 from conftest import DTYPES
 
 import kernels
@@ -255,3 +255,17 @@ def test_public_api():
     assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
     assert kernels.attention_varlen is api.attention_varlen
     assert kernels.attention_varlen_dropout_mask is api.attention_varlen_dropout_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_log_sum_exp_in_every_dtype_matches_float64(device, dtype, causal):
+    """return_lse of fp32, fp16 and bf16 inputs (under the interpreter, bf16 takes the fp32 kernels) against
+    the float64 log-sum-exp by the error rule, grouped-query heads, Nk = 45 off the block, Nq = 70 > Nk (causal:
+    the first 25 rows see no key)."""
+    torch.manual_seed(29)
+    q, k, v = make_inputs(2, 4, 70, 45, 16, dtype, device, kv_heads=2)
+    with torch.no_grad():
+        out, lse = attention(q, k, v, causal=causal, scale=0.3, return_lse=True)
+        assert torch.equal(out, attention(q, k, v, causal=causal, scale=0.3))
+    check_log_sum_exp(lse, q, k, 0.3, causal)
