@@ -8,7 +8,7 @@ lengths that are not multiples of a block, several blocks, and the causal diagon
 import pytest
 import torch
 from attention_helpers import check_against_reference, check_log_sum_exp, make_inputs, values_and_grads
-from conftest import DTYPES
+from conftest import DTYPES, gpu_only_determinism
 
 import kernels
 from kernels import attention, attention_dropout_mask
@@ -111,6 +111,7 @@ def test_queries_that_see_no_key_output_zero_with_zero_gradients(device):
     assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@gpu_only_determinism
 def test_backward_is_deterministic(device):
     torch.manual_seed(5)
     inputs = make_inputs(1, 2, 70, 70, 32, DTYPES[-1], device)
@@ -143,6 +144,7 @@ def test_grouped_query_heads_match_repeated_keys_and_values(device, dtype, kv_he
     assert fused[2].shape == k.shape and fused[3].shape == v.shape
 
 
+@gpu_only_determinism
 def test_grouped_query_backward_is_deterministic(device):
     torch.manual_seed(26)
     inputs = make_inputs(1, 4, 40, 40, 32, DTYPES[-1], device, kv_heads=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import DTYPES, assert_within_error_rule
+from conftest import DTYPES, assert_within_error_rule, gpu_only_determinism
 
 import kernels._validate
 from kernels import FusedLayerNorm, add_layer_norm, layer_norm
@@ -159,6 +159,7 @@ def test_add_layer_norm_with_one_output_used(device, used_output):
     _assert_grads_within_error_rule(fused, eager, reference, ("x", "residual", "weight", "bias"))
 
 
+@gpu_only_determinism
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(200, 384), (12, 5000)], ids=["one-tile-rows", "streamed-rows"])
 def test_backward_is_deterministic(device, dtype, shape):
