@@ -53,6 +53,18 @@ MUTANTS = [
     Mutant("bf16 sent to the interpreter's wrong products", "kernels/attention/api.py",
            "if TRITON_INTERPRETS and q.dtype == torch.bfloat16:\n        return _through_fp32(attention,",
            "if False:\n        return _through_fp32(attention,", ("tests/test_attention.py", "-k", "bf16")),
+    Mutant("bf16 log-sum-exp rounded to bf16 on the interpreter's fp32 detour", "kernels/attention/api.py",
+           "(result[0].to(torch.bfloat16), result[1])",
+           "(result[0].to(torch.bfloat16), result[1].to(torch.bfloat16))",
+           ("tests/test_attention.py", "-k", "log_sum_exp_in_every_dtype")),
+    Mutant("packed key grid sized from the longest query sequence", "kernels/attention/ops.py",
+           "cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k",
+           "cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_q",
+           ("tests/test_attention_varlen.py", "-k", "far_apart")),
+    # Decoding
+    Mutant("split-KV combine weighs the chunks against the first chunk's log-sum-exp", "kernels/attention/decode.py",
+           "m_new = tl.maximum(m_i, lse)", 'm_new = tl.where(m_i == float("-inf"), lse, m_i)',
+           ("tests/test_decode.py", "-k", "dominates")),
     # Dropout
     Mutant("dropout mask constant along each row", "kernels/attention/shared.py",
            "rows[:, None] * tl.cdiv(n_k, 4) + groups[None, :]", "rows[:, None] * tl.cdiv(n_k, 4) + groups[None, :] * 0",
@@ -75,6 +87,38 @@ MUTANTS = [
            ("tests/test_layer_norm.py",)),
     Mutant("dweight from the first program's rows only", "kernels/layer_norm/ops.py",
            "dweight = dweight_partial.sum(0)", "dweight = dweight_partial[0]", ("tests/test_layer_norm.py",)),
+    Mutant("streamed statistics from sum and sum of squares", "kernels/layer_norm/kernels.py",
+           "        delta = chunk_mean - mean\n"
+           "        total_count = seen_count + chunk_count\n"
+           "        mean += delta * (chunk_count / total_count)\n"
+           "        squared_deviations += tl.sum(chunk_centered * chunk_centered, axis=1)\n"
+           "        squared_deviations += delta * delta * (seen_count * chunk_count / total_count)\n"
+           "        seen_count = total_count\n",
+           "        total_count = seen_count + chunk_count\n"
+           "        mean += tl.sum(x, axis=1) / n_cols\n"
+           "        squared_deviations += tl.sum(x * x, axis=1)\n"
+           "        seen_count = total_count\n"
+           "    squared_deviations -= mean * mean * n_cols\n",
+           ("tests/test_layer_norm.py", "-k", "far_from_zero")),
+    Mutant("streamed forward reads x at the row width, not its stride", "kernels/layer_norm/kernels.py",
+           "tl.program_id(0) + tl.arange(0, ROWS)\n    row_mask = rows < n_rows\n"
+           "    x_rows = X + rows[:, None] * stride_x",
+           "tl.program_id(0) + tl.arange(0, ROWS)\n    row_mask = rows < n_rows\n"
+           "    x_rows = X + rows[:, None] * n_cols",
+           ("tests/test_layer_norm.py", "-k", "strided_views")),
+    Mutant("streamed backward reads x at the row width, not its stride", "kernels/layer_norm/kernels.py",
+           "    mask = row_mask[:, None] & col_mask[None, :]\n    x = tl.load(X + rows[:, None] * stride_x",
+           "    mask = row_mask[:, None] & col_mask[None, :]\n    x = tl.load(X + rows[:, None] * n_cols",
+           ("tests/test_layer_norm.py", "-k", "strided_views")),
+    Mutant("streamed forward reads the residual at x's stride", "kernels/layer_norm/kernels.py",
+           "residual_rows = RESIDUAL + rows[:, None] * stride_residual\n    sum_rows = SUM + rows[:, None] * n_cols\n"
+           "    y_rows = Y + rows[:, None] * n_cols\n    # Pass 1",
+           "residual_rows = RESIDUAL + rows[:, None] * stride_x\n    sum_rows = SUM + rows[:, None] * n_cols\n"
+           "    y_rows = Y + rows[:, None] * n_cols\n    # Pass 1",
+           ("tests/test_layer_norm.py", "-k", "strided_views")),
+    Mutant("streamed backward's programs accumulate into one shared partial row", "kernels/layer_norm/kernels.py",
+           "partial_offset = pid * n_cols\n    for tile in range(pid, n_tiles, programs):",
+           "partial_offset = 0\n    for tile in range(pid, n_tiles, programs):", ("tests/test_program_order.py",)),
     # Model and data
     Mutant("attention block without its residual", "gpt/model.py", "x = x + self.sa(self.ln1(x), cache)",
            "x = self.sa(self.ln1(x), cache)", ("tests/test_model.py",)),
@@ -84,6 +128,15 @@ MUTANTS = [
     Mutant("the last batch window never drawn", "gpt/data.py",
            "torch.randint(len(data) - self.block_size, (batch_size,)",
            "torch.randint(len(data) - self.block_size - 1, (batch_size,)", ("tests/test_data.py",)),
+    Mutant("rank r draws rank 0's batch of r steps later", "gpt/train.py",
+           "seed + runtime.rank + runtime.world_size * step", "seed + runtime.rank + step",
+           ("tests/test_ddp.py", "-k", "own_batch")),
+    # Generation with a cache
+    Mutant("sdpa's cached mask aligned to the newest query only", "kernels/modules.py", ".tril(n_k - n_q)",
+           ".tril(n_k - 1)", ("tests/test_generate.py", "-k", "several_tokens_at_once")),
+    Mutant("the eager head's causal mask skipped when continuing a cache", "gpt/model.py",
+           "wei = wei.masked_fill(self.tril", "wei = wei if start else wei.masked_fill(self.tril",
+           ("tests/test_generate.py", "-k", "several_tokens_at_once")),
     # transformers integration
     Mutant("transformers: sliding window one key too wide", "kernels/integrations/transformers.py",
            "(sliding_window - 1, 0)", "(sliding_window, 0)", ("tests/test_transformers.py", "-k", "qwen2")),
@@ -101,6 +154,9 @@ MUTANTS = [
     Mutant("transformers: training dropout never applied", "kernels/integrations/transformers.py",
            '"dropout_p": dropout if module.training else 0.0', '"dropout_p": 0.0',
            ("tests/test_transformers.py", "-k", "dropout")),
+    Mutant("transformers: padding assumed all on the left", "kernels/integrations/transformers.py",
+           "first = padding.int().argmax(dim=1, keepdim=True)", "first = (~padding).sum(dim=1, keepdim=True)",
+           ("tests/test_transformers.py", "-k", "right_and_mixed")),
     Mutant("transformers: any mask pattern accepted", "kernels/integrations/transformers.py",
            "if mask_function is causal_mask_function and local_size is None:", "if True:",
            ("tests/test_transformers.py", "-k", "refused")),
