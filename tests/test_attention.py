@@ -285,5 +285,5 @@ def test_sliding_windows_at_non_square_tiles(device, monkeypatch, tile, window, 
 
     monkeypatch.setattr(tiles, "INTERPRETER_TILE", tiles.Tile(*tile, 1, 1))
     torch.manual_seed(sum(window) + n_q)
-    q, k, v = make_inputs(1, 2, n_q, n_k, 16, torch.float32, device, kv_heads=1)
+    q, k, v = make_inputs(1, 1, n_q, n_k, 16, torch.float32, device)
     check_against_reference(q, k, v, causal=causal, window=window)
