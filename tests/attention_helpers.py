@@ -43,3 +43,25 @@ def check_against_reference(q, k, v, grad_out=None, causal=True, scale=None, kee
         assert f.dtype == dtype, f"{name} has dtype {f.dtype}"
         assert_within_error_rule(f, e, r, floor=ABSOLUTE_FLOOR[dtype] * floor_scale, name=name)
     return fused
+
+
+def check_log_sum_exp(lse, q, k, scale, causal, name="lse"):
+    """A dense call's log-sum-exp, (B, H, Nq) fp32, against logsumexp of the scaled scores of the same q
+    (B, H, Nq, D) and k (B, H_KV, Nk, D): in float64 the reference, in fp32 the eager result of the error rule
+    (the kernels take it in fp32 whatever the inputs' dtype); -inf exactly where a row sees no key."""
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3], f"{name}: {lse.dtype} {tuple(lse.shape)}"
+    n_q, n_k = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+
+    def log_sum_exp(dtype):
+        scores = q.to(dtype) @ k.to(dtype).repeat_interleave(group, dim=1).transpose(-2, -1) * scale
+        if causal:
+            seen = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            scores = scores.masked_fill(~seen, float("-inf"))
+        return torch.logsumexp(scores, dim=-1)
+
+    reference, eager = log_sum_exp(torch.float64), log_sum_exp(torch.float32)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(reference)), f"{name}: -inf where a row sees no key"
+    finite = torch.isfinite(reference)
+    assert_within_error_rule(lse[finite], eager[finite], reference[finite], floor=ABSOLUTE_FLOOR[torch.float32],
+                             name=name)

@@ -5,7 +5,9 @@ interpreter executes the real kernels: TRITON_INTERPRET must be set before trito
 which is why it is set here, at the top of the first file pytest loads.
 """
 
+import itertools
 import os
+import random
 
 import torch
 
@@ -20,6 +22,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # so bf16 is checked only on a GPU.
 LOW_PRECISION_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
 DTYPES = [torch.float32, *LOW_PRECISION_DTYPES]
+
+# Triton's interpreter runs a launch's programs one at a time, in grid order: a result that depends on the order
+# programs run in (one program reading what another wrote) comes out the same every time there, so running a call
+# twice and comparing bits proves nothing off a GPU. On CPU, tests/test_program_order.py shuffles the order instead.
+gpu_only_determinism = pytest.mark.skipif(
+    DEVICE != "cuda", reason="the interpreter runs programs one at a time in grid order, so two runs agree whatever "
+    "the kernel does; on CPU tests/test_program_order.py runs them in shuffled orders")
 
 # The absolute floor added to the error rule, per dtype: a few units in the last place at magnitude 1.
 ABSOLUTE_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
@@ -127,3 +136,37 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
     return install
+
+
+@pytest.fixture
+def shuffled_programs(monkeypatch):
+    """Under Triton's interpreter, every launch runs its programs in a random order instead of grid order: a fresh
+    permutation of the grid per launch, drawn from the seed given by calling the fixture's value
+    (`shuffled_programs(seed)`; seed None restores grid order). Each program still runs exactly once.
+
+    The interpreter's launcher (triton/runtime/interpreter.py, GridExecutor.__call__) sets the grid's size on its
+    builder, then walks the grid in order, setting each program's coordinates before running it: the patch gives
+    the n-th program run the coordinates of the n-th entry of the permutation."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+    order, state = [], {"generator": None}
+
+    def shuffled_grid(nx, ny, nz):
+        set_grid_dim(nx, ny, nz)
+        order[:] = itertools.product(range(nx), range(ny), range(nz))
+        if state["generator"] is not None:
+            state["generator"].shuffle(order)
+
+    def coordinates_in_shuffled_order(x, y, z):
+        _, ny, nz = builder.grid_dim
+        set_grid_idx(*order[(x * ny + y) * nz + z])
+
+    monkeypatch.setattr(builder, "set_grid_dim", shuffled_grid)
+    monkeypatch.setattr(builder, "set_grid_idx", coordinates_in_shuffled_order)
+
+    def reseed(seed):
+        state["generator"] = None if seed is None else random.Random(seed)
+
+    return reseed

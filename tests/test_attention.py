@@ -7,8 +7,8 @@ lengths that are not multiples of a block, several blocks, and the causal diagon
 
 import pytest
 import torch
-from attention_helpers import check_against_reference, make_inputs, values_and_grads
-from conftest import DTYPES
+from attention_helpers import check_against_reference, check_log_sum_exp, make_inputs, values_and_grads
+from conftest import DEVICE, DTYPES, gpu_only_determinism
 
 import kernels
 from kernels import attention, attention_dropout_mask
@@ -111,6 +111,7 @@ def test_queries_that_see_no_key_output_zero_with_zero_gradients(device):
     assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+@gpu_only_determinism
 def test_backward_is_deterministic(device):
     torch.manual_seed(5)
     inputs = make_inputs(1, 2, 70, 70, 32, DTYPES[-1], device)
@@ -143,6 +144,7 @@ def test_grouped_query_heads_match_repeated_keys_and_values(device, dtype, kv_he
     assert fused[2].shape == k.shape and fused[3].shape == v.shape
 
 
+@gpu_only_determinism
 def test_grouped_query_backward_is_deterministic(device):
     torch.manual_seed(26)
     inputs = make_inputs(1, 4, 40, 40, 32, DTYPES[-1], device, kv_heads=2)
@@ -255,3 +257,33 @@ def test_public_api():
     assert kernels.attention is attention and kernels.attention_dropout_mask is attention_dropout_mask
     assert kernels.attention_varlen is api.attention_varlen
     assert kernels.attention_varlen_dropout_mask is dropout_mask.attention_varlen_dropout_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_log_sum_exp_in_every_dtype_matches_float64(device, dtype, causal):
+    """return_lse of fp32, fp16 and bf16 inputs (under the interpreter, bf16 takes the fp32 kernels) against
+    the float64 log-sum-exp by the error rule, grouped-query heads, Nk = 45 off the block, Nq = 70 > Nk (causal:
+    the first 25 rows see no key)."""
+    torch.manual_seed(29)
+    q, k, v = make_inputs(2, 4, 70, 45, 16, dtype, device, kv_heads=2)
+    with torch.no_grad():
+        out, lse = attention(q, k, v, causal=causal, scale=0.3, return_lse=True)
+        assert torch.equal(out, attention(q, k, v, causal=causal, scale=0.3))
+    check_log_sum_exp(lse, q, k, 0.3, causal)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs its tables' tiles, non-square ones among them")
+@pytest.mark.parametrize("tile", [(16, 64), (64, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("causal,n_q,n_k", [(True, 80, 80), (False, 80, 80), (False, 33, 90), (True, 90, 33)])
+def test_sliding_windows_at_non_square_tiles(device, monkeypatch, tile, window, causal, n_q, n_k):
+    """The ranges of key blocks a query block sees (and the reverse) round to BLOCK_M on one side and BLOCK_N on
+    the other: at the interpreter's square 32 x 32 tile a side rounded to the wrong one goes unnoticed. Every
+    16-bit tile the tables ship is non-square, with more queries than keys per block or fewer: both here, fp32."""
+    from kernels.attention import tiles
+
+    monkeypatch.setattr(tiles, "INTERPRETER_TILE", tiles.Tile(*tile, 1, 1))
+    torch.manual_seed(sum(window) + n_q)
+    q, k, v = make_inputs(1, 1, n_q, n_k, 16, torch.float32, device)
+    check_against_reference(q, k, v, causal=causal, window=window)

@@ -4,6 +4,7 @@ zero-length sequences, Nq != Nk per sequence, grouped-query heads, windows, drop
 
 import pytest
 import torch
+from attention_helpers import check_log_sum_exp
 from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
 
 from kernels import attention_varlen, attention_varlen_dropout_mask
@@ -114,3 +115,37 @@ def test_bad_packed_inputs_raise_clear_errors(device):
     for error, words, run in cases:
         with pytest.raises(error, match=words):
             run()
+
+
+# A longest key sequence past the longest query sequence by more than the largest block of any tile (128), and
+# the reverse: a launch grid sized from the other maximum misses whole blocks of keys (or queries).
+MORE_KEYS_THAN_QUERIES = [(5, 7), (0, 3), (20, 170), (1, 1), (9, 0), (33, 64)]
+MORE_QUERIES_THAN_KEYS = [(n_k, n_q) for n_q, n_k in MORE_KEYS_THAN_QUERIES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("lengths", [MORE_KEYS_THAN_QUERIES, MORE_QUERIES_THAN_KEYS],
+                         ids=["more-keys", "more-queries"])
+def test_packed_longest_keys_and_queries_far_apart(device, dtype, causal, lengths):
+    """max_seqlen_k 170 and max_seqlen_q 33, and the reverse (a cached prefix, cross-attention): values and
+    every gradient (dK and dV of every key block), each sequence alone."""
+    _check(lengths, 2, 1, dtype, device, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_packed_log_sum_exp_in_every_dtype_matches_float64(device, dtype):
+    """return_lse of packed fp32, fp16 and bf16 inputs (under the interpreter, bf16 takes the fp32 kernels), laid
+    out (H, total_q), against each sequence's float64 log-sum-exp by the error rule: -inf for the sequence
+    without keys and for the rows that see none."""
+    torch.manual_seed(30)
+    q, k, v, cu_q, cu_k = _packed_inputs(LENGTHS, 4, 2, 16, dtype, device)
+    with torch.no_grad():
+        out, lse = attention_varlen(q, k, v, cu_q, cu_k, 70, 64, scale=0.3, return_lse=True)
+    assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    for b, (n_q, n_k) in enumerate(LENGTHS):
+        rows_q, rows_k = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
+        if n_q and n_k:
+            check_log_sum_exp(lse[None, :, rows_q], q[rows_q].transpose(0, 1)[None], k[rows_k].transpose(0, 1)[None],
+                              0.3, causal=True, name=f"lse of sequence {b}")
+    assert torch.isneginf(lse[:, cu_q[5].item():cu_q[6].item()]).all()  # (9, 0): no key at all

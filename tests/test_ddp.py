@@ -1,6 +1,7 @@
 """DistributedDataParallel on CPU with gloo: one DDP step over two ranks equals one single-process step on
 the combined batch, leaving the process group really ends it, and `torchrun -m gpt.train` trains with only
-rank 0 logging and checkpointing, every rank exiting cleanly, and Ctrl-C stops every rank at the same step."""
+rank 0 logging and checkpointing, every rank exiting cleanly, and Ctrl-C stops every rank at the same step; the
+ranks of 2 and 3 draw a batch of their own at every step, and the same ones again after a resume."""
 
 import contextlib
 import gc
@@ -162,3 +163,48 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_the_checkpoint_intact(tmp_path
     assert len(said) == 1, stderr  # rank 0 says it, once
     assert load_checkpoint(out_dir / "ckpt.pt")["step"] == int(said[0])
     assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr
+
+
+def rank_draws(out_dir, monkeypatch, world_size, max_iters, resume=False):
+    """{(rank, step): the window starts of that step's batch} of every rank of `world_size`, drawn by gpt.train's
+    own training loop, each rank run in turn in this process: the DDP wrapper, the collectives and the loss
+    estimates (which draw batches of their own) stubbed out, as the batches depend on none of them. The text has
+    distinct characters, so a window's first token id is its start. With `resume`, every rank continues from the
+    checkpoint in out_dir (rank 0, which overwrites it, last)."""
+    import gpt.train
+    from gpt.data import TextDataset
+
+    out_dir.mkdir(exist_ok=True)
+    data = out_dir / "distinct.txt"
+    data.write_text("".join(chr(0x100 + i) for i in range(600)), encoding="utf-8")
+    args = gpt.train.parse_args(["--data", str(data), "--out-dir", str(out_dir), "--device", "cpu", "--n-embd", "8",
+                                 "--n-head", "2", "--n-layer", "1", "--block-size", "8", "--batch-size", "4",
+                                 "--max-iters", str(max_iters), "--eval-interval", "3", "--eval-iters", "1"]
+                                + (["--resume"] if resume else []))  # fmt: skip
+    draws = []
+    real_get_batch = TextDataset.get_batch
+    monkeypatch.setattr(TextDataset, "get_batch", lambda *a, **k: draws.append(real_get_batch(*a, **k)) or draws[-1])
+    monkeypatch.setattr(gpt.train, "wrap_ddp", lambda model, device: model)
+    monkeypatch.setattr(gpt.train, "mean_across_ranks", lambda value, runtime: value)
+    monkeypatch.setattr(gpt.train, "estimate_loss", lambda *a, **k: {"train": 0.0, "val": 0.0})
+    monkeypatch.setattr(gpt.train.dist, "barrier", lambda: None)
+    start = load_checkpoint(out_dir / "ckpt.pt")["step"] if resume else 0
+    by_rank_and_step = {}
+    for rank in reversed(range(world_size)):
+        draws.clear()
+        gpt.train._train(args, gpt.train.Runtime(torch.device("cpu"), rank, world_size))
+        for step, (x, _) in zip(range(start, max_iters), draws, strict=True):
+            by_rank_and_step[rank, step] = tuple(x[:, 0].tolist())
+    return by_rank_and_step
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_draws_its_own_batch_at_every_step_and_again_after_a_resume(tmp_path, monkeypatch, world_size):
+    """No two (rank, step) pairs draw the same batch (a seed of seed + rank + step would give rank 1 at step s
+    rank 0's batch of step s + 1: every batch seen twice); a run resumed at step 3 draws at each later step the
+    batch the uninterrupted run drew there, on every rank."""
+    straight = rank_draws(tmp_path / "straight", monkeypatch, world_size, max_iters=6)
+    assert len(straight) == world_size * 6 and len(set(straight.values())) == len(straight)
+    rank_draws(tmp_path / "resumed", monkeypatch, world_size, max_iters=3)
+    resumed = rank_draws(tmp_path / "resumed", monkeypatch, world_size, max_iters=6, resume=True)
+    assert resumed == {(rank, step): batch for (rank, step), batch in straight.items() if step >= 3}

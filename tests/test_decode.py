@@ -9,6 +9,7 @@ one or two key/value heads, blocks of 16 keys."""
 
 import pytest
 import torch
+import triton
 from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
 
 import kernels
@@ -257,3 +258,39 @@ def test_bad_inputs_raise_clear_errors_and_leave_the_caches_untouched(device):
         assert torch.equal(k_cache, before_k) and torch.equal(v_cache, before_v), f"{words}: the caches changed"
     with torch.no_grad():  # inference: inputs that require grad are fine once autograd is off
         call(q=q.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_later_chunk_with_scores_in_the_hundreds_dominates_the_combine(device, dtype):
+    """Keys in three chunks, every key after the first chunk scoring in the hundreds while the first chunk's score
+    tens: the chunks' log-sum-exps differ by hundreds, so a combine that weighs the chunks against anything but the
+    running maximum of their log-sum-exps (the first chunk's, say) overflows. Sequences of 4 key blocks (whole
+    blocks), 2 blocks and 15 keys, and 1 block and 3 keys (its second chunk 3 keys, its third empty) after the
+    append. q and k hold integers, so every score is exact in fp16 and fp32 alike, as in the forward's
+    large-magnitude test."""
+    torch.manual_seed(15)
+    block_n, n_q, heads, kv_heads, splits = _block_n(device, dtype), 2, 4, 2, 3
+    final = [4 * block_n, 2 * block_n + 15, block_n + 3]
+    lengths = [n - n_q for n in final]
+    q, k_cache, v_cache, seqlens, k_new, v_new = _inputs(lengths, heads, kv_heads, n_q, HEAD_DIM, max(final),
+                                                         torch.float32, device, True)
+    q, k_cache, k_new = (torch.randint(-3, 4, t.shape, device=device).float() for t in (q, k_cache, k_new))
+    # Four dimensions every query holds at 8: a key holding them at 8 too scores 256 more than one holding 0
+    q[..., :4] = 8
+    k_new[..., :4] = 8
+    first_chunks = [triton.cdiv(triton.cdiv(n, splits), block_n) * block_n for n in final]  # as the kernel cuts
+    for b, chunk in enumerate(first_chunks):
+        k_cache[b, :, :chunk, :4] = 0
+        k_cache[b, :, chunk:, :4] = 8
+    q, k_cache, v_cache, k_new, v_new = (t.to(dtype) for t in (q, k_cache, v_cache, k_new, v_new))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(lengths):
+        expected_k[b, :, n:n + n_q], expected_v[b, :, n:n + n_q] = k_new[b], v_new[b]
+    scores = q.double() @ expected_k.double().repeat_interleave(heads // kv_heads, dim=1).transpose(-2, -1)
+    for b, (n, chunk) in enumerate(zip(final, first_chunks)):
+        first, later = scores[b, ..., :chunk].amax(-1), scores[b, ..., chunk:n].amax(-1)
+        assert (later > 200).all() and (later - first > 150).all(), "the inputs lost their point"
+    out = _decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, scale=1.0, num_splits=splits)
+    reference = _reference(q, expected_k, expected_v, final, torch.float64, scale=1.0)
+    eager = _reference(q, expected_k, expected_v, final, dtype, scale=1.0)
+    assert_within_error_rule(out, eager, reference, floor=ABSOLUTE_FLOOR[dtype])

@@ -81,3 +81,30 @@ def test_a_cache_continues_where_it_stopped_and_refuses_to_overflow(device):
         assert cache.length == 10 and cache.keys[0].shape == (1, 4, 16, 8)
         with pytest.raises(ValueError, match=r"block_size \(16\) after the 10 cached tokens"):
             model(tokens, cache=cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cache_continued_by_several_tokens_at_once_matches_the_recomputed_logits(device, backend):
+    """A prefill of 5 tokens, then 3, 1, 17 and 6 new tokens per call up to block_size (32): every new token's
+    logits against the float64 eager model run on the whole context, by the error rule against the uncached model
+    in fp32. With one token per call a causal mask misaligned among the new tokens is invisible; on the Triton
+    backend 3, 1 and 6 tokens run the decode kernel (Nq > 1 against the cache) and 17 the attention kernel
+    (Nq = 17 < Nk = 26, causal bottom-right)."""
+    config = dict(TINY, block_size=32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config, attention=backend)).to(device).eval()
+    reference = GPT(GPTConfig(**config)).to(device).double().eval()
+    reference.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(6)).to(device)
+    cache = KVCache.for_model(model.config)
+    with torch.no_grad():
+        model(tokens[:, :5], cache=cache)
+        start = 5
+        for new_tokens in (3, 1, 17, 6):
+            end = start + new_tokens
+            cached = model(tokens[:, start:end], cache=cache)[0]
+            recomputed = model(tokens[:, :end])[0][:, start:]
+            exact = reference(tokens[:, :end])[0][:, start:]
+            assert_within_error_rule(cached, recomputed, exact, name=f"logits of tokens {start} to {end - 1}")
+            start = end
+    assert cache.length == 32

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import DTYPES, assert_within_error_rule
+from conftest import DTYPES, assert_within_error_rule, gpu_only_determinism
 
 import kernels._validate
 from kernels import FusedLayerNorm, add_layer_norm, layer_norm
@@ -159,6 +159,7 @@ def test_add_layer_norm_with_one_output_used(device, used_output):
     _assert_grads_within_error_rule(fused, eager, reference, ("x", "residual", "weight", "bias"))
 
 
+@gpu_only_determinism
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(200, 384), (12, 5000)], ids=["one-tile-rows", "streamed-rows"])
 def test_backward_is_deterministic(device, dtype, shape):
@@ -328,3 +329,86 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernels._validate, "TRITON_INTERPRETS", False)
     with pytest.raises(ValueError, match="x is on cpu.*interpreter"):
         layer_norm(torch.randn(3, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wide rows: row-strided views, and means far from zero.
+
+
+def _assert_norm_within_error_rule(device, dtype, inputs, output_grads, fused, eager, names):
+    """fused and eager, each (*leaves) -> an output or a tuple of outputs, against eager in float64 by the error
+    rule: every output and every input's gradient. inputs: float64 tensors (None for an absent one), rounded to
+    dtype once so that every run sees the same values; output_grads: one per output."""
+    inputs = [None if t is None else t.to(dtype) for t in inputs]
+
+    def run(dtype, fn):
+        leaves = [_leaf(t, dtype, device) for t in inputs]
+        outputs = fn(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        torch.autograd.backward(outputs, [g.to(device=device, dtype=dtype) for g in output_grads])
+        return outputs, _grads(*leaves)
+
+    fused_outputs, fused_grads = run(dtype, fused)
+    eager_outputs, eager_grads = run(dtype, eager)
+    reference_outputs, reference_grads = run(torch.float64, eager)
+    for index, (f, e, r) in enumerate(zip(fused_outputs, eager_outputs, reference_outputs)):
+        assert_within_error_rule(f, e, r, name=("y", "s")[index])
+    _assert_grads_within_error_rule(fused_grads, eager_grads, reference_grads, names)
+
+
+def _eager_add_layer_norm(x, residual, weight, bias):
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, EPS), s
+
+
+# (rows, width, row stride) of row-strided views x = base[:, :width] of a (rows, row stride) base: rows wider than
+# the backward's widest tile (streamed there), and than the forward's too (streamed both ways, a ragged last
+# chunk); several rows, so that reading at the width instead of the stride reads the wrong rows.
+STRIDED_WIDE_ROWS = [(12, 2000, 2500), (5, 9000, 9300)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, width, row_stride", STRIDED_WIDE_ROWS, ids=lambda n: str(n))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_row_strided_views_of_wide_rows(device, dtype, rows, width, row_stride, with_residual):
+    """Read in place at their row stride, forward and backward: y (and s), and the gradients of x (the base: 0
+    outside the view), residual (a view of another base, with another stride), weight and bias."""
+    generator = torch.Generator().manual_seed(rows + width)
+    x_base = _random((rows, row_stride), generator, scale=2.0, offset=0.5)
+    residual_base = _random((rows, row_stride + 100), generator)
+    weight, bias = _random(width, generator, scale=0.5, offset=1.0), _random(width, generator)
+    output_grads = [_random((rows, width), generator) for _ in range(1 + with_residual)]
+    if with_residual:
+        def view(function):
+            return lambda x, r, w, b: function(x[:, :width], r[:, :width], w, b)
+
+        fused, eager = view(lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS)), view(_eager_add_layer_norm)
+        inputs, names = (x_base, residual_base, weight, bias), ("x", "residual", "weight", "bias")
+    else:
+        fused = lambda x, w, b: layer_norm(x[:, :width], w, b, EPS)  # noqa: E731
+        eager = lambda x, w, b: F.layer_norm(x[:, :width], (width,), w, b, EPS)  # noqa: E731
+        inputs, names = (x_base, weight, bias), ("x", "weight", "bias")
+    _assert_norm_within_error_rule(device, dtype, inputs, output_grads, fused, eager, names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mean", [100, 1000])
+@pytest.mark.parametrize("shape", [(5, 4097), (3, 20000)], ids=_case_id)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_wide_rows_far_from_zero_do_not_cancel(device, dtype, mean, shape, with_residual):
+    """Rows of mean 100 and 1000 against a spread of 2: the variance is then a difference of nearly equal numbers
+    unless it is taken from deviations (the one-tile kernels) or merged chunk by chunk from deviations (the
+    streamed ones: 4097 is streamed in the backward, 20000 both ways). Values and every gradient."""
+    generator = torch.Generator().manual_seed(mean + shape[-1])
+    width = shape[-1]
+    x = _random(shape, generator, scale=2.0, offset=mean)
+    weight, bias = _random(width, generator, scale=0.5, offset=1.0), _random(width, generator)
+    output_grads = [_random(shape, generator) for _ in range(1 + with_residual)]
+    if with_residual:
+        inputs, names = (x, _random(shape, generator), weight, bias), ("x", "residual", "weight", "bias")
+        fused, eager = lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS), _eager_add_layer_norm
+    else:
+        inputs, names = (x, weight, bias), ("x", "weight", "bias")
+        fused = lambda x, w, b: layer_norm(x, w, b, EPS)  # noqa: E731
+        eager = lambda x, w, b: F.layer_norm(x, (width,), w, b, EPS)  # noqa: E731
+    _assert_norm_within_error_rule(device, dtype, inputs, output_grads, fused, eager, names)

@@ -37,8 +37,11 @@ def test_fused_layernorm_gpt_matches_eager(device, attention):
 def test_fused_gpt_under_autocast_matches_eager_under_autocast(device):
     """Mixed precision as training runs it: 16-bit attention and feed-forward outputs added to the fp32
     residual stream, the norms in fp32 (torch.autocast's rule for layer_norm). fp16, which CPU autocast and
-    the interpreter handle too."""
+    the interpreter handle too. The weights are seeded: in fp16 a ReLU whose input lies within rounding of 0 opens
+    in one model and not the other, a jump no error rule absorbs, and one draw of the weights in about seven puts
+    such an input in the way."""
     generator = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
     eager = GPT(GPTConfig(**TINY)).to(device)
     fused = GPT(GPTConfig(**TINY, layernorm="triton", attention="triton")).to(device)
     fused.load_state_dict(eager.state_dict())

@@ -1,10 +1,10 @@
 """kernels.integrations.transformers: tiny random-weight Hugging Face models (no download) with
 attn_implementation="decoder_kernels" against the same weights under transformers' eager attention, the eager model
 in float64 being the reference of the error rule. GPT-2, Llama with grouped-query heads, Qwen2 with a full layer
-and a sliding-window layer narrower than the sequences: logits, loss and every gradient, with and without left
-padding; greedy generation on a left-padded batch; a dynamic and a static cache continued by several tokens;
-training-mode dropout; the clear errors for what the kernels cannot compute; transformers' probe for the unrelated
-Hub "kernels" package. Skipped without transformers (pip install -e ".[transformers]")."""
+and a sliding-window layer narrower than the sequences: logits, loss and every gradient, without padding and with
+left, right and mixed padding; greedy generation on a left-padded batch; a dynamic and a static cache continued by
+several tokens; training-mode dropout; the clear errors for what the kernels cannot compute; transformers' probe
+for the unrelated Hub "kernels" package. Skipped without transformers (pip install -e ".[transformers]")."""
 
 import copy
 import inspect
@@ -104,12 +104,9 @@ def _logits_loss_and_gradients(model, ids, mask, row_by_row=False):
     return logits[mask.bool()], loss, {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("name", CONFIGS)
-def test_logits_loss_and_gradients_match_eager(name, padded, device):
-    """Padded positions' outputs mean nothing (they see no token) and are left out."""
-    fused, eager, reference = _models(name, device)
-    ids, mask = _batch(device, left_padding=LEFT_PADDING if padded else [0, 0, 0])
+def _assert_logits_loss_and_gradients_match_eager(fused, eager, reference, ids, mask):
+    """The tokens' logits, the loss and every gradient of the fused model against the eager one's by the error
+    rule, the reference run row by row (`_unpadded_reference`)."""
     fused_logits, fused_loss, fused_grads = _logits_loss_and_gradients(fused, ids, mask)
     eager_logits, eager_loss, eager_grads = _logits_loss_and_gradients(eager, ids, mask)
     logits64, loss64, grads64 = _logits_loss_and_gradients(reference, ids, mask, row_by_row=True)
@@ -118,6 +115,15 @@ def test_logits_loss_and_gradients_match_eager(name, padded, device):
     for parameter in grads64:
         assert_within_error_rule(fused_grads[parameter], eager_grads[parameter], grads64[parameter],
                                  name=f"grad {parameter}")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_loss_and_gradients_match_eager(name, padded, device):
+    """Padded positions' outputs mean nothing (they see no token) and are left out."""
+    fused, eager, reference = _models(name, device)
+    ids, mask = _batch(device, left_padding=LEFT_PADDING if padded else [0, 0, 0])
+    _assert_logits_loss_and_gradients_match_eager(fused, eager, reference, ids, mask)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-sliding"])
@@ -291,3 +297,24 @@ def test_transformers_does_not_mistake_this_package_for_the_hub_kernels_package(
 
     assert not is_kernels_available()
     assert not hasattr(hub_kernels, "get_kernel_hub")  # bound only when transformers believes the Hub package is there
+
+
+# (left, right) padding of each row of a batch of 3: right padding, as training batches have it; and rows padded on
+# both sides beside a left-padded and a right-padded one. Every row keeps more tokens than the sliding window.
+RIGHT_PADDING = [(0, 0), (0, 3), (0, 11)]
+MIXED_PADDING = [(2, 5), (0, 7), (6, 0)]
+
+
+@pytest.mark.parametrize("padding", [RIGHT_PADDING, MIXED_PADDING], ids=["right-padded", "mixed-padding"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-sliding"])
+def test_right_and_mixed_padding_match_eager(name, padding, device):
+    """Padding at a row's end, and at both ends, under a full layer and a sliding-window layer: logits, loss and
+    every gradient, padded positions left out (a right-padded position sees the tokens before it in eager, none
+    here: it is padding either way)."""
+    fused, eager, reference = _models(name, device)
+    ids, _ = _batch(device, left_padding=[0] * len(padding))
+    mask = torch.ones_like(ids)
+    for row, (left, right) in enumerate(padding):
+        mask[row, :left] = 0
+        mask[row, mask.shape[1] - right:] = 0
+    _assert_logits_loss_and_gradients_match_eager(fused, eager, reference, ids, mask)
