@@ -361,9 +361,10 @@ def _eager_add_layer_norm(x, residual, weight, bias):
     return F.layer_norm(s, (s.shape[-1],), weight, bias, EPS), s
 
 
-# (rows, width, row stride) of row-strided views x = base[:, :width] of a (rows, row stride) base: rows wider than
-# the backward's widest tile (streamed there), and than the forward's too (streamed both ways, a ragged last
-# chunk); several rows, so that reading at the width instead of the stride reads the wrong rows.
+# (rows, width, row stride) of row-strided views x = base[:, :width] of a (rows, row stride) base. The strides are
+# not multiples of 16, so the launches take the misaligned tiles: 2000 is held on chip both ways, 9000 is wider
+# than both misaligned limits (streamed forward with a ragged last chunk, two-pass backward). Several rows, so
+# that reading at the width instead of the stride reads the wrong rows.
 STRIDED_WIDE_ROWS = [(12, 2000, 2500), (5, 9000, 9300)]
 
 
@@ -397,8 +398,9 @@ def test_row_strided_views_of_wide_rows(device, dtype, rows, width, row_stride, 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["layer_norm", "add_layer_norm"])
 def test_wide_rows_far_from_zero_do_not_cancel(device, dtype, mean, shape, with_residual):
     """Rows of mean 100 and 1000 against a spread of 2: the variance is then a difference of nearly equal numbers
-    unless it is taken from deviations (the one-tile kernels) or merged chunk by chunk from deviations (the
-    streamed ones: 4097 is streamed in the backward, 20000 both ways). Values and every gradient."""
+    unless it is taken from deviations (the on-chip kernels) or merged chunk by chunk from deviations (the
+    streamed ones: 4097, misaligned, takes the two-pass backward; 20000 is streamed forward and two-pass backward).
+    Values and every gradient."""
     generator = torch.Generator().manual_seed(mean + shape[-1])
     width = shape[-1]
     x = _random(shape, generator, scale=2.0, offset=mean)
