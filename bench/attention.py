@@ -101,15 +101,9 @@ def _flex():
 def providers():
     """name -> (function(q, k, v, causal) -> out, core). Core providers are measured even once the budget is spent."""
     import kernels
-    from torch.nn.attention import SDPBackend
 
     table = {"triton": (lambda q, k, v, causal: kernels.attention(q, k, v, causal=causal), True)}
-    for name, backend, core in [
-        ("sdpa-flash", SDPBackend.FLASH_ATTENTION, True),
-        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, True),
-        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, False),
-        ("sdpa-math", SDPBackend.MATH, False),
-    ]:
+    for name, backend, core in common.sdpa_backends():
         table[name] = (_sdpa(backend), core)
     table["eager"] = (attention_reference, False)
     flex = _flex()

@@ -124,6 +124,15 @@ def peak_memory_bytes(fn):
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
+def sdpa_backends():
+    """(provider name, SDPBackend, core) for every SDPA backend the benchmarks measure. Flash and cuDNN are what
+    SDPA picks on a GPU by default, so they are core: measured even once the time budget is spent."""
+    from torch.nn.attention import SDPBackend
+
+    return [("sdpa-flash", SDPBackend.FLASH_ATTENTION, True), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, True),
+            ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, False), ("sdpa-math", SDPBackend.MATH, False)]
+
+
 def measure_modes(forward, backward, grads, metrics):
     """Peak memory of one forward+backward, then the median times of the forward, the backward alone (replaying
     one kept graph) and both. forward() returns the outputs; backward(outputs, retain_graph) runs their backward;

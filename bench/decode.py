@@ -73,19 +73,13 @@ def providers():
     """name -> (function(q, k_cache, v_cache, cache_seqlens) -> out, core). Core providers are measured even once
     the budget is spent."""
     import kernels  # noqa: F401 - registers the decoder_kernels operators
-    from torch.nn.attention import SDPBackend
 
     def triton(q, k_cache, v_cache, seqlens):
         return torch.ops.decoder_kernels.decode_attention(q, k_cache, v_cache, seqlens, None, None,
                                                           q.shape[-1] ** -0.5, 0)
 
     table = {"triton": (triton, True)}
-    for name, backend, core in [
-        ("sdpa-flash", SDPBackend.FLASH_ATTENTION, True),
-        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, True),
-        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, False),
-        ("sdpa-math", SDPBackend.MATH, False),
-    ]:
+    for name, backend, core in common.sdpa_backends():
         table[name] = (_sdpa(backend), core)
     return table
 
