@@ -32,5 +32,5 @@ residual add. Nothing of size T x T is stored; statistics and softmax are fp32; 
 
 from .attention import attention, attention_dropout_mask, attention_varlen, attention_varlen_dropout_mask
 from .decode import decode_attention
-from .layer_norm import add_layer_norm, layer_norm
-from .modules import FusedLayerNorm, FusedMultiHeadAttention
+from .layer_norm import add_layer_norm, add_norm_dropout_mask, add_rms_norm, layer_norm, rms_norm
+from .modules import FusedLayerNorm, FusedMultiHeadAttention, FusedRMSNorm
