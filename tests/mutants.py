@@ -79,9 +79,9 @@ MUTANTS = [
            "for kernel in tiles.launch_passes(launch.head_dim, q.dtype, dropout, q.device, aligned):",
            "for kernel in (\"dk\", \"dv\"):", ("tests/test_host_path.py", "-k", "creep")),
     Mutant("a zero gradient filled in for add_layer_norm's unused y", "kernels/layer_norm/ops.py",
-           "    if dy is None:  # y unused: x and residual receive the gradient of s alone, weight and bias none; no "
-           "launch\n        return dsum, dsum, None, None, None\n    s, weight, mean, rstd = ctx.saved_tensors\n",
-           "    s, weight, mean, rstd = ctx.saved_tensors\n    if dy is None:\n        dy = torch.zeros_like(s)\n",
+           "    if dy is None and seed is None:  # y unused: x and residual receive the gradient of s alone; no launch\n"
+           "        return (dsum, dsum) + (None,) * 8\n",
+           "    if dy is None and seed is None:\n        dy = torch.zeros_like(s)\n",
            ("tests/test_host_path.py", "-k", "only_its_sum")),
     # Argument checks
     Mutant("a window of the wrong type taken for a wrong value", "kernels/attention/checks.py",
@@ -105,8 +105,8 @@ MUTANTS = [
     Mutant("eps outside the square root", "kernels/layer_norm/forward.py", "rstd = 1.0 / tl.sqrt(var + eps)",
            "rstd = 1.0 / tl.sqrt(var) + eps", ("tests/test_layer_norm.py",)),
     Mutant("dx without the mean(g) term", "kernels/layer_norm/backward.py",
-           "dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]",
-           "dx = (g - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]", ("tests/test_layer_norm.py",)),
+           "centered_g = g if RMS else g - (sum_g / n_cols)[:, None]", "centered_g = g",
+           ("tests/test_layer_norm.py",)),
     Mutant("dweight from the first program's rows only", "kernels/layer_norm/backward.py",
            "row_mask = col_mask & (first_row + step < n_partials)", "row_mask = col_mask & (first_row + step < 1)",
            ("tests/test_layer_norm_grid.py", "-k", "grid_shapes")),
@@ -132,6 +132,15 @@ MUTANTS = [
     Mutant("the streamed backward's row sums taken from the first column tile only", "kernels/layer_norm/backward.py",
            "for tile_sums in range(0, column_tiles):", "for tile_sums in range(0, 1):",
            ("tests/test_layer_norm_grid.py", "-k", "every_width_class")),
+    # The transformers norm swap
+    Mutant("the norm swap leaves the last norm it finds unswapped", "kernels/integrations/transformers.py",
+           "for path, fused in swaps.items():", "for path, fused in list(swaps.items())[:-1]:",
+           ("tests/test_transformers.py", "-k", "fused_norms_match")),
+    Mutant("the norm swap refuses after swapping the norms before", "kernels/integrations/transformers.py",
+           "        swaps[path] = replacements[id(module)]\n",
+           "        swaps[path] = replacements[id(module)]\n        parent, _, name = path.rpartition('.')\n"
+           "        setattr(model.get_submodule(parent), name, swaps[path])\n",
+           ("tests/test_transformers.py", "-k", "refused_and_nothing")),
     # The work counter (bench/workcount.py)
     Mutant("work counter: masked-out elements counted as moved", "bench/workcount.py",
            "addresses = addresses[np.broadcast_to(mask, addresses.shape)]", "addresses = addresses.ravel()",
