@@ -79,10 +79,11 @@ class FusedMultiHeadAttention(nn.Module):
         if all(key in state_dict for key in keys):
             state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(key) for key in keys])
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, output_dropout=True):
         """x (B, T, C) -> (B, T, C). `cache`: a layer's key/value cache when generating (gpt/cache.py's
         LayerCache: `length` tokens cached, `store(k, v)` appends and returns every token's keys and values,
-        `keys` and `values` the whole (B, H, block_size, D) storage)."""
+        `keys` and `values` the whole (B, H, block_size, D) storage). output_dropout=False leaves the output's
+        dropout (self.dropout) to the caller, which fuses it into the next kernel (`add_layer_norm`'s dropout_p)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
@@ -103,7 +104,8 @@ class FusedMultiHeadAttention(nn.Module):
             else:
                 out = _sdpa_causal(q, k, v, dropout_p)
         out = out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as the eager torch.cat gives them
-        return self.dropout(self.proj(out))
+        out = self.proj(out)
+        return self.dropout(out) if output_dropout else out
 
 
 def _sdpa_causal(q, k, v, dropout_p):
