@@ -131,6 +131,32 @@ def test_residual_in_fp32(device, residual_dtype):
     assert weight.grad.dtype == torch.float16
 
 
+@pytest.mark.parametrize("width", [1000, 2048, 4096], ids=["misaligned-streamed", "on-chip", "streamed"])
+def test_residual_in_fp32_gradients(device, width):
+    """A sum kept in fp32 takes its own tiles (rows on chip to 2048 in the backward, 512 misaligned): values and
+    every gradient against the eager fp32 sum normalized and rounded to fp16, by the error rule."""
+    generator = torch.Generator().manual_seed(width)
+    inputs = [_random((6, width), generator, scale=2.0, offset=0.5).half(), _random((6, width), generator).float(),
+              _random(width, generator, scale=0.5, offset=1.0).half()]
+    cotangents = [_random((6, width), generator).half(), _random((6, width), generator).float()]
+
+    def run(fused, dtype):
+        x, residual, weight = (t.detach().to(device).clone().requires_grad_() for t in inputs)
+        if fused:
+            y, s = add_rms_norm(x, residual, weight, EPS, residual_in_fp32=True)
+        else:
+            s = x.to(dtype) + residual.to(dtype)
+            y = eager_rms_norm(s, weight.to(dtype))
+            y = y.half() if dtype == torch.float32 else y
+        torch.autograd.backward((y, s), [c.to(device=device, dtype=o.dtype) for c, o in zip(cotangents, (y, s))])
+        return y, s, x.grad, residual.grad, weight.grad
+
+    for name, f, e, r in zip(("y", "s", "grad x", "grad residual", "grad weight"), run(True, None),
+                             run(False, torch.float32), run(False, torch.float64)):
+        assert f.dtype == e.dtype, name
+        assert_within_error_rule(f, e, r, name=name)
+
+
 def test_with_only_its_sum_used(device):
     x, residual = (torch.randn(3, 40, device=device, requires_grad=True) for _ in range(2))
     weight = torch.randn(40, device=device, requires_grad=True)

@@ -35,11 +35,8 @@ def _gradient_terms(X, DY, WEIGHT_TILE, MEAN, RSTD, rows, row_mask, cols, mask, 
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-    if RMS:
-        x_hat = x * rstd[:, None]  # 0 where masked: x is loaded as 0 there
-    else:
-        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    mean = tl.zeros_like(rstd) if RMS else tl.load(MEAN + rows, mask=row_mask, other=0.0)
+    x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     g = dy * (WEIGHT_TILE.to(tl.float32) + offset) if HAS_WEIGHT else dy
     return rstd, dy, x_hat, g
 
@@ -131,7 +128,7 @@ def layer_norm_backward_row_sums_kernel(
     Grid: (column tiles, row groups).
 
     ROW_SUMS: (2, column tiles, n_rows) fp32: [0, c, row] receives the sum of g over column tile c of the row
-              (not with RMS, which needs none), [1, c, row] the sum of g * x_hat.
+              (unused with RMS), [1, c, row] the sum of g * x_hat.
     Other arguments as in layer_norm_backward_kernel.
     """
     column_tile = tl.program_id(0)
@@ -146,8 +143,9 @@ def layer_norm_backward_row_sums_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         _, _, x_hat, g = _gradient_terms(X, DY, w, MEAN, RSTD, rows, row_mask, cols, mask, stride_x, n_cols,
                                          offset, HAS_WEIGHT=HAS_WEIGHT, RMS=RMS)
-        if not RMS:
-            tl.store(ROW_SUMS + column_tile * n_rows + rows, tl.sum(g, axis=1), mask=row_mask)
+        # RMS needs no sum of g; it is stored anyway, one fp32 per row and column tile (with it left out, sm_80
+        # spilled here)
+        tl.store(ROW_SUMS + column_tile * n_rows + rows, tl.sum(g, axis=1), mask=row_mask)
         tl.store(ROW_SUMS + (column_tiles + column_tile) * n_rows + rows, tl.sum(g * x_hat, axis=1), mask=row_mask)
 
 

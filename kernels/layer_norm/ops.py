@@ -90,7 +90,7 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias, r
     dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
     aligned = tiles.operands_aligned(n_cols, dy, dsum, x, weight)
-    precision = tiles.precision(x.dtype)
+    precision = tiles.launch_precision(dy.dtype, x.dtype)
     tile = tiles.launch_tile("backward", precision, n_cols, aligned)
     column_tiles = cdiv(n_cols, tile.block_n)
     row_groups = tiles.backward_row_groups(n_rows, tile, column_tiles, x.device)

@@ -3,9 +3,10 @@ and the persistent grids.
 
     direction   "forward", "backward" (both passes of a streamed backward share its tile), or "partials_sum"
                 (the backward's final sum of the dweight / dbias partial rows)
-    precision   "16bit" (fp16, bf16), "fp32", or "mixed": a forward of 16-bit rows whose sum is kept in fp32
-                (residual_in_fp32), whose fp32 residual and sum beside the 16-bit x and y take more registers
-                than either precision's rows (`launch_precision`)
+    precision   "16bit" (fp16, bf16), "fp32", or "mixed": 16-bit rows whose sum is kept in fp32
+                (residual_in_fp32), the forward's fp32 residual and sum beside the 16-bit x and y, the backward's
+                fp32 sum and its gradients beside the 16-bit dy and weight, which take more registers than either
+                precision's rows (`launch_precision`)
     width       the row width padded to a power of two, up to the widest row the direction holds on chip
                 (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
     aligned     whether the launch compiles the kernels' aligned variant (operands_aligned)
@@ -38,6 +39,7 @@ MAX_ON_CHIP_WIDTH = {
     ("forward", "mixed", True): 8192, ("forward", "mixed", False): 8192,
     ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
     ("backward", "fp32", True): 8192, ("backward", "fp32", False): 4096,
+    ("backward", "mixed", True): 2048, ("backward", "mixed", False): 512,  # 4096 (1024 misaligned) spilled
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
 INTERPRETER_MULTIPROCESSORS = 2
@@ -75,6 +77,8 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
              "wider than the registers hold: chunks of 8192, the last one held"),
     TileRule({"direction": "forward", "width": "streamed", "aligned": False}, Tile(1, 4096, 16, 1),
              "wider than the registers hold: chunks of 4096, the last one held"),
+    TileRule({"direction": "backward", "width": 1024, "aligned": False}, Tile(1, 1024, 8, 3),
+             _ON_CHIP_BACKWARD + " (two rows a tile spilled on sm_90 with dropout's mask)"),
     *_rules("backward", {
         1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
         16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 6), 128: Tile(16, 128, 8, 3),
@@ -93,8 +97,9 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
 
 
 def launch_precision(dtype, sum_dtype):
-    """The table's precision of a launch whose rows have `dtype` and whose sum (the forward's s, else the rows
-    themselves) has sum_dtype: "mixed" for 16-bit rows with an fp32 sum, else the dtype's."""
+    """The table's precision of a launch whose rows have `dtype` (the forward's x, the backward's dy) and whose sum
+    (the forward's s, the backward's normalized rows) has sum_dtype: "mixed" for 16-bit rows with an fp32 sum, else
+    the dtype's."""
     if sum_dtype != dtype and sum_dtype == torch.float32:
         return "mixed"
     return precision(dtype)

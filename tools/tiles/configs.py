@@ -31,11 +31,11 @@ PRECISIONS = {"float16": "16bit", "bfloat16": "16bit", "float32": "fp32"}
 # launch looks up). LayerNorm and RMSNorm (RMS), with and without the residual add; dropout on the add's branch for
 # LayerNorm, whose statistics keep the most values live; and the add with its sum in fp32 (compiled for 16-bit
 # dtypes only: in fp32 it is the plain add): the forward reads an fp32 residual and writes the fp32 sum beside
-# 16-bit x and y ("mixed" tiles), the backward reads the fp32 sum beside 16-bit dy and weight (fp32 tiles).
+# 16-bit x and y, the backward reads the fp32 sum beside 16-bit dy and weight (both on "mixed" tiles).
 NormKernel = namedtuple("NormKernel", "direction streamed function constexprs fp32_pointers launch_precision",
                         defaults=((), None))
 _SUM_IN_FP32_FORWARD = (("RESIDUAL", "SUM"), "mixed")
-_SUM_IN_FP32_BACKWARD = (("X", "DSUM", "DX", "DX_KEPT"), "fp32")
+_SUM_IN_FP32_BACKWARD = (("X", "DSUM", "DX", "DX_KEPT"), "mixed")
 _FORWARD = {"HAS_WEIGHT": True, "HAS_BIAS": True, "RMS": False, "DROPOUT": False, "HAS_RESIDUAL": False}
 _ADD_FORWARD = dict(_FORWARD, HAS_RESIDUAL=True)
 _RMS_FORWARD = dict(_FORWARD, HAS_BIAS=False, RMS=True)
