@@ -4,7 +4,8 @@ in float64 being the reference of the error rule. GPT-2, Llama with grouped-quer
 and a sliding-window layer narrower than the sequences: logits, loss and every gradient, with and without left
 padding; greedy generation on a left-padded batch; a dynamic and a static cache continued by several tokens;
 training-mode dropout; the clear errors for what the kernels cannot compute; apply_fused_norms on GPT-2, Llama,
-Qwen2 and Mistral; transformers' probe for the unrelated Hub "kernels" package. Skipped without transformers (pip install -e ".[transformers]")."""
+Qwen2 and Mistral; transformers' probe for the unrelated Hub "kernels" package. Skipped without transformers
+(pip install -e ".[transformers]")."""
 
 import copy
 import inspect
