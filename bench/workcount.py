@@ -1,7 +1,7 @@
 """Work counts of the kernels at an sm_90 card's launch parameters, on CPU: what every launch loads, stores and
 multiplies, as ratios to what the op needs, so structural waste shows without a GPU.
 
-    python -m bench.workcount [--op attention|layer_norm|add_layer_norm ...] [--markdown FILE]
+    python -m bench.workcount [--op attention|layer_norm|add_layer_norm|rms_norm|add_rms_norm ...] [--markdown FILE]
 
 The kernels run under Triton's interpreter, with the launchers answering as on an H100 or H200: sm_90 tiles and 132
 multiprocessors (`gpu_launch_parameters`, the one place that knows how the launchers choose). The interpreter's
@@ -740,7 +740,7 @@ def run_attention(case, seed=0):
 # --------------------------------------------------------------------------------------------------------------
 # LayerNorm and add + LayerNorm
 
-NORM_OPS = ("layer_norm", "add_layer_norm")
+NORM_OPS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm")
 NORM_WIDTHS = (384, 1024, 4096, 16384, 65536)
 NORM_ROWS = (4096, 65536)  # the issue's table's rows, and the bandwidth-bound shape bench.layernorm measures
 # The LayerNorm samples: rows r0 and 2 * r0 on s0 and 2 * s0 multiprocessors, for the first r0 and then the first
@@ -750,34 +750,37 @@ SAMPLE_MULTIPROCESSORS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def run_norm(op, width, rows, multiprocessors=MULTIPROCESSORS, execute=True, seed=0, min_backward_rows=None):
-    """The forward and backward Phases of `op` ("layer_norm" or "add_layer_norm") on (rows, width) fp16 inputs,
-    run directly. execute=False records the launches without running their programs (and leaves the inputs
+    """The forward and backward Phases of `op` (one of NORM_OPS; RMSNorm without a bias) on (rows, width) fp16
+    inputs, run directly. execute=False records the launches without running their programs (and leaves the inputs
     unwritten, so no memory is touched by them). min_backward_rows: as in gpu_launch_parameters."""
     torch.manual_seed(seed)
     dtype = torch.float16
     make = torch.randn if execute else torch.empty
-    with_sum = op == "add_layer_norm"
+    with_sum, rms = op.startswith("add_"), "rms" in op
     x = make(rows, width, dtype=dtype).requires_grad_()
     residual = make(rows, width, dtype=dtype).requires_grad_() if with_sum else None
-    weight, bias = (make(width, dtype=dtype).requires_grad_() for _ in range(2))
+    weight = make(width, dtype=dtype).requires_grad_()
+    bias = None if rms else make(width, dtype=dtype).requires_grad_()
     inputs = [t for t in (x, residual, weight, bias) if t is not None]
     launch_parameters = dict(multiprocessors=multiprocessors, min_backward_rows=min_backward_rows)
     with gpu_launch_parameters(**launch_parameters), record(execute) as forward:
-        outputs = kernels.add_layer_norm(x, residual, weight, bias) if with_sum else (kernels.layer_norm(x, weight,
-                                                                                                         bias),)
+        norm = getattr(kernels, op)
+        outputs = norm(*inputs) if with_sum else (norm(*inputs),)
     grads = [make(rows, width, dtype=dtype) for _ in outputs]
     with gpu_launch_parameters(**launch_parameters), record(execute) as backward:
         torch.autograd.grad(outputs, inputs, grads)
-    statistics = 2 * 4 * rows  # the fp32 mean and 1 / std of each row
+    statistics = (1 if rms else 2) * 4 * rows  # the fp32 mean (LayerNorm's) and 1 / std of each row
+    parameters = 1 if rms else 2  # weight (and bias)
     rows_bytes, vector = _nbytes(x), _nbytes(weight)
     streams = 2 if with_sum else 1  # x and residual in, y and s out; dy and ds in
     case = f"{rows} x {width}"
     return [
-        Phase(f"{op} forward", case, 2 * streams * rows_bytes + 2 * vector + statistics, forward.launches,
+        Phase(f"{op} forward", case, 2 * streams * rows_bytes + parameters * vector + statistics, forward.launches,
               forward.torch_work),
-        # dy (and ds) and the normalized rows in, dx out (the same tensor is the residual's gradient)
-        Phase(f"{op} backward", case, (streams + 2) * rows_bytes + 3 * vector + statistics, backward.launches,
-              backward.torch_work),
+        # dy (and ds) and the normalized rows in, dx out (the same tensor is the residual's gradient); the weight
+        # in, its gradient (and the bias's) out
+        Phase(f"{op} backward", case, (streams + 2) * rows_bytes + (1 + parameters) * vector + statistics,
+              backward.launches, backward.torch_work),
     ]
 
 

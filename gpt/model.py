@@ -85,9 +85,11 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, output_dropout=True):
+        """output_dropout=False leaves the output's dropout to the caller (a Block fuses it into its add + ln2)."""
         out = torch.cat([h(x, cache and cache.head(i)) for i, h in enumerate(self.heads)], dim=-1)
-        return self.dropout(self.proj(out))
+        out = self.proj(out)
+        return self.dropout(out) if output_dropout else out
 
 
 class FeedForward(nn.Module):
@@ -131,12 +133,14 @@ class Block(nn.Module):
         self.ffwd = FeedForward(config)
         self.ln1 = make_layernorm(config)
         self.ln2 = make_layernorm(config)
-        # The Triton norm also fuses the residual add before ln2 into its kernel pass.
+        # The Triton norm also fuses the attention output's dropout and the residual add before ln2 into its kernel
+        # pass.
         self.fused_add_norm = config.layernorm == "triton"
 
     def forward(self, x, cache=None):
         if self.fused_add_norm:
-            h, x = self.ln2.add_and_norm(self.sa(self.ln1(x), cache), x)
+            dropout_p = self.sa.dropout.p if self.sa.dropout.training else 0.0
+            h, x = self.ln2.add_and_norm(self.sa(self.ln1(x), cache, output_dropout=False), x, dropout_p=dropout_p)
             return x + self.ffwd(h)
         x = x + self.sa(self.ln1(x), cache)
         x = x + self.ffwd(self.ln2(x))

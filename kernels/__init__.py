@@ -1,5 +1,5 @@
 """Fused Triton kernels for decoder-only transformers: causal softmax attention, decoding against a key/value
-cache, and LayerNorm.
+cache, and LayerNorm and RMSNorm.
 
 Each op is a folder whose files are its layers, read top to bottom as a call travels:
 
@@ -15,9 +15,9 @@ Each op is a folder whose files are its layers, read top to bottom as a call tra
     kernels.py (its kernels run the attention forward's online softmax, from attention/shared.py)
     (layer_norm/ has the same api, ops, tiles and kernels files)
 
-Beside them: modules.py (thin nn.Modules holding parameters: FusedMultiHeadAttention, FusedLayerNorm),
-reference.py (the eager math the tests and benchmarks compare against), _validate.py (the input checks every op
-shares), _gpu.py (the architectures the tiles are checked for, a device's own, asked once), _library.py (how a
+Beside them: modules.py (thin nn.Modules holding parameters: FusedMultiHeadAttention, FusedLayerNorm,
+FusedRMSNorm), reference.py (the eager math the tests and benchmarks compare against), _validate.py (the input checks
+every op shares), _gpu.py (the architectures the tiles are checked for, a device's own, asked once), _library.py (how a
 launch becomes an operator, and the two routes a call takes to it: through the registered operators when traced by
 torch.compile, around them in eager mode; the launchers' integer helpers; the operators' CPU implementation:
 Triton's interpreter computes bf16 in fp32).
@@ -26,11 +26,12 @@ file; to autograd or torch.compile behaviour, in an ops file. tools/tiles/ (pyth
 every tile the attention and LayerNorm tiles files can give, for every checked architecture, and fails on spills.
 
 Data flow of one fused decoder block (gpt/model.py): layer_norm (ln1) -> one qkv projection -> attention on
-strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fused with ln2) -> feed-forward ->
-residual add. Nothing of size T x T is stored; statistics and softmax are fp32; every backward is deterministic.
+strided (B, H, T, D) views -> projection -> add_layer_norm (its dropout and the residual add fused with ln2) ->
+feed-forward -> residual add. Nothing of size T x T is stored; statistics and softmax are fp32; every backward is
+deterministic.
 """
 
 from .attention import attention, attention_dropout_mask, attention_varlen, attention_varlen_dropout_mask
 from .decode import decode_attention
-from .layer_norm import add_layer_norm, layer_norm
-from .modules import FusedLayerNorm, FusedMultiHeadAttention
+from .layer_norm import add_layer_norm, add_norm_dropout_mask, add_rms_norm, layer_norm, rms_norm
+from .modules import FusedLayerNorm, FusedMultiHeadAttention, FusedRMSNorm

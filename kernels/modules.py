@@ -1,5 +1,7 @@
 """Thin nn.Modules over the functional API: they hold parameters and call the kernels."""
 
+import numbers
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -8,7 +10,7 @@ from ._validate import check_bool, check_number, check_tensor
 from .attention import attention
 from .attention.checks import check_dropout
 from .decode import decode_attention
-from .layer_norm import add_layer_norm, layer_norm
+from .layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .layer_norm.api import check_eps
 
 ATTENTION_MODULE_BACKENDS = ("triton", "sdpa")
@@ -77,10 +79,11 @@ class FusedMultiHeadAttention(nn.Module):
         if all(key in state_dict for key in keys):
             state_dict[prefix + "qkv.weight"] = torch.cat([state_dict.pop(key) for key in keys])
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, output_dropout=True):
         """x (B, T, C) -> (B, T, C). `cache`: a layer's key/value cache when generating (gpt/cache.py's
         LayerCache: `length` tokens cached, `store(k, v)` appends and returns every token's keys and values,
-        `keys` and `values` the whole (B, H, block_size, D) storage)."""
+        `keys` and `values` the whole (B, H, block_size, D) storage). output_dropout=False leaves the output's
+        dropout (self.dropout) to the caller, which fuses it into the next kernel (`add_layer_norm`'s dropout_p)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
@@ -101,7 +104,8 @@ class FusedMultiHeadAttention(nn.Module):
             else:
                 out = _sdpa_causal(q, k, v, dropout_p)
         out = out.transpose(1, 2).reshape(B, T, C)  # heads side by side, as the eager torch.cat gives them
-        return self.dropout(self.proj(out))
+        out = self.proj(out)
+        return self.dropout(out) if output_dropout else out
 
 
 def _sdpa_causal(q, k, v, dropout_p):
@@ -114,29 +118,42 @@ def _sdpa_causal(q, k, v, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
 
 
+def _one_dimensional(normalized_shape, module_name):
+    """normalized_shape (an int or a sequence of one int) as a one-entry tuple: the last dimension's width."""
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"normalized_shape must be an int or a sequence of one int, got "
+                        f"{type(normalized_shape).__name__}")
+    normalized_shape = tuple(normalized_shape)
+    if len(normalized_shape) != 1:
+        raise ValueError(
+            f"{module_name} normalizes the last dimension only: normalized_shape must have one entry, "
+            f"got {normalized_shape}"
+        )
+    check_number("normalized_shape", normalized_shape[0], int, lambda n: n >= 1, "a positive int")
+    return normalized_shape
+
+
+def _check_width(x, normalized_shape):
+    check_tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] != normalized_shape[0]:
+        raise ValueError(f"x must have last dimension {normalized_shape[0]} (normalized_shape), got shape "
+                         f"{tuple(x.shape)}")
+
+
 class FusedLayerNorm(nn.Module):
     """LayerNorm over the last dimension by the Triton kernels, a drop-in for `torch.nn.LayerNorm`: the
     same arguments, parameters (`weight` ones, `bias` zeros), state-dict keys and repr, so
     `load_state_dict` moves weights either way. Only a one-dimensional `normalized_shape` is supported.
 
-    `add_and_norm(x, residual)` returns (layer_norm(x + residual), x + residual) in one kernel pass:
-    the residual stream's "add, then this norm".
+    `add_and_norm(x, residual)` returns (layer_norm(dropout(x) + residual), dropout(x) + residual) in one kernel
+    pass: the residual stream's "add, then this norm" (dropout_p and residual_in_fp32 as in `add_layer_norm`).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
         super().__init__()
-        if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
-            normalized_shape = (normalized_shape,)
-        if not isinstance(normalized_shape, (tuple, list, torch.Size)):
-            raise TypeError(f"normalized_shape must be an int or a sequence of one int, got "
-                            f"{type(normalized_shape).__name__}")
-        normalized_shape = tuple(normalized_shape)
-        if len(normalized_shape) != 1:
-            raise ValueError(
-                f"FusedLayerNorm normalizes the last dimension only: normalized_shape must have one entry, "
-                f"got {normalized_shape}"
-            )
-        check_number("normalized_shape", normalized_shape[0], int, lambda n: n >= 1, "a positive int")
+        normalized_shape = _one_dimensional(normalized_shape, "FusedLayerNorm")
         check_eps(eps)
         check_bool("elementwise_affine", elementwise_affine)
         check_bool("bias", bias)
@@ -159,18 +176,61 @@ class FusedLayerNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _check_width(self, x):
-        check_tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
-            width = self.normalized_shape[0]
-            raise ValueError(f"x must have last dimension {width} (normalized_shape), got shape {tuple(x.shape)}")
-
     def forward(self, x):
-        self._check_width(x)
+        _check_width(x, self.normalized_shape)
         return layer_norm(x, self.weight, self.bias, self.eps)
 
-    def add_and_norm(self, x, residual):
-        self._check_width(x)
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+    def add_and_norm(self, x, residual, *, dropout_p=0.0, residual_in_fp32=False):
+        _check_width(x, self.normalized_shape)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
+                              residual_in_fp32=residual_in_fp32)
 
     extra_repr = nn.LayerNorm.extra_repr  # the same attributes, so torch's own repr, whatever its version
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm over the last dimension by the Triton kernels, a drop-in for `torch.nn.RMSNorm` (and for the
+    RMSNorm modules of Llama, Qwen2 and Mistral in transformers): the same arguments, parameter (`weight`), state-dict
+    keys and repr, so `load_state_dict` moves weights either way. Only a one-dimensional `normalized_shape` is
+    supported. eps=None is torch's default, fp32's machine epsilon.
+
+    offset (keyword-only, not in torch's): y = x_hat * (offset + weight); 1.0 for models that store the weight
+    as 1 + w (Gemma). The weight starts at 1 - offset, so that the norm starts as a plain RMSNorm either way.
+    `add_and_norm(x, residual)` returns (rms_norm(dropout(x) + residual), dropout(x) + residual) in one kernel
+    pass (dropout_p and residual_in_fp32 as in `add_rms_norm`).
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *, offset=0.0):
+        super().__init__()
+        normalized_shape = _one_dimensional(normalized_shape, "FusedRMSNorm")
+        if eps is not None:
+            check_eps(eps)
+        check_bool("elementwise_affine", elementwise_affine)
+        check_number("offset", offset, numbers.Real, lambda o: o == 0 or elementwise_affine,
+                     "0 without elementwise_affine (it is added to the weight)")
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.offset = offset
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 1.0 - self.offset)
+
+    def forward(self, x):
+        _check_width(x, self.normalized_shape)
+        return rms_norm(x, self.weight, self.eps, offset=self.offset)
+
+    def add_and_norm(self, x, residual, *, dropout_p=0.0, residual_in_fp32=False):
+        _check_width(x, self.normalized_shape)
+        return add_rms_norm(x, residual, self.weight, self.eps, offset=self.offset, dropout_p=dropout_p,
+                            residual_in_fp32=residual_in_fp32)
+
+    def extra_repr(self):
+        """torch.nn.RMSNorm's repr, and the offset when there is one."""
+        return nn.RMSNorm.extra_repr(self) + (f", offset={self.offset}" if self.offset else "")

@@ -1,14 +1,14 @@
-"""kernels.layer_norm's persistent grids and tiles: every width class the tile table tells apart and every grid shape
-(programs owning several row tiles, row counts that do not divide the programs, fewer rows than programs), values and
-all gradients against float64 by the error rule; large means; the deterministic sum of the dweight / dbias partial
-rows; row-strided inputs."""
+"""The norm kernels' persistent grids and tiles, for LayerNorm and RMSNorm alike, each alone and after the residual
+add: every width class the tile table tells apart and every grid shape (programs owning several row tiles, row counts
+that do not divide the programs, fewer rows than programs), values and all gradients against float64 by the error
+rule; large means; the deterministic sum of the dweight / dbias partial rows; row-strided inputs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DTYPES, assert_within_error_rule
 
-from kernels import add_layer_norm, layer_norm
+from kernels import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from kernels.layer_norm import ops, tiles
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
@@ -28,10 +28,20 @@ def grid(monkeypatch):
     return size_for
 
 
-def _run(op, dtype, device, inputs, grads, width, padding=0):
-    """(outputs, gradients of every input) of `op` ("fused", "eager") in `dtype` on the same rounded inputs:
-    layer_norm for [x, weight, bias], add_layer_norm (its two outputs) for [x, residual, weight, bias]. padding > 0:
-    x is passed as a row-strided view, the first `width` elements of rows `padding` elements wider."""
+# The ops the kernels serve: name -> (the fused function, the eager norm, with a residual, with a bias).
+OPS = {
+    "layer_norm": (layer_norm, lambda s, w, b, width: F.layer_norm(s, (width,), w, b, EPS), False, True),
+    "add_layer_norm": (add_layer_norm, lambda s, w, b, width: F.layer_norm(s, (width,), w, b, EPS), True, True),
+    "rms_norm": (rms_norm, lambda s, w, width: F.rms_norm(s, (width,), w, EPS), False, False),
+    "add_rms_norm": (add_rms_norm, lambda s, w, width: F.rms_norm(s, (width,), w, EPS), True, False),
+}
+
+
+def _run(op_name, provider, dtype, device, inputs, grads, width, padding=0):
+    """(outputs, gradients of every input) of `op_name` by `provider` ("fused", "eager") in `dtype` on the same
+    rounded inputs: [x, (residual,) weight, (bias)] as OPS says; an add returns y and s. padding > 0: x is passed as
+    a row-strided view, the first `width` elements of rows `padding` elements wider."""
+    fused, eager, with_sum, _ = OPS[op_name]
     leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in inputs]
     arguments = list(leaves)
     if padding:
@@ -39,14 +49,13 @@ def _run(op, dtype, device, inputs, grads, width, padding=0):
         wide[:, :width] = leaves[0].detach()
         leaves[0] = wide.requires_grad_()
         arguments[0] = wide[:, :width]
-    with_sum = len(inputs) == 4
-    if op == "fused":
-        outputs = add_layer_norm(*arguments, eps=EPS) if with_sum else (layer_norm(*arguments, eps=EPS),)
+    if provider == "fused":
+        outputs = fused(*arguments, eps=EPS) if with_sum else (fused(*arguments, eps=EPS),)
     elif with_sum:
         s = arguments[0] + arguments[1]
-        outputs = (F.layer_norm(s, (width,), arguments[2], arguments[3], EPS), s)
+        outputs = (eager(s, *arguments[2:], width), s)
     else:
-        outputs = (F.layer_norm(arguments[0], (width,), arguments[1], arguments[2], EPS),)
+        outputs = (eager(*arguments, width),)
     torch.autograd.backward(outputs, [g.to(device=device, dtype=dtype) for g in grads[:len(outputs)]])
     return list(outputs) + [leaves[0].grad[:, :width]] + [t.grad for t in leaves[1:]]
 
@@ -54,20 +63,23 @@ def _run(op, dtype, device, inputs, grads, width, padding=0):
 def _check(op_name, dtype, device, rows, width, mean=0.5, padding=0):
     """The fused op against float64 by the error rule, on (rows, width) inputs of the given mean (padding: x passed
     as a row-strided view, see _run)."""
+    _, _, with_sum, with_bias = OPS[op_name]
     generator = torch.Generator().manual_seed(rows * 100003 + width)
     shape = (rows, width)
     inputs = [torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + mean]
-    if op_name == "add_layer_norm":
+    if with_sum:
         inputs.append(torch.randn(shape, generator=generator, dtype=torch.float64))
-    inputs += [torch.randn(width, generator=generator, dtype=torch.float64) * 0.5 + 1,
-               torch.randn(width, generator=generator, dtype=torch.float64)]
+    inputs.append(torch.randn(width, generator=generator, dtype=torch.float64) * 0.5 + 1)
+    if with_bias:
+        inputs.append(torch.randn(width, generator=generator, dtype=torch.float64))
     inputs = [t.to(dtype) for t in inputs]  # every run sees the same rounded values
     grads = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for _ in range(2)]
-    fused = _run("fused", dtype, device, inputs, grads, width, padding)
-    eager = _run("eager", dtype, device, inputs, grads, width)
-    reference = _run("eager", torch.float64, device, inputs, grads, width)
-    names = ["y", "s"][:len(fused) - len(inputs)] + ["grad x", "grad residual", "grad weight", "grad bias"][
-        4 - len(inputs):]
+    fused = _run(op_name, "fused", dtype, device, inputs, grads, width, padding)
+    eager = _run(op_name, "eager", dtype, device, inputs, grads, width)
+    reference = _run(op_name, "eager", torch.float64, device, inputs, grads, width)
+    names = (["y", "s"] if with_sum else ["y"]) + ["grad x"] + (["grad residual"] if with_sum else []) + [
+        "grad weight"] + (["grad bias"] if with_bias else [])
+    assert len(names) == len(fused)
     for name, f, e, r in zip(names, fused, eager, reference):
         assert_within_error_rule(f, e, r, name=name)
 
@@ -86,7 +98,7 @@ WIDTHS = [
 ]
 
 
-@pytest.mark.parametrize("op_name", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", [w for w, _ in WIDTHS])
 def test_every_width_class(grid, device, dtype, op_name, width):
@@ -97,7 +109,7 @@ def test_every_width_class(grid, device, dtype, op_name, width):
     _check(op_name, dtype, device, rows=9 if width > 1000 else 37, width=width)
 
 
-@pytest.mark.parametrize("op_name", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows, multiprocessors", [(301, 2), (5, 4)], ids=["several-tiles-per-program",
                                                                            "fewer-rows-than-programs"])
@@ -106,7 +118,7 @@ def test_grid_shapes(grid, device, dtype, op_name, width, rows, multiprocessors)
     """301 rows on 2 multiprocessors: every program takes several row tiles and the tiles do not divide among them
     evenly; 5 rows on 4: more programs wanted than there are tiles."""
     grid(multiprocessors)
-    tile = tiles.launch_tile("backward", dtype, width, width % 16 == 0)
+    tile = tiles.launch_tile("backward", tiles.precision(dtype), width, width % 16 == 0)
     row_tiles = -(-rows // tile.rows)
     row_groups = tiles.backward_row_groups(rows, tile, 1, torch.device(device))
     if rows == 301:
@@ -116,36 +128,40 @@ def test_grid_shapes(grid, device, dtype, op_name, width, rows, multiprocessors)
     _check(op_name, dtype, device, rows=rows, width=width)
 
 
-@pytest.mark.parametrize("op_name", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_streamed_backward_row_groups(grid, device, dtype, op_name):
     """23 rows of 8208 on 16 multiprocessors: five column tiles, three row groups of two row tiles (8, 8 and 7
     rows), each program holding its column tile's partials across them."""
     grid(16)
-    tile = tiles.launch_tile("backward", dtype, 8208, True)
+    tile = tiles.launch_tile("backward", tiles.precision(dtype), 8208, True)
     assert tiles.backward_row_groups(23, tile, 5, torch.device(device)) == 3
     _check(op_name, dtype, device, rows=23, width=8208)
 
 
+@pytest.mark.parametrize("op_name", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("mean", [100.0, 1000.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", [384, 8192, 16400], ids=["stacked", "on-chip-limit", "streamed"])
-def test_large_means(grid, device, dtype, width, mean):
-    """Inputs whose mean is large against their spread: the variance must not come from sum(x^2) - sum(x)^2."""
+def test_large_means(grid, device, dtype, width, mean, op_name):
+    """Inputs whose mean is large against their spread: LayerNorm's variance must not come from sum(x^2) -
+    sum(x)^2, and RMSNorm's mean square must keep the mean in (its fp32 sum of squares of values near 100)."""
     grid(1)
-    _check("layer_norm", dtype, device, rows=3, width=width, mean=mean)
+    _check(op_name, dtype, device, rows=3, width=width, mean=mean)
 
 
+@pytest.mark.parametrize("op_name", ["add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("width", [384, 8192, 16400], ids=["stacked", "on-chip-limit", "streamed"])
-def test_repeated_backward_is_bit_identical(grid, device, width):
+def test_repeated_backward_is_bit_identical(grid, device, width, op_name):
     grid(2)
+    fused, _, _, with_bias = OPS[op_name]
     generator = torch.Generator().manual_seed(width)
     x, residual, dy, ds = (torch.randn(40, width, generator=generator).half().to(device) for _ in range(4))
-    weight, bias = (torch.randn(width, generator=generator).half().to(device) for _ in range(2))
+    parameters = [torch.randn(width, generator=generator).half().to(device) for _ in range(2 if with_bias else 1)]
 
     def gradients():
-        leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-        torch.autograd.backward(add_layer_norm(*leaves), (dy, ds))
+        leaves = [t.clone().requires_grad_() for t in (x, residual, *parameters)]
+        torch.autograd.backward(fused(*leaves), (dy, ds))
         return [t.grad for t in leaves]
 
     for first, second in zip(gradients(), gradients()):
@@ -172,7 +188,7 @@ def test_partial_rows_are_summed_in_program_order(device):
         assert not torch.equal(in_order, reversed_order)  # the order shows in the bits
 
 
-@pytest.mark.parametrize("op_name", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("width, padding", [(384, 16), (384, 3), (8192, 16), (16400, 16)],
                          ids=["stacked", "stacked-misaligned", "on-chip-limit", "streamed"])
 def test_row_strided_views(grid, device, op_name, width, padding):

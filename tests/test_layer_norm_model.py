@@ -1,12 +1,15 @@
 """The GPT with the fused LayerNorm (alone, and with the fused attention too) against the eager GPT on
-the same weights: logits and every parameter's gradient, and checkpoints moving both ways."""
+the same weights: logits and every parameter's gradient, checkpoints moving both ways, and a training Block's
+attention-output dropout fused into its add + ln2 against the eager Block given the same mask."""
+
+import copy
 
 import pytest
 import torch
-from conftest import assert_gpt_within_error_rule
+from conftest import assert_gpt_within_error_rule, assert_within_error_rule
 
-from gpt.model import GPT, GPTConfig
-from kernels import FusedLayerNorm
+from gpt.model import GPT, Block, GPTConfig
+from kernels import FusedLayerNorm, add_norm_dropout_mask
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
@@ -69,7 +72,62 @@ def test_checkpoints_move_both_ways(device):
 def test_blocks_fuse_the_residual_add_into_ln2(device, monkeypatch):
     calls = []
     real_add_and_norm = FusedLayerNorm.add_and_norm
-    monkeypatch.setattr(FusedLayerNorm, "add_and_norm", lambda *a: calls.append(1) or real_add_and_norm(*a))
+    monkeypatch.setattr(FusedLayerNorm, "add_and_norm", lambda *a, **k: calls.append(1) or real_add_and_norm(*a, **k))
     idx, _ = _batch(device, torch.Generator().manual_seed(3))
     GPT(GPTConfig(**TINY, layernorm="triton")).to(device)(idx)
     assert len(calls) == TINY["n_layer"]  # one fused add + ln2 per block
+
+
+class _GivenMask(torch.nn.Module):
+    """Dropout that applies a given keep-mask: the eager Block's projection dropout made to drop what the fused
+    Block's kernel dropped."""
+
+    def __init__(self, keep, p):
+        super().__init__()
+        self.keep, self.p = keep, p
+
+    def forward(self, x):
+        return x * self.keep.to(x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("attention", ["eager", "triton"])
+def test_training_block_fuses_the_projection_dropout_and_matches_eager_given_the_same_mask(device, attention):
+    """A training Block with the Triton norm drops the attention output inside add_layer_norm (its dropout module
+    never runs); given the mask the kernel drew (add_norm_dropout_mask, after the same torch.manual_seed), the
+    eager Block gives the same output and every gradient, by the error rule against float64. The attention
+    weights' and the feed-forward's dropout are switched off, so that the projection's is the only one."""
+    config = dict(TINY, dropout=0.3)
+    torch.manual_seed(0)
+    eager = Block(GPTConfig(**config)).to(device).train()
+    fused = Block(GPTConfig(**config, layernorm="triton", attention=attention)).to(device).train()
+    fused.load_state_dict(eager.state_dict())
+    for block in (eager, fused):
+        block.ffwd.eval()
+        if hasattr(block.sa, "heads"):
+            block.sa.heads.eval()
+        else:
+            block.sa.attention_dropout = 0.0
+    fused.sa.dropout.forward = None  # the fused Block must not call it
+    x = torch.randn(3, 11, TINY["n_embd"], device=device)
+    grad = torch.randn_like(x)
+    torch.manual_seed(4)
+    keep = add_norm_dropout_mask(x, 0.3)
+    assert not keep.all()
+    eager.sa.dropout = _GivenMask(keep, 0.3)
+    reference = copy.deepcopy(eager).double()
+
+    # every parameter both Blocks name alike (the fused attention packs the heads' query, key and value weights)
+    shared = sorted(set(dict(eager.named_parameters())) & set(dict(fused.named_parameters())))
+
+    def run(block, dtype):
+        block.zero_grad(set_to_none=True)
+        inputs = x.to(dtype).clone().requires_grad_()
+        torch.manual_seed(4)  # the fused Block's add + ln2 draws the seed the helper drew
+        out = block(inputs)
+        out.backward(grad.to(dtype))
+        return [out, inputs.grad] + [block.get_parameter(name).grad for name in shared]
+
+    names = ["output", "grad x"] + [f"grad {name}" for name in shared]
+    for name, f, e, r in zip(names, run(fused, torch.float32), run(eager, torch.float32),
+                             run(reference, torch.float64), strict=True):
+        assert_within_error_rule(f, e, r, name=name)

@@ -98,6 +98,26 @@ def test_opcheck_layer_norm(device, dtype, with_residual, affine):
     )
 
 
+@pytest.mark.parametrize("option", ["rms_offset", "dropout", "residual_in_fp32"])
+def test_opcheck_norm_options(device, option):
+    """The norms' other operands: RMSNorm with an offset weight, dropout before the add (a device seed), and a sum
+    kept in fp32 beside a 16-bit branch."""
+    ops = _ops()
+    dtype = torch.float16 if option == "residual_in_fp32" else torch.float32
+    x = torch.randn(3, 5, 40, device=device, dtype=dtype)
+    residual = torch.randn(3, 5, 40, device=device)
+    weight = torch.randn(40, device=device, dtype=dtype)
+    bias = None if option == "rms_offset" else torch.randn(40, device=device, dtype=dtype)
+    rms, offset = option == "rms_offset", 1.0 if option == "rms_offset" else 0.0
+    dropout_p, seed = (0.3, torch.full((1,), 5, dtype=torch.int64, device=device)) if option == "dropout" else (0.0,
+                                                                                                              None)
+    arguments = (x, residual, weight, bias, 1e-5, rms, offset, option == "residual_in_fp32", dropout_p, seed)
+    torch.library.opcheck(ops["layer_norm_forward"], arguments)
+    y, s, mean, rstd = ops["layer_norm_forward"](*arguments)
+    torch.library.opcheck(ops["layer_norm_backward"], (torch.randn_like(y), torch.randn_like(s), s, weight, mean,
+                                                       rstd, True, bias is not None, rms, offset, dropout_p, seed))
+
+
 # --------------------------------------------------------------------------------------------------
 # fullgraph compile of the functional API
 
@@ -148,6 +168,22 @@ def test_compiled_layer_norms(device, backend, dtype):
     _assert_compiled_matches(kernels.layer_norm, lambda x, w, b: F.layer_norm(x, (48,), w, b), (x, weight, bias),
                              backend)
     _assert_compiled_matches(kernels.add_layer_norm, add_then_norm, (x, residual, weight, bias), backend)
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_rms_norms(device, backend):
+    x, residual = (torch.randn(4, 7, 48, device=device) for _ in range(2))
+    weight = torch.randn(48, device=device)
+    keep = kernels.add_norm_dropout_mask(x, 0.25, seed=3)
+
+    def add_then_norm(x, residual, weight):
+        s = x * keep / 0.75 + residual
+        return F.rms_norm(s, (48,), weight + 1, 1e-6), s
+
+    _assert_compiled_matches(lambda x, w: kernels.rms_norm(x, w, 1e-6), lambda x, w: F.rms_norm(x, (48,), w, 1e-6),
+                             (x, weight), backend)
+    _assert_compiled_matches(lambda x, r, w: kernels.add_rms_norm(x, r, w, 1e-6, offset=1.0, dropout_p=0.25, seed=3),
+                             add_then_norm, (x, residual, weight), backend)
 
 
 @pytest.mark.parametrize("backend", COMPILE_BACKENDS)

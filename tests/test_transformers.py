@@ -3,8 +3,9 @@ attn_implementation="decoder_kernels" against the same weights under transformer
 in float64 being the reference of the error rule. GPT-2, Llama with grouped-query heads, Qwen2 with a full layer
 and a sliding-window layer narrower than the sequences: logits, loss and every gradient, without padding and with
 left, right and mixed padding; greedy generation on a left-padded batch; a dynamic and a static cache continued by
-several tokens; training-mode dropout; the clear errors for what the kernels cannot compute; transformers' probe
-for the unrelated Hub "kernels" package. Skipped without transformers (pip install -e ".[transformers]")."""
+several tokens; training-mode dropout; the clear errors for what the kernels cannot compute; apply_fused_norms on
+GPT-2, Llama, Qwen2 and Mistral; transformers' probe for the unrelated Hub "kernels" package. Skipped without
+transformers (pip install -e ".[transformers]")."""
 
 import copy
 import inspect
@@ -16,7 +17,15 @@ from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, StaticCache  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    StaticCache,
+)
 from transformers.masking_utils import (  # noqa: E402
     causal_mask_function,
     chunked_causal_mask_function,
@@ -24,6 +33,7 @@ from transformers.masking_utils import (  # noqa: E402
 )
 
 import kernels.integrations.transformers as decoder_kernels  # noqa: E402
+from kernels import FusedLayerNorm, FusedRMSNorm  # noqa: E402
 
 SLIDING_WINDOW = 6
 CONFIGS = {
@@ -37,6 +47,10 @@ CONFIGS = {
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                  use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=1),
 }
+# The norm swap also runs on Mistral (its attention is Llama's, tested above).
+NORM_CONFIGS = {**CONFIGS, "mistral": MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    max_position_embeddings=64)}
 # Left padding per row of a batch of 3: none, a little, most of the row.
 LEFT_PADDING = [0, 3, 11]
 
@@ -49,7 +63,7 @@ def registered():
 def _models(name, device, **config_changes):
     """(fused, eager, reference): one set of random weights under decoder_kernels, under eager attention, and
     under eager attention in float64; all in eval mode (no dropout)."""
-    config = copy.deepcopy(CONFIGS[name])
+    config = copy.deepcopy(NORM_CONFIGS[name])
     for key, value in config_changes.items():
         setattr(config, key, value)
     torch.manual_seed(0)
@@ -318,3 +332,51 @@ def test_right_and_mixed_padding_match_eager(name, padding, device):
         mask[row, :left] = 0
         mask[row, mask.shape[1] - right:] = 0
     _assert_logits_loss_and_gradients_match_eager(fused, eager, reference, ids, mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The norm swap
+
+
+def _norms(model):
+    return {path: module for path, module in model.named_modules() if "Norm" in type(module).__name__}
+
+
+@pytest.mark.parametrize("name", NORM_CONFIGS)
+def test_fused_norms_match_eager(name, device):
+    """apply_fused_norms on a model whose attention already runs on the kernels: every norm swapped, on its own
+    Parameters; logits, loss and every gradient against eager."""
+    fused, eager, reference = _models(name, device)
+    norms = _norms(fused)
+    assert len(norms) == 2 * fused.config.num_hidden_layers + 1  # two per layer and the final one
+    assert decoder_kernels.apply_fused_norms(fused) is fused
+    swapped = _norms(fused)
+    assert swapped.keys() == norms.keys()
+    for path, module in swapped.items():
+        assert type(module) is (FusedLayerNorm if name == "gpt2" else FusedRMSNorm), path
+        assert all(new is old for new, old in zip(module.parameters(), norms[path].parameters(), strict=True)), path
+    _assert_logits_loss_and_gradients_match_eager(fused, eager, reference, *_batch(device, left_padding=[0, 0, 0]))
+
+
+def test_fused_norms_keep_the_training_mode_and_a_second_call_changes_nothing(device):
+    fused, _, _ = _models("llama-gqa", device)
+    fused.train()
+    decoder_kernels.apply_fused_norms(fused)
+    norms = _norms(fused)
+    assert all(module.training for module in norms.values())
+    decoder_kernels.apply_fused_norms(fused)
+    assert all(module is norms[path] for path, module in _norms(fused).items())
+
+
+def test_norms_the_swap_cannot_replace_exactly_are_refused_and_nothing_is_swapped():
+    gemma = AutoModelForCausalLM.from_config(GemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=2,
+                                                         num_key_value_heads=1, head_dim=16))
+    with pytest.raises(ValueError, match=r"cannot replace model.layers.0.input_layernorm \(.*GemmaRMSNorm\)"):
+        decoder_kernels.apply_fused_norms(gemma)
+    two_dimensional = torch.nn.ModuleDict({"first": torch.nn.LayerNorm(8), "second": torch.nn.LayerNorm((2, 8))})
+    with pytest.raises(ValueError, match=r"cannot replace second \(torch.nn.modules.normalization.LayerNorm\)"):
+        decoder_kernels.apply_fused_norms(two_dimensional)
+    assert type(two_dimensional["first"]) is torch.nn.LayerNorm
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        decoder_kernels.apply_fused_norms("gpt2")

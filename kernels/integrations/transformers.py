@@ -25,6 +25,10 @@ attention, padding-free batches (cu_seq_lens arguments), a padding gap inside a 
 and any mask pattern other than causal or causal within a sliding window (chunked attention, packed sequences,
 image-token overlays, ...).
 
+`apply_fused_norms(model)`, an opt-in of its own, swaps a loaded model's norms for the kernels' (GPT-2's
+nn.LayerNorm for FusedLayerNorm; LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm and nn.RMSNorm for FusedRMSNorm) in
+place, keeping each weight Parameter itself; a norm class it does not know is refused before anything changes.
+
 Tested with transformers 5.17 and 5.24.
 """
 
@@ -42,9 +46,15 @@ from transformers.masking_utils import (
 # "attentions" in it): the one place that knows, as some models (GPT-2) take the flag without passing it on.
 from transformers.utils.output_capturing import _active_collector as _requested_outputs
 
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
 from .._validate import check_number
 from ..attention import attention, attention_varlen
 from ..attention.checks import check_dropout, check_scale
+from ..modules import FusedLayerNorm, FusedRMSNorm
 
 NAME = "decoder_kernels"
 
@@ -178,3 +188,59 @@ def _unpadding(padding):
     lengths = padding.sum(dim=1, dtype=torch.int32)
     cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     return padding.nonzero(as_tuple=True), cu_seqlens, max(int(lengths.max()), 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The norm swap
+
+# The RMSNorm classes of transformers' models that compute x / sqrt(mean(x^2) + variance_epsilon) * weight, with the
+# statistics in fp32 (LlamaRMSNorm's forward; Qwen2's and Mistral's are copies of it).
+_TRANSFORMERS_RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)
+
+
+def apply_fused_norms(model):
+    """Swap every LayerNorm and RMSNorm module of `model` for the kernels' in place, and return the model: GPT-2's
+    (and any) torch.nn.LayerNorm for a FusedLayerNorm, transformers' LlamaRMSNorm, Qwen2RMSNorm and MistralRMSNorm
+    and torch.nn.RMSNorm for a FusedRMSNorm. Each new module holds the old one's weight and bias Parameters
+    themselves (an optimizer built before the swap keeps training them) and its eps and training mode. An opt-in of
+    its own, apart from the attention implementation: call it after loading the weights.
+
+    A module whose class name says it is a norm (it contains "Norm") but is none of those classes exactly
+    (GemmaRMSNorm's 1 + weight, a subclass with its own forward, a LayerNorm over more than the last dimension) is
+    refused with a ValueError naming it, before any module is swapped. The kernels' own modules are left as they
+    are, so a second call changes nothing.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    swaps = {}  # module path -> its replacement; a module shared by several paths gets one replacement
+    replacements = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if "Norm" not in type(module).__name__ or isinstance(module, (FusedLayerNorm, FusedRMSNorm)):
+            continue
+        if id(module) not in replacements:
+            replacements[id(module)] = _fused_norm(path, module)
+        swaps[path] = replacements[id(module)]
+    for path, fused in swaps.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, fused)
+    return model
+
+
+def _fused_norm(path, module):
+    """The kernels' module computing what `module` (at `path` in the model) computes, on its own Parameters."""
+    kind = type(module)
+    if kind is nn.LayerNorm and len(module.normalized_shape) == 1:
+        fused = FusedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                               bias=module.bias is not None, device="meta")
+    elif kind is nn.RMSNorm and len(module.normalized_shape) == 1:
+        fused = FusedRMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
+    elif kind in _TRANSFORMERS_RMS_NORMS and module.weight.dim() == 1:
+        fused = FusedRMSNorm(module.weight.shape, module.variance_epsilon, device="meta")
+    else:
+        raise ValueError(
+            f"apply_fused_norms cannot replace {path or 'the model'} ({kind.__module__}.{kind.__qualname__}) "
+            "exactly: it swaps torch.nn.LayerNorm and torch.nn.RMSNorm over the last dimension, LlamaRMSNorm, "
+            "Qwen2RMSNorm and MistralRMSNorm; nothing was swapped")
+    for name, parameter in module.named_parameters(recurse=False):
+        setattr(fused, name, parameter)  # the Parameter itself: the weights and any optimizer's hold on them
+    return fused.train(module.training)

@@ -3,7 +3,10 @@ and the persistent grids.
 
     direction   "forward", "backward" (both passes of a streamed backward share its tile), or "partials_sum"
                 (the backward's final sum of the dweight / dbias partial rows)
-    precision   "16bit" (fp16, bf16) or "fp32"
+    precision   "16bit" (fp16, bf16), "fp32", or "mixed": 16-bit rows whose sum is kept in fp32
+                (residual_in_fp32), the forward's fp32 residual and sum beside the 16-bit x and y, the backward's
+                fp32 sum and its gradients beside the 16-bit dy and weight, which take more registers than either
+                precision's rows (`launch_precision`)
     width       the row width padded to a power of two, up to the widest row the direction holds on chip
                 (MAX_ON_CHIP_WIDTH), or "streamed" beyond it (partials_sum: always)
     aligned     whether the launch compiles the kernels' aligned variant (operands_aligned)
@@ -16,6 +19,8 @@ alignments that reach it (the compile report, which also shows the next width up
 
 import functools
 from collections import namedtuple
+
+import torch
 
 from .._gpu import multiprocessors as device_multiprocessors
 from .._library import cdiv, next_power_of_2
@@ -31,8 +36,10 @@ Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
 MAX_ON_CHIP_WIDTH = {
     ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
     ("forward", "fp32", True): 16384, ("forward", "fp32", False): 8192,
+    ("forward", "mixed", True): 8192, ("forward", "mixed", False): 8192,
     ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
     ("backward", "fp32", True): 8192, ("backward", "fp32", False): 4096,
+    ("backward", "mixed", True): 2048, ("backward", "mixed", False): 512,  # 4096 (1024 misaligned) spilled
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
 INTERPRETER_MULTIPROCESSORS = 2
@@ -57,6 +64,8 @@ _ON_CHIP_BACKWARD = "each row read once; weight and dweight / dbias partials hel
 # shows with aligned operands (misaligned ones, which take more, may then run in two waves), within 48 warps
 # (sm_86 and sm_89 hold fewer than sm_80 and sm_90), at most 8.
 TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), [
+    TileRule({"direction": "forward", "precision": "mixed", "width": 4096}, Tile(1, 4096, 16, 1),
+             _ON_CHIP_FORWARD + " (8 warps spill here with an fp32 residual and sum)"),
     *_rules("forward", {
         1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
         16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 2, 8), 128: Tile(16, 128, 4, 7),
@@ -68,6 +77,8 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
              "wider than the registers hold: chunks of 8192, the last one held"),
     TileRule({"direction": "forward", "width": "streamed", "aligned": False}, Tile(1, 4096, 16, 1),
              "wider than the registers hold: chunks of 4096, the last one held"),
+    TileRule({"direction": "backward", "width": 1024, "aligned": False}, Tile(1, 1024, 8, 3),
+             _ON_CHIP_BACKWARD + " (two rows a tile spilled on sm_90 with dropout's mask)"),
     *_rules("backward", {
         1: Tile(16, 1, 1, 8), 2: Tile(16, 2, 1, 8), 4: Tile(16, 4, 1, 8), 8: Tile(16, 8, 1, 8),
         16: Tile(16, 16, 1, 8), 32: Tile(16, 32, 2, 8), 64: Tile(16, 64, 4, 6), 128: Tile(16, 128, 8, 3),
@@ -85,19 +96,28 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
 ])
 
 
+def launch_precision(dtype, sum_dtype):
+    """The table's precision of a launch whose rows have `dtype` (the forward's x, the backward's dy) and whose sum
+    (the forward's s, the backward's normalized rows) has sum_dtype: "mixed" for 16-bit rows with an fp32 sum, else
+    the dtype's."""
+    if sum_dtype != dtype and sum_dtype == torch.float32:
+        return "mixed"
+    return precision(dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def launch_width(direction, dtype, n_cols, aligned):
+def launch_width(direction, precision, n_cols, aligned):
     """The table's width key of a row of n_cols elements: its padded width, or "streamed" where that exceeds
-    what the direction holds on chip at the dtype's precision and the alignment (partials_sum holds no row: always
+    what the direction holds on chip at the precision and the alignment (partials_sum holds no row: always
     streamed)."""
     padded = next_power_of_2(n_cols)
-    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision(dtype), aligned), 0) else "streamed"
+    return padded if padded <= MAX_ON_CHIP_WIDTH.get((direction, precision, aligned), 0) else "streamed"
 
 
-def launch_tile(direction, dtype, n_cols, aligned):
+def launch_tile(direction, precision, n_cols, aligned):
     """The tile of a launch (memoised by the table)."""
-    return TABLE.lookup(direction=direction, precision=precision(dtype),
-                        width=launch_width(direction, dtype, n_cols, aligned), aligned=aligned)
+    return TABLE.lookup(direction=direction, precision=precision,
+                        width=launch_width(direction, precision, n_cols, aligned), aligned=aligned)
 
 
 def operands_aligned(n_cols, *tensors):

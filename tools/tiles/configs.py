@@ -9,6 +9,7 @@ worker receives the key and builds that one config (`config`), never the whole l
 """
 
 import itertools
+from collections import namedtuple
 
 OPS = ("attention", "layer_norm")
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -24,26 +25,64 @@ ATTENTION_MASKS = {
 }
 # The precision class each dtype's tiles are keyed by.
 PRECISIONS = {"float16": "16bit", "bfloat16": "16bit", "float32": "fp32"}
-# The LayerNorm kernels a config can be: name -> (its tile table direction, whether it runs the "streamed" width,
-# the kernel in kernels/layer_norm/forward.py or backward.py, the constexprs that name it).
-_NORM_FORWARD = {"HAS_WEIGHT": True, "HAS_BIAS": True}
-_NORM_BACKWARD = {"HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}
+# The norm kernels a config can be: name -> (its tile table direction, whether it runs the "streamed" width, the
+# kernel in kernels/layer_norm/forward.py or backward.py, the constexprs that name it, and for the launches of a sum
+# kept in fp32 (residual_in_fp32), the pointers that are fp32 beside 16-bit ones and the table precision such a
+# launch looks up). LayerNorm and RMSNorm (RMS), with and without the residual add; dropout on the add's branch for
+# LayerNorm, whose statistics keep the most values live; and the add with its sum in fp32 (compiled for 16-bit
+# dtypes only: in fp32 it is the plain add): the forward reads an fp32 residual and writes the fp32 sum beside
+# 16-bit x and y, the backward reads the fp32 sum beside 16-bit dy and weight (both on "mixed" tiles).
+NormKernel = namedtuple("NormKernel", "direction streamed function constexprs fp32_pointers launch_precision",
+                        defaults=((), None))
+_SUM_IN_FP32_FORWARD = (("RESIDUAL", "SUM"), "mixed")
+_SUM_IN_FP32_BACKWARD = (("X", "DSUM", "DX", "DX_KEPT"), "mixed")
+_FORWARD = {"HAS_WEIGHT": True, "HAS_BIAS": True, "RMS": False, "DROPOUT": False, "HAS_RESIDUAL": False}
+_ADD_FORWARD = dict(_FORWARD, HAS_RESIDUAL=True)
+_RMS_FORWARD = dict(_FORWARD, HAS_BIAS=False, RMS=True)
+_BACKWARD = {"HAS_WEIGHT": True, "COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True, "RMS": False, "DROPOUT": False,
+             "HAS_DSUM": False}
+_ADD_BACKWARD = dict(_BACKWARD, HAS_DSUM=True)
+_RMS_BACKWARD = dict(_BACKWARD, COMPUTE_DBIAS=False, RMS=True)
+_ROW_SUMS = {"HAS_WEIGHT": True, "RMS": False}
 LAYER_NORM_KERNELS = {
-    "forward": ("forward", False, "layer_norm_forward_kernel", dict(_NORM_FORWARD, HAS_RESIDUAL=False)),
-    "add_forward": ("forward", False, "layer_norm_forward_kernel", dict(_NORM_FORWARD, HAS_RESIDUAL=True)),
-    "forward_streamed": ("forward", True, "layer_norm_forward_streamed_kernel",
-                         dict(_NORM_FORWARD, HAS_RESIDUAL=False)),
-    "add_forward_streamed": ("forward", True, "layer_norm_forward_streamed_kernel",
-                             dict(_NORM_FORWARD, HAS_RESIDUAL=True)),
-    "backward": ("backward", False, "layer_norm_backward_kernel", dict(_NORM_BACKWARD, HAS_DSUM=False)),
-    "add_backward": ("backward", False, "layer_norm_backward_kernel", dict(_NORM_BACKWARD, HAS_DSUM=True)),
-    "backward_row_sums": ("backward", True, "layer_norm_backward_row_sums_kernel", {"HAS_WEIGHT": True}),
-    "backward_columns": ("backward", True, "layer_norm_backward_columns_kernel",
-                         dict(_NORM_BACKWARD, HAS_DSUM=False)),
-    "add_backward_columns": ("backward", True, "layer_norm_backward_columns_kernel",
-                             dict(_NORM_BACKWARD, HAS_DSUM=True)),
-    "partials_sum": ("partials_sum", True, "layer_norm_partials_sum_kernel",
-                     {"COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}),
+    "forward": NormKernel("forward", False, "layer_norm_forward_kernel", _FORWARD),
+    "add_forward": NormKernel("forward", False, "layer_norm_forward_kernel", _ADD_FORWARD),
+    "add_dropout_forward": NormKernel("forward", False, "layer_norm_forward_kernel", dict(_ADD_FORWARD, DROPOUT=True)),
+    "add_forward_sum_in_fp32": NormKernel("forward", False, "layer_norm_forward_kernel", _ADD_FORWARD,
+                                          *_SUM_IN_FP32_FORWARD),
+    "add_forward_streamed_sum_in_fp32": NormKernel("forward", True, "layer_norm_forward_streamed_kernel",
+                                                   _ADD_FORWARD, *_SUM_IN_FP32_FORWARD),
+    "rms_forward": NormKernel("forward", False, "layer_norm_forward_kernel", _RMS_FORWARD),
+    "add_rms_forward": NormKernel("forward", False, "layer_norm_forward_kernel", dict(_RMS_FORWARD, HAS_RESIDUAL=True)),
+    "forward_streamed": NormKernel("forward", True, "layer_norm_forward_streamed_kernel", _FORWARD),
+    "add_forward_streamed": NormKernel("forward", True, "layer_norm_forward_streamed_kernel", _ADD_FORWARD),
+    "add_dropout_forward_streamed": NormKernel("forward", True, "layer_norm_forward_streamed_kernel",
+                                               dict(_ADD_FORWARD, DROPOUT=True)),
+    "rms_forward_streamed": NormKernel("forward", True, "layer_norm_forward_streamed_kernel", _RMS_FORWARD),
+    "add_rms_forward_streamed": NormKernel("forward", True, "layer_norm_forward_streamed_kernel",
+                                           dict(_RMS_FORWARD, HAS_RESIDUAL=True)),
+    "backward": NormKernel("backward", False, "layer_norm_backward_kernel", _BACKWARD),
+    "add_backward": NormKernel("backward", False, "layer_norm_backward_kernel", _ADD_BACKWARD),
+    "add_dropout_backward": NormKernel("backward", False, "layer_norm_backward_kernel",
+                                       dict(_ADD_BACKWARD, DROPOUT=True)),
+    "add_backward_sum_in_fp32": NormKernel("backward", False, "layer_norm_backward_kernel", _ADD_BACKWARD,
+                                           *_SUM_IN_FP32_BACKWARD),
+    "add_backward_columns_sum_in_fp32": NormKernel("backward", True, "layer_norm_backward_columns_kernel",
+                                                   _ADD_BACKWARD, *_SUM_IN_FP32_BACKWARD),
+    "rms_backward": NormKernel("backward", False, "layer_norm_backward_kernel", _RMS_BACKWARD),
+    "add_rms_backward": NormKernel("backward", False, "layer_norm_backward_kernel", dict(_RMS_BACKWARD, HAS_DSUM=True)),
+    "backward_row_sums": NormKernel("backward", True, "layer_norm_backward_row_sums_kernel", _ROW_SUMS),
+    "rms_backward_row_sums": NormKernel("backward", True, "layer_norm_backward_row_sums_kernel",
+                                        dict(_ROW_SUMS, RMS=True)),
+    "backward_columns": NormKernel("backward", True, "layer_norm_backward_columns_kernel", _BACKWARD),
+    "add_backward_columns": NormKernel("backward", True, "layer_norm_backward_columns_kernel", _ADD_BACKWARD),
+    "add_dropout_backward_columns": NormKernel("backward", True, "layer_norm_backward_columns_kernel",
+                                               dict(_ADD_BACKWARD, DROPOUT=True)),
+    "rms_backward_columns": NormKernel("backward", True, "layer_norm_backward_columns_kernel", _RMS_BACKWARD),
+    "add_rms_backward_columns": NormKernel("backward", True, "layer_norm_backward_columns_kernel",
+                                           dict(_RMS_BACKWARD, HAS_DSUM=True)),
+    "partials_sum": NormKernel("partials_sum", True, "layer_norm_partials_sum_kernel",
+                               {"COMPUTE_DWEIGHT": True, "COMPUTE_DBIAS": True}),
 }
 
 
@@ -59,10 +98,10 @@ def _targets(aligned=None):
     return tuple((arch, a) for arch in CHECKED_ARCHS for a in alignments)
 
 
-def signature(kernel, pointer_type, constexprs):
+def signature(kernel, pointer_type, constexprs, fp32_pointers=()):
     """Triton's signature of `kernel` for one config, derived from the kernel's own parameters: constexprs as
     given, annotated parameters (sizes, scales, fp32 buffers) as annotated, strides as the JIT types them (i32),
-    and every other tensor as `pointer_type` (the input dtype)."""
+    the tensors named in fp32_pointers as fp32, and every other tensor as `pointer_type` (the input dtype)."""
     found = {}
     for param in _kernel_params(kernel):
         if param.is_constexpr or param.name in constexprs:
@@ -72,7 +111,7 @@ def signature(kernel, pointer_type, constexprs):
         elif param.name.startswith("stride_"):
             found[param.name] = "i32"
         else:
-            found[param.name] = pointer_type
+            found[param.name] = "*fp32" if param.name in fp32_pointers else pointer_type
     return found
 
 
@@ -89,10 +128,10 @@ def _kernel_params(kernel):
 
 
 def _config(op, key, name, jit_kernel, dtype_name, constexprs, num_warps, num_stages, targets, options=None,
-            **meta):
+            fp32_pointers=(), **meta):
     """One config of `op`, as the module docstring describes it."""
     return {"op": op, "key": key, "name": name, "kernel": jit_kernel,
-            "signature": signature(jit_kernel, POINTER_TYPES[dtype_name], constexprs),
+            "signature": signature(jit_kernel, POINTER_TYPES[dtype_name], constexprs, fp32_pointers),
             "constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages, "targets": targets,
             "options": options or {}, "meta": dict(dtype=dtype_name, **meta)}
 
@@ -169,15 +208,20 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
 def layer_norm_configs():
     """One config per launch key of the LayerNorm tile table (kernels.layer_norm.tiles.launch_keys: direction,
     precision, width), per dtype of its precision and per kernel its launches run (LAYER_NORM_KERNELS), with weight
-    and bias present (FusedLayerNorm's case); each for every checked arch, aligned and not."""
+    and bias present (FusedLayerNorm's case; RMSNorm's weight alone); each for every checked arch, aligned and
+    not."""
     from kernels.layer_norm import tiles
 
     alignments_of = {}  # (dtype, kernel, width, tile) -> the alignments whose launches run it
     for direction, precision, width, aligned in tiles.launch_keys():
         tile = tiles.TABLE.lookup(direction=direction, precision=precision, width=width, aligned=aligned)
         for dtype_name in DTYPE_NAMES:
-            for kernel_name, (of_direction, streamed, _, _) in LAYER_NORM_KERNELS.items():
-                if (PRECISIONS[dtype_name], of_direction, streamed) == (precision, direction, width == "streamed"):
+            for kernel_name, norm_kernel in LAYER_NORM_KERNELS.items():
+                if norm_kernel.fp32_pointers and dtype_name == "float32":
+                    continue  # the plain add's config
+                launch_precision = norm_kernel.launch_precision or PRECISIONS[dtype_name]
+                if (launch_precision, norm_kernel.direction, norm_kernel.streamed) == (
+                        precision, direction, width == "streamed"):
                     alignments_of.setdefault((dtype_name, kernel_name, width, tuple(tile)), []).append(aligned)
     return [layer_norm_config(*launch, tuple(alignments)) for launch, alignments in alignments_of.items()]
 
@@ -189,7 +233,7 @@ def layer_norm_config(dtype_name, kernel_name, width, tile, alignments=(True, Fa
     from kernels.layer_norm import backward, forward, shared, tiles
 
     tile = tiles.Tile(*tile)
-    direction, _, function, constexprs = LAYER_NORM_KERNELS[kernel_name]
+    direction, _, function, constexprs, fp32_pointers, _ = LAYER_NORM_KERNELS[kernel_name]
     kernel = getattr(forward if direction == "forward" else backward, function)
     constexprs = dict(constexprs, BLOCK_N=tile.block_n)
     if "ROWS" in _kernel_param_names(kernel):
@@ -200,14 +244,14 @@ def layer_norm_config(dtype_name, kernel_name, width, tile, alignments=(True, Fa
         "" if direction == "partials_sum" else f"_n{width}") + f"_{tile.rows}x{tile.block_n}w{tile.num_warps}"
     return _config("layer_norm", ("layer_norm", dtype_name, kernel_name, width, tuple(tile), tuple(alignments)),
                    name, kernel, dtype_name, constexprs, tile.num_warps, num_stages,
-                   tuple(target for target in _targets() if target[1] in alignments), options,
+                   tuple(target for target in _targets() if target[1] in alignments), options, fp32_pointers,
                    kernel=kernel_name, width=width, block_m=tile.rows, block_n=tile.block_n)
 
 
 def layer_norm_limit_probes():
     """For each on-chip limit of the LayerNorm table (direction, precision, operand alignment), the next width up
-    run the on-chip way: the add variant (the most live values) with the limit's tile at twice the columns and
-    twice the warps (at most 32), in fp16 or fp32, for the alignment on every checked arch. The report shows their
+    run the on-chip way: the add variant (the most live values; `limit_probe`) with the limit's tile at twice the
+    columns and twice the warps (at most 32), for the alignment on every checked arch. The report shows their
     spills: why each limit is where it is."""
     from kernels.layer_norm import tiles
 
@@ -215,9 +259,16 @@ def layer_norm_limit_probes():
     for (direction, precision, aligned), limit in tiles.MAX_ON_CHIP_WIDTH.items():
         tile = tiles.TABLE.lookup(direction=direction, precision=precision, width=limit, aligned=aligned)
         wider = tile._replace(block_n=2 * limit, num_warps=min(32, 2 * tile.num_warps))
-        dtype_name = "float16" if precision == "16bit" else "float32"
-        probes.append(layer_norm_config(dtype_name, f"add_{direction}", 2 * limit, tuple(wider), (aligned,)))
+        probes.append(layer_norm_config(*limit_probe(direction, precision), 2 * limit, tuple(wider), (aligned,)))
     return probes
+
+
+def limit_probe(direction, precision):
+    """(dtype name, kernel) of the limit probe of a direction and precision: the add in fp16 or fp32, or the add
+    with its sum in fp32 for the "mixed" precision."""
+    if precision == "mixed":
+        return "float16", f"add_{direction}_sum_in_fp32"
+    return ("float16" if precision == "16bit" else "float32"), f"add_{direction}"
 
 
 def _kernel_param_names(kernel):

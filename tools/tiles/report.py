@@ -107,11 +107,11 @@ def layer_norm_limit_rows(probes):
 
     rows = []
     for (direction, precision, aligned), limit in tiles.MAX_ON_CHIP_WIDTH.items():
+        dtype, kernel = configs.limit_probe(direction, precision)
         spills = [f"sm_{r['arch']}: {max(r['spill_store_bytes'], r['spill_load_bytes'])} B" if "error" not in r
                   else f"sm_{r['arch']}: does not compile" for r in probes
-                  if (r["kernel"], r["width"], r["aligned"]) == (f"add_{direction}", 2 * limit, aligned)
-                  and r["dtype"] == ("float16" if precision == "16bit" else "float32")]
-        warps = next(r["num_warps"] for r in probes if (r["kernel"], r["width"]) == (f"add_{direction}", 2 * limit))
+                  if (r["kernel"], r["width"], r["aligned"], r["dtype"]) == (kernel, 2 * limit, aligned, dtype)]
+        warps = next(r["num_warps"] for r in probes if (r["kernel"], r["width"]) == (kernel, 2 * limit))
         rows.append([direction, precision, operands_name(aligned), limit, f"{2 * limit} ({warps} warps)",
                      ", ".join(spills)])
     return rows
