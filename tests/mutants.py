@@ -146,12 +146,12 @@ MUTANTS = [
            "for tile_sums in range(0, column_tiles):", "for tile_sums in range(0, 1):",
            ("tests/test_layer_norm_grid.py", "-k", "every_width_class")),
     Mutant("streamed statistics from sum and sum of squares", "kernels/layer_norm/forward.py",
-           "    mean += delta * (chunk_count / total)\n"
-           "    squared_deviations += tl.sum(chunk_centered * chunk_centered, axis=0) + delta * delta * (count * "
-           "chunk_count\n" + " " * 93 + "/ total)\n    return mean, squared_deviations, total",
-           "    new_mean = (mean * count + tl.sum(x, axis=0)) / total\n"
-           "    squared_deviations += tl.sum(x * x, axis=0) + mean * mean * count - new_mean * new_mean * total\n"
-           "    return new_mean, squared_deviations, total",
+           "        mean += delta * (chunk_count / total)\n"
+           "        squared_deviations += tl.sum(chunk_centered * chunk_centered, axis=0) + delta * delta * (\n"
+           "            count * chunk_count / total)\n",
+           "        new_mean = (mean * count + tl.sum(x, axis=0)) / total\n"
+           "        squared_deviations += tl.sum(x * x, axis=0) + mean * mean * count - new_mean * new_mean * total\n"
+           "        mean = new_mean\n",
            ("tests/test_layer_norm.py", "-k", "far_from_zero")),
     Mutant("forward reads x at the row width, not its stride", "kernels/layer_norm/forward.py",
            "x = load_input(X + rows[:, None] * stride_x + cols[None, :],",
