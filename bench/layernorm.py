@@ -1,5 +1,5 @@
-"""python -m bench.layernorm: forward, backward and forward+backward GB/s of `kernels.layer_norm` and
-`kernels.add_layer_norm` against PyTorch's paths, on the same card in the same run.
+"""python -m bench.layernorm: forward, backward and forward+backward GB/s of `kernels.layer_norm`,
+`kernels.add_layer_norm` and `kernels.rms_norm` against PyTorch's paths, on the same card in the same run.
 
 Shapes (SHAPES), fp16 / bf16 / fp32: the reference GPT's own (64 x 256 tokens of width 384) and the large config's
 (16 x 1024 tokens of 768); a bandwidth-bound sweep, 65536 rows of each width; and 4096 rows of each width, where the
@@ -7,9 +7,11 @@ narrow widths are launch-bound on any card (4096 x 384 is 3 MB).
 Bytes: the op's inputs read once plus its outputs written once (a kernel's own saved statistics not counted):
     layer_norm      fwd  x, weight, bias -> y                 bwd  dy, x, weight -> dx, dweight, dbias
     add_layer_norm  fwd  x, residual, weight, bias -> y, s    bwd  dy, ds, s, weight -> dx (= dresidual), dweight, dbias
+    rms_norm        fwd  x, weight -> y                       bwd  dy, x, weight -> dx, dweight
 fwd+bwd counts both passes' bytes. Every rate is also shown as a fraction of the card's measured copy bandwidth.
 Competitors: F.layer_norm, the same under torch.compile (one static-shape compile per point), and the eager
-composite (mean / variance formula); add_layer_norm against add-then-F.layer_norm, eager and compiled.
+composite (mean / variance formula); add_layer_norm against add-then-F.layer_norm, eager and compiled; rms_norm
+against F.rms_norm (what torch.nn.RMSNorm runs), eager and compiled.
 """
 
 import torch
@@ -29,11 +31,19 @@ BANDWIDTH_BOUND = "bandwidth-bound (65536 rows)"
 EPS = 1e-5
 
 
-def layer_norm_bytes(rows, width, element_size, mode, with_residual=False):
-    """Bytes read plus written by one call, per the table in the module docstring."""
+# op -> ((rows x width tensors, width vectors) read plus written by the forward, (the same) by the backward), per
+# the table in the module docstring
+TENSORS_MOVED = {
+    "layer_norm": ((2, 2), (3, 3)),
+    "add_layer_norm": ((4, 2), (4, 3)),
+    "rms_norm": ((2, 1), (3, 2)),
+}
+
+
+def norm_bytes(op, rows, width, element_size, mode):
+    """Bytes read plus written by one call of op."""
     big, small = rows * width * element_size, width * element_size
-    forward = (4 * big + 2 * small) if with_residual else (2 * big + 2 * small)
-    backward = (4 * big + 3 * small) if with_residual else (3 * big + 3 * small)
+    forward, backward = (big * n_big + small * n_small for n_big, n_small in TENSORS_MOVED[op])
     return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
 
 
@@ -41,7 +51,7 @@ def sweep_points(quick=False):
     """Points (op, dtype, shape name, rows, width) in priority order: the bf16 points first, and in each dtype the
     model shapes, then the bandwidth-bound sweep."""
     return [(op, dtype, shape, rows, width) for dtype in ("bf16", "fp16", "fp32")
-            for op in ("layer_norm", "add_layer_norm") for shape, (rows, widths) in SHAPES.items()
+            for op in TENSORS_MOVED for shape, (rows, widths) in SHAPES.items()
             for width in (QUICK_WIDTHS.get(shape, widths) if quick else widths)]
 
 
@@ -61,6 +71,10 @@ def add_then_norm(x, residual, weight, bias):
     return torch_layer_norm(s, weight, bias), s
 
 
+def torch_rms_norm(x, weight):
+    return F.rms_norm(x, x.shape[-1:], weight, EPS)
+
+
 def providers():
     """op -> {name: (function, core)}; core providers are measured even once the budget is spent."""
     import kernels
@@ -78,6 +92,11 @@ def providers():
             "add-then-norm": (add_then_norm, True),
             "add-then-norm-compile": (torch.compile(add_then_norm, dynamic=False), False),
         },
+        "rms_norm": {
+            "triton": (lambda x, w: kernels.rms_norm(x, w, EPS), True),
+            "torch": (torch_rms_norm, True),
+            "torch-compile": (torch.compile(torch_rms_norm, dynamic=False), False),
+        },
     }
 
 
@@ -90,7 +109,8 @@ def run_point(op, dtype_name, shape, rows, width, table, budget, ceilings):
         return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
 
     x, weight, bias = leaf(rows, width), leaf(width), leaf(width)
-    inputs = [x, leaf(rows, width), weight, bias] if with_residual else [x, weight, bias]
+    inputs = {"layer_norm": [x, weight, bias], "add_layer_norm": [x, leaf(rows, width), weight, bias],
+              "rms_norm": [x, weight]}[op]
     cotangents = [torch.randn(rows, width, device="cuda", dtype=dtype) for _ in range(2 if with_residual else 1)]
     reference = fp32_reference(op, inputs, cotangents)
 
@@ -99,7 +119,7 @@ def run_point(op, dtype_name, shape, rows, width, table, budget, ceilings):
         torch.autograd.backward(outputs, cotangents, retain_graph=retain_graph)
 
     def metrics(mode, ms):
-        rate = common.gbps(layer_norm_bytes(rows, width, x.element_size(), mode, with_residual), ms)
+        rate = common.gbps(norm_bytes(op, rows, width, x.element_size(), mode), ms)
         return {"gbps": rate, "of_copy_ceiling": rate / ceilings["copy_gbps"]}
 
     results = []
@@ -124,9 +144,10 @@ def run_point(op, dtype_name, shape, rows, width, table, budget, ceilings):
 
 
 def fp32_reference(op, inputs, cotangents):
-    """Outputs and input gradients of the op computed in fp32 by F.layer_norm on upcast inputs."""
+    """Outputs and input gradients of the op computed in fp32 by torch's own ops on upcast inputs."""
     leaves = [t.detach().float().requires_grad_() for t in inputs]
-    outputs = add_then_norm(*leaves) if op == "add_layer_norm" else (torch_layer_norm(*leaves),)
+    outputs = {"layer_norm": lambda: (torch_layer_norm(*leaves),), "add_layer_norm": lambda: add_then_norm(*leaves),
+               "rms_norm": lambda: (torch_rms_norm(*leaves),)}[op]()
     torch.autograd.backward(outputs, [c.float() for c in cotangents])
     return [o.detach() for o in outputs], [t.grad for t in leaves]
 
@@ -154,7 +175,7 @@ def _cell(entry, mode):
 def evaluate_goals(results, ceilings):
     """The LayerNorm speed goals: on the bandwidth-bound shape from width 1024 on, the forward >= 90% and the
     backward >= 80% of the copy bandwidth (both ops, every dtype); and at least as fast as PyTorch's eager path
-    (F.layer_norm, or add then F.layer_norm) at every point, in every mode."""
+    (F.layer_norm, add then F.layer_norm, F.rms_norm) at every point, in every mode."""
     ours = [r for r in results if r["provider"] == "triton" and r["shape"] == BANDWIDTH_BOUND and r["width"] >= 1024]
     goals = []
     for mode, share in (("fwd", 0.9), ("bwd", 0.8)):
@@ -165,8 +186,8 @@ def evaluate_goals(results, ceilings):
                       "met": min(shares) >= share if shares else None})
     speedups = [r["ours_speedup"][mode] for r in results if r["provider"] in ("torch", "add-then-norm")
                 for mode in common.MODES if mode in r.get("ours_speedup", {})]
-    goals.append({"goal": "at least as fast as F.layer_norm (add_layer_norm: add then F.layer_norm) at every shape, "
-                          "width and mode",
+    goals.append({"goal": "at least as fast as torch's eager path (F.layer_norm; add then F.layer_norm; "
+                          "F.rms_norm) at every shape, width and mode",
                   "measured": f"worst {min(speedups):.2f}x" if speedups else None,
                   "met": min(speedups) >= 1.0 if speedups else None})
     return goals

@@ -21,7 +21,7 @@ def test_sweep_covers_the_model_shapes_and_a_bandwidth_bound_one_and_quick_is_a_
     assert {rows for rows, _ in bound} == {65536} and max(width for _, width in bound) >= 16384
     assert min(rows * width for rows, width in bound) * 2 >= 48 * 2**20  # every point moves 48 MB and more
     assert (4096, 384) in shapes  # the launch-bound history
-    assert {op for op, *_ in points} == {"layer_norm", "add_layer_norm"}
+    assert {op for op, *_ in points} == {"layer_norm", "add_layer_norm", "rms_norm"}
     assert {dtype for _, dtype, *_ in points} == {"bf16", "fp16", "fp32"} and points[0][1] == "bf16"
     assert points[0][2:] == ("GPT (64 x 256 tokens)", 16384, 384)  # the model shapes first
     quick = layernorm.sweep_points(quick=True)
@@ -32,9 +32,10 @@ def test_sweep_covers_the_model_shapes_and_a_bandwidth_bound_one_and_quick_is_a_
 def test_bytes_are_each_input_read_and_each_output_written_once():
     rows, width, size = 16384, 768, 2
     big, small = rows * width * size, width * size
-    assert layernorm.layer_norm_bytes(rows, width, size, "fwd") == 2 * big + 2 * small
-    assert layernorm.layer_norm_bytes(rows, width, size, "bwd") == 3 * big + 3 * small
-    assert layernorm.layer_norm_bytes(rows, width, size, "fwd+bwd", with_residual=True) == 8 * big + 5 * small
+    assert layernorm.norm_bytes("layer_norm", rows, width, size, "fwd") == 2 * big + 2 * small
+    assert layernorm.norm_bytes("layer_norm", rows, width, size, "bwd") == 3 * big + 3 * small
+    assert layernorm.norm_bytes("add_layer_norm", rows, width, size, "fwd+bwd") == 8 * big + 5 * small
+    assert layernorm.norm_bytes("rms_norm", rows, width, size, "fwd+bwd") == 5 * big + 3 * small  # no bias
 
 
 def _entry(provider, shape, rows, width, fwd_share, bwd_share, status="ok"):
