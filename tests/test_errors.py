@@ -276,4 +276,4 @@ def test_a_launch_no_tile_rule_matches_names_its_key(monkeypatch):
     with pytest.raises(LookupError, match="precision='16bit', head=64, kernel='dq', dropout=False, arch=90"):
         tiles.table_tile("dq", 48, torch.bfloat16, False, 90, True)
     with pytest.raises(LookupError, match="precision='fp32', head=512"):
-        decode_tiles.decode_table_tile(512, torch.float32)
+        decode_tiles.decode_tile(512, torch.float32)
