@@ -33,7 +33,7 @@ def require_gpu(command):
     if not torch.cuda.is_available():
         print(
             f"{command} needs a CUDA GPU, and none is visible here (torch.cuda.is_available() is False).\n"
-            "Run it on a machine with an NVIDIA GPU; `python -m bench.compile_report` works without one.",
+            "Run it on a machine with an NVIDIA GPU; `python -m tools.tiles.report` works without one.",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -148,12 +148,17 @@ def measure_modes(forward, backward, grads, metrics):
     return peak, timings
 
 
-def add_speedups(results, ours="triton"):
-    """On every competitor's entry of one point: how many times faster ours is (its time / ours), per mode."""
+def add_speedups(results, ours="triton", modes=MODES):
+    """On every competitor's entry of one point: how many times faster ours is (its time / ours), per mode; or,
+    with modes=None, for results timed one way (their "ms" on the entry itself), one number."""
     mine = next((r for r in results if r["provider"] == ours and r["status"] == "ok"), None)
     for r in results:
-        if mine is not None and r is not mine and r["status"] == "ok":
-            r["ours_speedup"] = {m: r[m]["ms"] / mine[m]["ms"] for m in MODES if "ms" in r[m] and "ms" in mine[m]}
+        if mine is None or r is mine or r["status"] != "ok":
+            continue
+        if modes is None:
+            r["ours_speedup"] = r["ms"] / mine["ms"]
+        else:
+            r["ours_speedup"] = {m: r[m]["ms"] / mine[m]["ms"] for m in modes if "ms" in r[m] and "ms" in mine[m]}
 
 
 def short_status(entry):

@@ -135,16 +135,8 @@ def run_point(point, table, budget, ceilings):
         results.append(entry)
         print(f"  {point['group']:<22} B={b:<3} N={n:<7} {name:<15} "
               + (f"{entry['gbps']:.0f} GB/s" if entry["status"] == "ok" else entry["status"]), flush=True)
-    add_speedups(results)
+    common.add_speedups(results, modes=None)
     return results
-
-
-def add_speedups(results):
-    """On every competitor's entry of one point: how many times faster ours is (its time / ours)."""
-    mine = next((r for r in results if r["provider"] == "triton" and r["status"] == "ok"), None)
-    for r in results:
-        if mine is not None and r is not mine and r["status"] == "ok":
-            r["ours_speedup"] = r["ms"] / mine["ms"]
 
 
 def evaluate_goals(results):

@@ -17,11 +17,13 @@ Each op is a folder whose files are its layers, read top to bottom as a call tra
 
 Beside them: modules.py (thin nn.Modules holding parameters: FusedMultiHeadAttention, FusedLayerNorm),
 reference.py (the eager math the tests and benchmarks compare against), _validate.py (the input checks every op
-shares), _gpu.py (the architectures the tiles are checked for), _library.py (the operator namespace, and the
-operators' CPU implementation: Triton's interpreter computes bf16 in fp32).
+shares), _gpu.py (the architectures the tiles are checked for, a device's own, asked once), _library.py (how a
+launch becomes an operator, and the two routes a call takes to it: through the registered operators when traced by
+torch.compile, around them in eager mode; the launchers' integer helpers; the operators' CPU implementation:
+Triton's interpreter computes bf16 in fp32).
 A change to what is computed goes in a kernel file; to speed, in a tiles file; to what users may pass, in an api
-file; to autograd or torch.compile behaviour, in an ops file. bench/compile_report.py compiles every tile the
-attention and LayerNorm tiles files can give, for every checked architecture, and fails on spills.
+file; to autograd or torch.compile behaviour, in an ops file. tools/tiles/ (python -m tools.tiles.report) compiles
+every tile the attention and LayerNorm tiles files can give, for every checked architecture, and fails on spills.
 
 Data flow of one fused decoder block (gpt/model.py): layer_norm (ln1) -> one qkv projection -> attention on
 strided (B, H, T, D) views -> projection -> add_layer_norm (the residual add fused with ln2) -> feed-forward ->

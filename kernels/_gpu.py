@@ -1,6 +1,7 @@
 """What the kernels know about GPUs: the architectures their tiles are made and checked for, and a device's own."""
 
 import contextlib
+import functools
 
 import torch
 
@@ -12,10 +13,18 @@ CHECKED_ARCHS = (90, 80)
 ARCHS_RUNNING_SM80_CODE = (86, 89)
 
 
+@functools.lru_cache(maxsize=None)
 def device_arch(device: torch.device) -> int:
-    """The compute capability of a CUDA device as one number: 90 for sm_90."""
+    """The compute capability of a CUDA device as one number: 90 for sm_90. Asked once per device: the launchers
+    ask on every launch."""
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device, asked once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def launch_device(tensor: torch.Tensor):

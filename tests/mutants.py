@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPIED = ("kernels", "gpt", "bench", "tests", "pyproject.toml")
+COPIED = ("kernels", "gpt", "bench", "tools", "tests", "pyproject.toml")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,34 @@ MUTANTS = [
            ("tests/test_attention.py", "-k", "bf16")),
     Mutant("the interpreter's bf16 decoding copies the cache without the appended keys", "kernels/decode/ops.py",
            "int(cache_seqlens.max()) + n_new", "int(cache_seqlens.max())", ("tests/test_decode.py", "-k", "bf16")),
+    # A call's path: the eager and compiled routes, launches, host reads
+    Mutant("the eager route skips the backward of the first input", "kernels/_library.py",
+           "backward=staticmethod(once_differentiable(backward))",
+           "backward=staticmethod(once_differentiable(lambda ctx, *grads: (None, *backward(ctx, *grads)[1:])))",
+           ("tests/test_torch_compile.py", "-k", "same_gradients")),
+    Mutant("the compiled route takes the eager one", "kernels/_library.py",
+           "return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0",
+           "return (torch._C._len_torch_dispatch_stack() > 0", ("tests/test_host_path.py", "-k", "compiled_graph")),
+    Mutant("eager calls pay the operators' dispatch", "kernels/_library.py",
+           "        if traced():\n            return self.op(*args, **kwargs)",
+           "        if True:\n            return self.op(*args, **kwargs)",
+           ("tests/test_host_path.py", "-k", "eager_call")),
+    Mutant("autograd materialises a zero gradient for the LSE", "kernels/attention/ops.py",
+           "    ctx.set_materialize_grads(False)\n", "", ("tests/test_host_path.py", "-k", "torch_side")),
+    Mutant("a dropout seed drawn without dropout", "kernels/attention/api.py",
+           "    if dropout_p == 0:\n        return None\n", "", ("tests/test_host_path.py", "-k", "torch_side")),
+    Mutant("the dropout seed read back to the host", "kernels/attention/api.py",
+           "        return attention_dropout_seed(like)",
+           "        return torch.full((1,), int(attention_dropout_seed(like)), dtype=torch.int64, device=like.device)",
+           ("tests/test_host_path.py", "-k", "reads_no_device_value")),
+    Mutant("dK and dV launched apart where one launch serves both", "kernels/attention/ops.py",
+           "for kernel in tiles.launch_passes(launch.head_dim, q.dtype, dropout, q.device, aligned):",
+           "for kernel in (\"dk\", \"dv\"):", ("tests/test_host_path.py", "-k", "creep")),
+    Mutant("a zero gradient filled in for add_layer_norm's unused y", "kernels/layer_norm/ops.py",
+           "    if dy is None:  # y unused: x and residual receive the gradient of s alone, weight and bias none; no "
+           "launch\n        return dsum, dsum, None, None, None\n    s, weight, mean, rstd = ctx.saved_tensors\n",
+           "    s, weight, mean, rstd = ctx.saved_tensors\n    if dy is None:\n        dy = torch.zeros_like(s)\n",
+           ("tests/test_host_path.py", "-k", "only_its_sum")),
     # Argument checks
     Mutant("a window of the wrong type taken for a wrong value", "kernels/attention/checks.py",
            "raise TypeError(expected)", "raise ValueError(expected)", ("tests/test_errors.py",)),

@@ -11,11 +11,11 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
     """Every tile the launch tables can give, for every head size, dtype, dropout, checked arch and alignment, is
     among the configs the compile report compiles under each of its masks (checked for spills in
     test_compile_report)."""
-    from bench import compile_report
+    from tools.tiles import configs
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import backward, forward, tiles
 
-    entries = compile_report.attention_configs()
+    entries = configs.attention_configs()
     assert len({e["name"] for e in entries}) == len(entries)
     mask_names = ("BOUNDED_LEFT", "BOUNDED_RIGHT", "VARLEN")
     shipped = set()
@@ -35,11 +35,11 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
         for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
             block_d = tiles.block_d(head_dim)
             for dropout, arch, aligned, mask in itertools.product(
-                    (False, True), CHECKED_ARCHS, (True, False), compile_report.ATTENTION_MASKS.values()):
+                    (False, True), CHECKED_ARCHS, (True, False), configs.ATTENTION_MASKS.values()):
                 for name in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
                     compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
                     tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
-                    key = (kernel_of[name], compile_report.POINTER_TYPES[str(dtype).removeprefix("torch.")],
+                    key = (kernel_of[name], configs.POINTER_TYPES[str(dtype).removeprefix("torch.")],
                            block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv,
                            *(mask[name] for name in mask_names), tile.num_warps, tile.num_stages, arch, aligned)
                     assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
@@ -61,13 +61,19 @@ def test_operand_alignment_means_16_byte_rows(device):
 def test_launch_config_picks_the_tile_for_the_gpu_and_the_operands(monkeypatch):
     """The launcher's choice on a (pretend) H100 and A100: the table's tile for the arch and alignment, the sm_90
     wgmma tile at head size 256 only for aligned operands."""
+    from kernels._gpu import device_arch
     from kernels.attention import tiles
 
-    for capability, arch in (((9, 0), 90), ((8, 0), 80)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
-        for aligned in (True, False):
-            expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
-            assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == expected
+    try:
+        for capability, arch in (((9, 0), 90), ((8, 0), 80)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+            device_arch.cache_clear()  # asked once per device: forget the previous pretend GPU's answer
+            for aligned in (True, False):
+                expected = tiles.table_tile("forward", 256, torch.bfloat16, False, arch, aligned)
+                assert tiles.launch_tile("forward", 256, torch.bfloat16, False, torch.device("cuda"), aligned) == \
+                    expected
+    finally:
+        device_arch.cache_clear()
     assert tiles.table_tile("forward", 256, torch.bfloat16, False, 90, True) != \
         tiles.table_tile("forward", 256, torch.bfloat16, False, 90, False)
 

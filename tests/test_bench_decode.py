@@ -56,7 +56,7 @@ def test_goals_and_markdown_from_a_run():
     for batch, context, ours_ms, flash_ms in [(1, 1024, 0.01, 0.02), (1, 16384, 0.1, 0.09)]:
         point = [_result("triton", batch, context, ours_ms), _result("sdpa-flash", batch, context, flash_ms),
                  _result("sdpa-math", batch, context, None, status="skipped: time budget exhausted")]
-        decode.add_speedups(point)
+        common.add_speedups(point, modes=None)
         results += point
     goals = decode.evaluate_goals(results)
     share_at_16k = results[3]["of_copy_ceiling"]

@@ -133,7 +133,7 @@ def printed_commands():
 
 
 def test_command_tables_are_found():
-    assert {".venv/bin/python -m bench.attention", ".venv/bin/python -m bench.compile_report"} <= set(
+    assert {".venv/bin/python -m bench.attention", ".venv/bin/python -m tools.tiles.report"} <= set(
         printed_commands())
 
 

@@ -1,6 +1,6 @@
-"""bench/speed_model.py: reading a loop off SASS and costing it by the model, on a hand-written listing."""
+"""tools/tiles/speed_model.py: reading a loop off SASS and costing it by the model, on a hand-written listing."""
 
-from bench import speed_model
+from tools.tiles import speed_model
 
 # A loop (0x0040 ... 0x00a0) of one SS and one RS wgmma, two exp2, a 128-bit shared load and an asynchronous copy,
 # and outside it a second, longer loop without matrix work and a self-branch (the exit trap).

@@ -1,6 +1,7 @@
 """The kernels as PyTorch operators: opcheck of every registered op, and torch.compile(fullgraph=True) of the
 functional API and of the GPT with both fused backends (no graph break, same values and gradients), with
-dropout reproducible across compiled and eager runs.
+dropout reproducible across compiled and eager runs, and the same gradients through the eager route (the bodies
+in an autograd.Function) and the compiled one (the operators).
 
 On CPU the compiler backend is "aot_eager" (Inductor would need a C++ toolchain and still could not run the
 interpreted kernels inside its own code); on CUDA the default Inductor backend is checked too.
@@ -101,8 +102,10 @@ def test_opcheck_layer_norm(device, dtype, with_residual, affine):
 # fullgraph compile of the functional API
 
 
-def _values_and_grads(fn, inputs):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+def _values_and_grads(fn, inputs, requires_grad=None):
+    """fn's outputs and the gradients of its inputs (those flagged in requires_grad, every one by default)."""
+    requires_grad = requires_grad or [True] * len(inputs)
+    inputs = [t.detach().clone().requires_grad_(flag) for t, flag in zip(inputs, requires_grad)]
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     torch.autograd.backward(outputs, [torch.ones_like(o) * 0.5 + o.detach() * 0.1 for o in outputs])
@@ -165,6 +168,43 @@ def test_compiled_dropout_is_reproducible(device, backend):
     torch.manual_seed(7)
     first, second = compiled(q, k, v), compiled(q, k, v)
     assert not torch.equal(first, second)
+
+
+def _route_cases(device):
+    """name -> (fn, inputs, which inputs require grad): every differentiable public function, in the variants whose
+    backward differs (grouped heads, a window, dropout with a given seed, packed sequences, a frozen weight, no
+    bias)."""
+    q = torch.randn(2, 4, 19, 16, device=device)
+    k, v = (torch.randn(2, 2, 23, 16, device=device) for _ in range(2))
+    packed = [torch.randn(21, 2, 16, device=device) for _ in range(3)]
+    cu_seqlens = torch.tensor([0, 8, 21], dtype=torch.int32, device=device)
+    x, residual = (torch.randn(4, 7, 48, device=device) for _ in range(2))
+    weight, bias = (torch.randn(48, device=device) for _ in range(2))
+    return {
+        "attention: grouped, windowed, dropout": (
+            lambda q, k, v: kernels.attention(q, k, v, window=(5, 0), dropout_p=0.3, seed=11), (q, k, v), None),
+        "attention_varlen": (lambda q, k, v: kernels.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, 13, 13),
+                             packed, None),
+        "layer_norm: no bias": (lambda x, w: kernels.layer_norm(x, w), (x, weight), None),
+        "add_layer_norm: weight frozen": (kernels.add_layer_norm, (x, residual, weight, bias),
+                                          [True, True, False, True]),
+    }
+
+
+@pytest.mark.parametrize("case", ["attention: grouped, windowed, dropout", "attention_varlen", "layer_norm: no bias",
+                                  "add_layer_norm: weight frozen"])
+def test_eager_and_compiled_routes_give_the_same_gradients(device, case):
+    """Eager calls run the bodies in an autograd.Function, compiled ones the registered operators and their
+    autograd formula: the same values and the same gradient for every input, None where none is asked for."""
+    fn, inputs, requires_grad = _route_cases(device)[case]
+    eager_out, eager_grads = _values_and_grads(fn, inputs, requires_grad)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled_out, compiled_grads = _values_and_grads(compiled, inputs, requires_grad)
+    assert [g is None for g in compiled_grads] == [g is None for g in eager_grads]
+    assert all(g is not None for g, flag in zip(eager_grads, requires_grad or [True] * len(inputs)) if flag)
+    for expected, actual in zip(eager_out + eager_grads, compiled_out + compiled_grads):
+        if expected is not None:
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

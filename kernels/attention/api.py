@@ -75,12 +75,14 @@ def softmax_scale(scale, head_dim):
 
 def seed_tensor(dropout_p, seed, like):
     """The seed operand of the operators: None without dropout; else the given seed (checked), or a fresh one drawn
-    from torch's generator for `like`'s device, as a one-element int64 tensor on that device."""
+    from torch's generator for `like`'s device, as a one-element int64 tensor on that device. A given seed is
+    filled in on the device (torch.tensor would copy it from the host, which waits for the device and cannot be
+    captured in a CUDA graph)."""
     if dropout_p == 0:
         return None
     if seed is None:
         return attention_dropout_seed(like)
-    return torch.tensor([seed], dtype=torch.int64, device=like.device)
+    return torch.full((1,), seed, dtype=torch.int64, device=like.device)
 
 
 def _heads_apart(packed):

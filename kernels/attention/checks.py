@@ -25,19 +25,25 @@ def check_tensors(function, q, k, v, ndim):
     tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, t in tensors.items():
         check_tensor(name, t, ndim=ndim)
-    check_same_device_and_dtype("q", q, **{name: t for name, t in tensors.items() if name != "q"})
+    others = tensors.copy()
+    del others["q"]
+    check_same_device_and_dtype("q", q, **others)
     check_runnable("q", q)
-    names = ", ".join(tensors)
-    shapes = ", ".join(str(tuple(t.shape)) for t in tensors.values())
-    if v is not None and k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if ndim == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"{names} must agree in batch (dim 0), got {shapes}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{names} must have the same head size (last dim), got {q.shape[-1]} and {k.shape[-1]}")
-    check_heads(function, q.shape[1], k.shape[1], q.shape[-1])  # (B, H, N, D) and packed (total, H, D) alike
-    if min(q.shape) == 0 or (ndim == 4 and min(k.shape) == 0):
-        raise ValueError(f"{names} must not be empty, got {shapes}")
+    q_shape, k_shape = q.shape, k.shape
+    if v is not None and k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    if ndim == 4 and k_shape[0] != q_shape[0]:
+        raise ValueError(f"{', '.join(tensors)} must agree in batch (dim 0), got {_shapes(tensors)}")
+    if k_shape[-1] != q_shape[-1]:
+        raise ValueError(f"{', '.join(tensors)} must have the same head size (last dim), got {q_shape[-1]} and "
+                         f"{k_shape[-1]}")
+    check_heads(function, q_shape[1], k_shape[1], q_shape[-1])  # (B, H, N, D) and packed (total, H, D) alike
+    if min(q_shape) == 0 or (ndim == 4 and min(k_shape) == 0):
+        raise ValueError(f"{', '.join(tensors)} must not be empty, got {_shapes(tensors)}")
+
+
+def _shapes(tensors):
+    return ", ".join(str(tuple(t.shape)) for t in tensors.values())
 
 
 def check_heads(function, heads, kv_heads, head_dim, keys="k"):
@@ -55,11 +61,12 @@ def check_band(causal, window):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} (options after q, k, v are "
                         "keyword-only: attention(q, k, v, causal=..., dropout_p=..., scale=...))")
-    expected = f"window must be (left, right), two ints >= -1 (-1: unbounded), got {window!r}"
-    if not isinstance(window, (tuple, list)) or not all(isinstance(w, int) and not isinstance(w, bool)
-                                                        for w in window):
-        raise TypeError(expected)
-    if len(window) != 2 or min(window) < -1:
+    well_typed = isinstance(window, (tuple, list)) and all(isinstance(w, int) and not isinstance(w, bool)
+                                                           for w in window)
+    if not well_typed or len(window) != 2 or min(window) < -1:
+        expected = f"window must be (left, right), two ints >= -1 (-1: unbounded), got {window!r}"
+        if not well_typed:
+            raise TypeError(expected)
         raise ValueError(expected)
     left, right = window
     if causal:

@@ -1,6 +1,7 @@
-"""Attention as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
-torch.compile sees each launch as one opaque node with known output shapes), and the autograd formula that ties
-the forward operator to the backward one; and the launcher of the dropout-mask kernel.
+"""Attention as PyTorch operators: the launchers of the Triton kernels, each an _library.Operator (registered with
+torch.library, so torch.compile sees each launch as one opaque node with known output shapes; called directly in
+eager mode), and the autograd formula that ties the forward operator to the backward one; and the launcher of the
+dropout-mask kernel.
 
 Operators (namespace decoder_kernels): attention_forward, attention_backward, attention_dropout_seed. The forward
 and backward take a dense batch, q (B, H, Nq, D) and k, v (B, H_KV, Nk, D), or packed sequences (cu_seqlens_q and
@@ -13,11 +14,10 @@ fp32 (_library.bf16_in_fp32).
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE, bf16_in_fp32
+from .._library import bf16_in_fp32, cdiv, differentiable, operator
 from . import tiles
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .forward import attention_forward_kernel, dropout_mask_kernel
@@ -27,12 +27,15 @@ from .shared import operands_aligned
 MAX_OFFSET = 2**31
 # The kernels' tensors whose rows are keys (their row stride is stride_<name>n; the others' stride_<name>m).
 _KEY_ROWS = ("k", "v", "dk", "dv")
+# The (batch, head, row) stride arguments of each tensor the kernels take, by its name there.
+_STRIDE_ARGUMENTS = {name: (f"stride_{name}b", f"stride_{name}h", f"stride_{name}{'n' if name in _KEY_ROWS else 'm'}")
+                     for name in ("q", "k", "v", "o", "do", "dq", "dk", "dv")}
 
 
-def _stride(t, dim):
-    """t's stride along dim as the kernels take it: 0 where the dimension has one element, so that a stride that
+def _strides(t):
+    """t's strides as the kernels take them, read once: 0 where a dimension has one element, so that a stride that
     never moves a pointer cannot exceed the kernels' integer types."""
-    return t.stride(dim) if t.shape[dim] > 1 else 0
+    return [stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride())]
 
 
 def rows_fit(t, row_stride, n_rows):
@@ -77,26 +80,28 @@ class _Launch:
 
     def row_stride(self, t):
         """The row stride of q, k, v or a tensor laid out like one."""
-        return _stride(t, 0) if self.packed else _stride(t, 2)
+        return _strides(t)[0 if self.packed else 2]
 
     def strides(self, name, t):
         """The (batch, head, row) strides of q, k, v or a tensor laid out like one, as the kernel arguments
         stride_<name>b, stride_<name>h and stride_<name>m (stride_<name>n for rows of keys): dense (B, H, N, D) or
         packed (total, H, D), whose batch stride is 0 (a packed sequence is found by its first row)."""
-        batch_stride = 0 if self.packed else _stride(t, 0)
-        row = "n" if name in _KEY_ROWS else "m"
-        return {f"stride_{name}b": batch_stride, f"stride_{name}h": _stride(t, 1),
-                f"stride_{name}{row}": self.row_stride(t)}
+        strides = _strides(t)
+        batch, head, row = _STRIDE_ARGUMENTS[name]
+        if self.packed:
+            return {batch: 0, head: strides[1], row: strides[0]}
+        return {batch: strides[0], head: strides[1], row: strides[2]}
 
     def statistics_strides(self, lse):
         """The (batch, head) strides of LSE or DELTA, stride_lb and stride_lh: dense (B, H, Nq), packed
         (H, total_q)."""
+        strides = _strides(lse)
         if self.packed:
-            return {"stride_lb": 0, "stride_lh": _stride(lse, 0)}
-        return {"stride_lb": _stride(lse, 0), "stride_lh": _stride(lse, 1)}
+            return {"stride_lb": 0, "stride_lh": strides[0]}
+        return {"stride_lb": strides[0], "stride_lh": strides[1]}
 
     def grid(self, n, heads, block):
-        return (triton.cdiv(n, block) * self.batch * heads,)
+        return (cdiv(n, block) * self.batch * heads,)
 
 
 def _allocate_forward_outputs(q, packed, n_q):
@@ -145,15 +150,14 @@ def _forward(
     return out, lse
 
 
-attention_forward = torch.library.custom_op(f"{NAMESPACE}::attention_forward", mutates_args=())(_forward)
-attention_forward.register_kernel("cpu")(bf16_in_fp32(_forward, fp32_outputs=(1,)))  # lse stays fp32
-
-
-@attention_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale,
-      seed):
+def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                  dropout_p, scale, seed):
     packed = cu_seqlens_q is not None
     return _allocate_forward_outputs(q, packed, max_seqlen_q if packed else q.shape[2])
+
+
+attention_forward = operator("attention_forward", _forward, fake=_forward_fake,
+                             cpu=bf16_in_fp32(_forward, fp32_outputs=(1,)))  # lse stays fp32
 
 
 def _backward(
@@ -205,9 +209,6 @@ def _backward(
     return dq, _sum_groups(dk, k, launch), _sum_groups(dv, v, launch)
 
 
-attention_backward = torch.library.custom_op(f"{NAMESPACE}::attention_backward", mutates_args=())(_backward)
-attention_backward.register_kernel("cpu")(bf16_in_fp32(_backward))
-
 
 def _per_query_head(kv, launch):
     """The buffer the dK/dV kernel writes a gradient of k or v into: like it when every query head has its own
@@ -229,16 +230,18 @@ def _sum_groups(shares, kv, launch):
     return grouped.sum(2).to(kv.dtype)
 
 
-@attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
-      window_right, dropout_p, scale, seed):
+def _backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                   window_right, dropout_p, scale, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# Autograd: the formula registered on the forward operator, the one place the backward is defined. The public
-# functions call the operator itself (an autograd.Function around it would cost a second dispatch per call), and so
-# do opcheck and torch.compile. The seed is an argument of the forward, so the dropout mask is a function of the
-# arguments and the backward regenerates it. The LSE output is not differentiable.
+attention_backward = operator("attention_backward", _backward, fake=_backward_fake, cpu=bf16_in_fp32(_backward))
+
+
+# Autograd: one formula for both routes (_library.differentiable), the one place the backward is defined. The seed
+# is an argument of the forward, so the dropout mask is a function of the arguments and the backward regenerates
+# it. The LSE output is not differentiable, and a missing gradient of out (only the LSE was used) is not
+# materialised as zeros: nothing depends on out, so nothing is launched.
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -247,20 +250,21 @@ def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
     ctx.scalars = scalars  # max_seqlen_q, max_seqlen_k, window_left, window_right, dropout_p, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _gradients(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * 12
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.scalars, seed)
     return (dq, dk, dv) + (None,) * 9
 
 
-attention_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+attention_forward = differentiable(attention_forward, _save_for_backward, _gradients)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_dropout_seed", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))
-def attention_dropout_seed(like: Tensor) -> Tensor:
+def _draw_seed(like: Tensor) -> Tensor:
     """A dropout seed in [0, 2^31): a one-element int64 tensor on `like`'s device, drawn from that device's
     default generator, so `torch.manual_seed` reproduces it. On a GPU it is drawn by the device, not the host:
     no synchronisation, and under CUDA-graph capture every replay draws a fresh seed (torch's generator advances
@@ -269,9 +273,9 @@ def attention_dropout_seed(like: Tensor) -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=like.device)
 
 
-@attention_dropout_seed.register_fake
-def _(like):
-    return torch.empty(1, dtype=torch.int64, device=like.device)
+attention_dropout_seed = operator("attention_dropout_seed", _draw_seed,
+                                  fake=lambda like: torch.empty(1, dtype=torch.int64, device=like.device),
+                                  tags=(torch.Tag.nondeterministic_seeded,))
 
 
 def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):
@@ -283,7 +287,7 @@ def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):
         return mask
     block = tiles.dropout_mask_block(device)
     with launch_device(mask):
-        dropout_mask_kernel[(triton.cdiv(n_q, block), triton.cdiv(n_k, block), batch * heads)](
+        dropout_mask_kernel[(cdiv(n_q, block), cdiv(n_k, block), batch * heads)](
             MASK=mask, SEED=seed, first_b=first_b, H=heads, N_Q=n_q, N_K=n_k, dropout_p=float(dropout_p),
             BLOCK_M=block, BLOCK_N=block,
         )

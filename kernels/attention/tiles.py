@@ -4,10 +4,10 @@ dropout, GPU architecture and operand alignment; and the dropout-mask kernel's b
 The dK/dV kernel holds BLOCK_N keys and streams BLOCK_M queries; the others hold BLOCK_M queries and stream
 BLOCK_N keys. dK and dV are computed by one launch ("dkdv") or, where no tile for it fits, by two, "dk" and "dv"
 (see key_block_passes). Every tile the tables can give is compiled for each architecture in
-kernels._gpu.CHECKED_ARCHS, aligned and not, by bench/compile_report.py, which fails on spills (fp32: beyond a few
-words), excess shared memory or, on sm_90, matrix products that miss wgmma or repeat work across warpgroups;
-bench/tile_search.py finds a clean replacement for a tile that fails, and ranks the headline launches' tiles by
-the speed model (--rank).
+kernels._gpu.CHECKED_ARCHS, aligned and not, by tools/tiles/ (python -m tools.tiles.report), which fails on spills
+(fp32: beyond a few words), excess shared memory or, on sm_90, matrix products that miss wgmma or repeat work across
+warpgroups; tools.tiles.search finds a clean replacement for a tile that fails, and ranks the headline launches'
+tiles by the speed model (--rank).
 """
 
 from collections import namedtuple
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from .._gpu import device_arch
+from .._library import next_power_of_2
 
 Tile = namedtuple("Tile", "block_m block_n num_warps num_stages")
 
@@ -37,8 +37,8 @@ class TileRule:
     dropout: Optional[bool] = None
     arch: Optional[int] = None  # 90 for sm_90; 80 stands for every other architecture
     aligned: Optional[bool] = None  # every operand 16-byte aligned (shared.operands_aligned)
-    # How the tile was chosen: "timed" (fastest on a GPU under bench.tune), "model" (the fewest clocks under the
-    # speed model, bench.tile_search --rank; untimed) or "fit" (the largest tile that compiles cleanly).
+    # How the tile was chosen: "timed" (fastest on a GPU under tools.tiles.tune), "model" (the fewest clocks under
+    # the speed model, tools.tiles.search --rank; untimed) or "fit" (the largest tile that compiles cleanly).
     chosen_by: str = "fit"
 
     def matches(self, precision, head, kernel, dropout, arch, aligned):
@@ -51,14 +51,14 @@ class TileRule:
 # become wgmma on sm_90 (fewer rows per warpgroup would repeat work across warpgroups); the same tiles run mma.sync
 # elsewhere. Every 16-bit tile compiles without register spills for its architectures, aligned or not as it says,
 # under every mask and with dropout or without as it says (the compile report); where a tile spilled in the
-# windowed, packed variant, the replacement is bench.tile_search's, which holds the most rows that fit. Tiles
-# chosen_by="timed" won bench.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal, aligned): each is
+# windowed, packed variant, the replacement is tools.tiles.search's, which holds the most rows that fit. Tiles
+# chosen_by="timed" won tools.tiles.tune on an H200 (bench/results/nvidia-h200/tiles.md, bf16 causal, aligned): each is
 # the fastest spill-free candidate there, its gain over the tile it replaced in brackets; where the speed model
 # ranks another tile first (bench/results/compile_report.md lists both), timing wins. Tiles chosen_by="model" are
 # the model's best clean tile, untimed. Misaligned operands are loaded
 # element by element through registers, which costs registers. fp32 is multiplied in true fp32 without tensor
 # cores, whose operands are register-hungry: small tiles, a few spilled words allowed
-# (compile_report.FP32_SPILL_ALLOWANCE_BYTES).
+# (tools.tiles.checks.FP32_SPILL_ALLOWANCE_BYTES).
 RULES = [
     TileRule("16bit", 16, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile"),
     TileRule("16bit", 16, "dkdv", Tile(32, 128, 8, 3), "the largest spill-free tile"),
@@ -97,7 +97,7 @@ RULES = [
     # with dropout and without). Elsewhere in two launches, "dk" and "dv" (key_block_passes), each recomputing P:
     # misaligned, no fused tile is spill-free; on sm_80, with no model and no timing to choose by, the pair stays
     # (fused tiles fit there too, 16 x 128 unpipelined or with dropout 64 x 64, untried). Those tiles are
-    # bench.tile_search's: the spill-free tile holding the most keys that serves every variant.
+    # tools.tiles.search's: the spill-free tile holding the most keys that serves every variant.
     TileRule("16bit", 128, "dkdv", Tile(32, 128, 8, 1), "the fewest modelled clocks (4608; dK + dV apart 6144)",
              dropout=False, arch=90, aligned=True, chosen_by="model"),
     TileRule("16bit", 128, "dkdv", Tile(16, 128, 8, 3), "dropout: the most keys spill-free (8384 modelled "
@@ -118,7 +118,7 @@ RULES = [
     # Head size 256 on sm_90 with aligned operands: wgmma tiles of two warpgroups, each holding a 64 x 256 fp32
     # accumulator (128 registers per thread) against 16 or 32 streamed rows. Misaligned, every wgmma tile tried
     # spills (the streamed tiles pass through registers), so those launches keep mma.sync tiles. Registers are
-    # so tight here that a stage or a warp more or less decides the spill: each tile below is bench.tile_search's.
+    # so tight here that a stage or a warp more or less decides the spill: each tile below is tools.tiles.search's.
     TileRule("16bit", 256, "forward", Tile(128, 32, 8, 2), "wgmma", dropout=False, arch=90, aligned=True),
     TileRule("16bit", 256, "forward", Tile(128, 16, 8, 3), "wgmma; dropout: 32 keys per step spill", dropout=True,
              arch=90, aligned=True),
@@ -173,7 +173,7 @@ DROPOUT_MASK_BLOCK = 64
 
 def block_d(head_dim):
     """The head size padded to a power of two, at least 16 (the smallest tl.dot)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def key_block_passes(head_dim, dtype, dropout, arch, aligned):

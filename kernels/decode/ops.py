@@ -1,5 +1,6 @@
-"""Decoding as a PyTorch operator: the launcher of the decoding kernels (kernels.py) registered with
-torch.library, so torch.compile sees one opaque node that mutates the caches. Inference only: no autograd formula.
+"""Decoding as a PyTorch operator: the launcher of the decoding kernels (kernels.py), an _library.Operator
+(registered with torch.library, so torch.compile sees one opaque node that mutates the caches; called directly in
+eager mode). Inference only: no autograd formula.
 
 Operator (namespace decoder_kernels): decode_attention. Inputs arrive validated (api.py): q (B, H, Nq, D) with a
 contiguous last dimension, the caches (B, H_KV, Nmax, D) and k_new, v_new (B, H_KV, Nq, D) readable in place,
@@ -9,11 +10,10 @@ cache_seqlens int32 (B,).
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE, bf16_in_fp32
+from .._library import bf16_in_fp32, cdiv, operator
 from ..attention.shared import operands_aligned
 from ..attention.tiles import block_d
 from . import tiles
@@ -38,7 +38,7 @@ def _allocate_output(q):
 def _programs_per_split(q, kv_heads):
     """The split kernel's programs per chunk of keys: (B x H_KV) groups times each group's blocks of query rows."""
     batch, heads, n_q, head_dim = q.shape
-    row_blocks = triton.cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype).block_m)
+    row_blocks = cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype).block_m)
     return row_blocks * batch * kv_heads
 
 
@@ -109,8 +109,7 @@ def _attend_in_fp32_on_cpu(q, k_cache, v_cache, cache_seqlens, n_new, scale, num
     return bf16_in_fp32(_attend)(q, k_cache, v_cache, cache_seqlens, n_new, scale, num_splits)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention(
+def _decode_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Optional[Tensor],
     v_new: Optional[Tensor], scale: float, num_splits: int,
 ) -> Tensor:
@@ -121,11 +120,22 @@ def decode_attention(
     return _decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits, _attend)
 
 
-@decode_attention.register_kernel("cpu")
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
+def _decode_on_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
     return _decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits, _attend_in_fp32_on_cpu)
 
 
-@decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits):
-    return _allocate_output(q)
+def _written_in_place(decode):
+    """`decode` for the eager route, which bypasses the dispatcher: it bumps the caches' version counters as the
+    operator's in-place writes do, so autograd still sees that they changed."""
+
+    def run(q, k_cache, v_cache, *args, **kwargs):
+        out = decode(q, k_cache, v_cache, *args, **kwargs)
+        torch.autograd.graph.increment_version((k_cache, v_cache))
+        return out
+
+    return run
+
+
+decode_attention = operator("decode_attention", _decode_op, fake=lambda q, *_: _allocate_output(q),
+                            cpu=_decode_on_cpu, eager=_written_in_place(_decode_op),
+                            eager_cpu=_written_in_place(_decode_on_cpu), mutates_args=("k_cache", "v_cache"))

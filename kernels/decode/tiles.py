@@ -6,14 +6,13 @@ group takes several row blocks, each reading the group's keys, the later ones fr
 keys per step. Decoding computes little per byte of cache: the tiles are chosen for loads in flight (stages,
 programs per multiprocessor), not for products, so block_m is the smallest tl.dot (16; wgmma would need 64 rows per
 warpgroup, mostly padding). Each tile compiles without spills for sm_90 and sm_80, aligned operands and not, fp16,
-bf16 and fp32, one split and several (ptxas -v on a scratch compile the way bench/compile_report compiles; the
+bf16 and fp32, one split and several (ptxas -v on a scratch compile the way tools.tiles.compile compiles; the
 decode kernels are not in its report). Register counts jump between tiles: head size 256 needs 8 warps, and
 misaligned operands take up to 255 registers per thread.
 """
 
-import torch
-import triton
-
+from .._gpu import multiprocessors
+from .._library import cdiv
 from .._tiles import TileRule, TileTable
 from ..attention.tiles import Tile, block_d, precision
 
@@ -57,14 +56,11 @@ def decode_splits(programs, n_max, multiprocessors):
     `programs` (batch x key/value heads x row blocks) per split, the cache's slots per sequence n_max and the GPU's
     multiprocessors. A short sequence in a long cache is still spread over every split (the kernel sizes the chunks
     from each sequence's own length)."""
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
-    return max(1, min(wanted, triton.cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
+    wanted = cdiv(DECODE_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, programs)
+    return max(1, min(wanted, cdiv(n_max, DECODE_MIN_KEYS_PER_SPLIT), MAX_DECODE_SPLITS))
 
 
 def launch_splits(programs, n_max, device):
     """decode_splits for `device`'s multiprocessors."""
-    if device.type == "cuda":
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        multiprocessors = INTERPRETER_MULTIPROCESSORS
-    return decode_splits(programs, n_max, multiprocessors)
+    count = multiprocessors(device) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
+    return decode_splits(programs, n_max, count)

@@ -44,13 +44,16 @@ def _prepared_inputs(x, residual, weight, bias, eps):
     if torch.is_autocast_enabled(x.device.type):
         if x.device.type == "cuda":
             dtype = torch.float32
-        weight = weight.to(dtype) if weight is not None else None
-        bias = bias.to(dtype) if bias is not None else None
-    x = x.to(dtype)
-    residual = residual.to(dtype) if residual is not None else None
+        weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+    x, residual = _cast(x, dtype), _cast(residual, dtype)
     others = {name: t for name, t in (("residual", residual), ("weight", weight), ("bias", bias)) if t is not None}
     check_same_device_and_dtype("x" if residual is None else "x + residual", x, **others)
     return x, residual, weight, bias
+
+
+def _cast(t, dtype):
+    """t in dtype (None stays None); no call at all when it has it already, the usual case."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):

@@ -1,6 +1,6 @@
-"""LayerNorm as PyTorch operators: the launchers of the Triton kernels registered with torch.library (so
-torch.compile sees each launch as one opaque node with known output shapes), and one autograd formula for
-layer_norm and add_layer_norm.
+"""LayerNorm as PyTorch operators: the launchers of the Triton kernels, each an _library.Operator (registered with
+torch.library, so torch.compile sees each launch as one opaque node with known output shapes; called directly in
+eager mode), and one autograd formula for layer_norm and add_layer_norm.
 
 Operators (namespace decoder_kernels): layer_norm_forward, layer_norm_backward.
 """
@@ -8,11 +8,10 @@ Operators (namespace decoder_kernels): layer_norm_forward, layer_norm_backward.
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from .._gpu import launch_device
-from .._library import NAMESPACE
+from .._library import cdiv, differentiable, operator
 from . import tiles
 from .kernels import (
     BACKWARD_COMPILE_OPTIONS,
@@ -43,7 +42,7 @@ def _allocate_forward_outputs(x, with_sum):
     """y (and s), mean and rstd of the forward, allocated the same way by the launch and by its fake
     implementation: y and s contiguous in x's shape, mean and rstd one fp32 value per row."""
     n_rows = x.numel() // x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     return (y, torch.empty_like(y), mean, rstd) if with_sum else (y, None, mean, rstd)
@@ -60,7 +59,7 @@ def _forward(x, residual, weight, bias, eps):
     tile = tiles.forward_tile(n_cols)
     kernel, rows = _kernel_for(tile, layer_norm_forward_kernel, layer_norm_forward_streamed_kernel)
     with launch_device(x):
-        kernel[(triton.cdiv(n_rows, tile.rows),)](
+        kernel[(cdiv(n_rows, tile.rows),)](
             X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
             WEIGHT=weight if weight is not None else x, BIAS=bias if bias is not None else x, MEAN=mean, RSTD=rstd,
             stride_x=x.stride(0), stride_residual=residual.stride(0) if residual is not None else 0,
@@ -75,13 +74,13 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
     """Launch the backward kernel for the row width; reduce the partial dweight / dbias rows. dy and dsum are made
     contiguous (autograd's gradients almost always are already): they share dx's offsets, which saves the kernel
     registers. Returns dx (contiguous, x's shape), dweight (or None), dbias (or None)."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     x = _as_rows(x)
     dy = dy.contiguous()
     dsum = dsum.contiguous() if dsum is not None else None
     n_rows, n_cols = x.shape
     tile = tiles.backward_tile(n_cols)
-    programs = max(1, min(triton.cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
+    programs = max(1, min(cdiv(n_rows, tile.rows), tiles.backward_programs(x.device)))
     # A streamed row accumulates into its partial rows, which must start at zero.
     allocate = torch.zeros if tile.streamed else torch.empty
     dweight_partial = allocate((programs, n_cols), dtype=torch.float32, device=x.device) if compute_dweight else None
@@ -108,27 +107,27 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The launches as PyTorch operators
+# The launches as PyTorch operators (_library.operator: registered for torch.compile, called directly in eager)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm_forward", mutates_args=())
-def layer_norm_forward(
+def _forward_op(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, s, mean, rstd) of LayerNorm over the last dimension of s = x (+ residual, when given). Without a
-    residual, s is an empty tensor (an operator's output may not alias its input)."""
+    residual, s is an empty tensor (an operator's output may not alias its input; the eager route returns None)."""
     y, s, mean, rstd = _forward(x, residual, weight, bias, eps)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
 
 
-@layer_norm_forward.register_fake
-def _(x, residual, weight, bias, eps):
+def _forward_fake(x, residual, weight, bias, eps):
     y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None)
     return y, (s if s is not None else x.new_empty(0)), mean, rstd
 
 
-@torch.library.custom_op(f"{NAMESPACE}::layer_norm_backward", mutates_args=())
-def layer_norm_backward(
+layer_norm_forward = operator("layer_norm_forward", _forward_op, fake=_forward_fake, eager=_forward)
+
+
+def _backward_op(
     dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
     compute_dweight: bool, compute_dbias: bool,
 ) -> list[Tensor]:
@@ -138,8 +137,7 @@ def layer_norm_backward(
     return [ds] + ([dweight] if compute_dweight else []) + ([dbias] if compute_dbias else [])
 
 
-@layer_norm_backward.register_fake
-def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
+def _backward_fake(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
     width = s.shape[-1]
     return (
         [torch.empty(s.shape, dtype=s.dtype, device=s.device)]
@@ -148,9 +146,12 @@ def _(dy, dsum, s, weight, mean, rstd, compute_dweight, compute_dbias):
     )
 
 
+layer_norm_backward = operator("layer_norm_backward", _backward_op, fake=_backward_fake)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Autograd: the formula registered on the forward operator, for layer_norm and add_layer_norm alike, the one place
-# their backward is defined. The public functions call the operator itself, as opcheck and torch.compile do.
+# Autograd: one formula for both routes (_library.differentiable), for layer_norm and add_layer_norm alike, the one
+# place their backward is defined.
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -165,9 +166,9 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _gradients(ctx, dy, dsum, _dmean, _drstd):
+    if dy is None:  # y unused: x and residual receive the gradient of s alone, weight and bias none; no launch
+        return dsum, dsum, None, None, None
     s, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros_like(s)
     compute_dweight = weight is not None and ctx.needs_input_grad[2]
     compute_dbias = ctx.has_bias and ctx.needs_input_grad[3]
     grads = layer_norm_backward(
@@ -180,4 +181,4 @@ def _gradients(ctx, dy, dsum, _dmean, _drstd):
     return ds, (ds if ctx.with_residual else None), dweight, dbias, None
 
 
-layer_norm_forward.register_autograd(_gradients, setup_context=_save_for_backward)
+layer_norm_forward = differentiable(layer_norm_forward, _save_for_backward, _gradients)

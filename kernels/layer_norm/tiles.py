@@ -4,8 +4,8 @@ streamed in chunks (the streamed kernels), and warps."""
 import functools
 from collections import namedtuple
 
-import torch
-import triton
+from .._gpu import multiprocessors
+from .._library import next_power_of_2
 
 Tile = namedtuple("Tile", "rows block_n streamed num_warps")
 
@@ -34,7 +34,7 @@ def _tile(n_cols, max_block, chunk, tile_elements, elements_per_thread):
     tile. A wider row is streamed in chunk-wide tiles, one row at a time. The warps give each thread about
     elements_per_thread elements, between 1 and 16 warps."""
     if n_cols <= max_block:
-        block_n = triton.next_power_of_2(n_cols)
+        block_n = next_power_of_2(n_cols)
         rows = min(MAX_ROWS_PER_PROGRAM, max(1, tile_elements // block_n))
         streamed = False
     else:
@@ -42,16 +42,17 @@ def _tile(n_cols, max_block, chunk, tile_elements, elements_per_thread):
     return Tile(rows, block_n, streamed, min(16, max(1, rows * block_n // (32 * elements_per_thread))))
 
 
+@functools.lru_cache(maxsize=None)
 def forward_tile(n_cols):
     return _tile(n_cols, **_FORWARD)
 
 
+@functools.lru_cache(maxsize=None)
 def backward_tile(n_cols):
     return _tile(n_cols, **_BACKWARD)
 
 
-@functools.lru_cache(maxsize=None)
 def backward_programs(device):
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * BACKWARD_PROGRAMS_PER_SM
+        return multiprocessors(device) * BACKWARD_PROGRAMS_PER_SM
     return BACKWARD_PROGRAMS_ON_CPU

@@ -1,15 +1,17 @@
-"""python -m bench.tune: time candidate attention tiles on the GPU at hand and say which table entries should change.
+"""python -m tools.tiles.tune: time candidate attention tiles on the GPU at hand and say which table entries should
+change.
 
 For each (kernel, head size) of the 16-bit causal launches with aligned operands, the shipped tile and the speed
-model's best clean tiles (`candidates`: bench/results/model_ranking.json, written by bench.tile_search --rank)
-are forced into the launcher one at a time, each checked against an fp32 reference on a small ragged shape (so
-a tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes. Forward
-candidates are timed by the forward; dK/dV and dQ candidates by the whole backward with only that kernel's tile
-changed, so differences between candidates are that kernel's. The registers, spills and shared memory of what
-was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit tiles; bf16 is timed.
+model's best clean tiles (`candidates`: bench/results/model_ranking.json, written by tools.tiles.search --rank)
+are forced into the launcher one at a time, each checked against an fp32 reference on a small ragged shape (so a
+tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes with the benchmarks'
+own timing (bench.common). Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole
+backward with only that kernel's tile changed, so differences between candidates are that kernel's. The registers,
+spills and shared memory of what was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit
+tiles; bf16 is timed.
 
 Writes bench/results/<card>/tiles.json and tiles.md. A candidate that fails to compile or launch is a result.
-`TRITON_INTERPRET=1 python -m bench.tune --dry-run` runs everything but the timing on CPU through Triton's
+`TRITON_INTERPRET=1 python -m tools.tiles.tune --dry-run` runs everything but the timing on CPU through Triton's
 interpreter, with tiny shapes and fp16 (the interpreter runs its own small tiles, so only the plumbing is checked).
 """
 
@@ -22,11 +24,13 @@ import time
 import torch
 
 import kernels
-from kernels.attention import backward, forward, tiles
 from bench import common
+from kernels._gpu import device_arch
+from kernels.attention import backward, forward, tiles
 from kernels.reference import attention_reference
+from tools.tiles import search
 
-# Head sizes whose tiles are timed: the headline ones, which bench.tile_search --rank ranks by the speed model.
+# Head sizes whose tiles are timed: the headline ones, which tools.tiles.search --rank ranks by the speed model.
 TUNED_HEAD_DIMS = (64, 128)
 # Timed shapes per head size: FlashAttention's benchmark points (16k tokens, 2048 hidden) and, at head size 64,
 # the decoder's own (batch 64, 6 heads, 256 tokens).
@@ -51,7 +55,7 @@ def forced_tile(kernel, head_dim, tile):
     head = tiles.block_d(head_dim)
     rules = tiles.RULES
     tiles.RULES = [rule for rule in rules if (rule.precision, rule.head, rule.kernel) != ("16bit", head, kernel)]
-    tiles.RULES.append(tiles.TileRule("16bit", head, kernel, tiles.Tile(*tile), "forced by bench.tune"))
+    tiles.RULES.append(tiles.TileRule("16bit", head, kernel, tiles.Tile(*tile), "forced by tools.tiles.tune"))
     try:
         yield
     finally:
@@ -61,12 +65,10 @@ def forced_tile(kernel, head_dim, tile):
 def candidates(device):
     """{(kernel, head size): [tile, ...]}: the launches this GPU makes for the tuned head sizes (dK and dV fused or
     split as the table says), each with the ranking's clean tiles, fewest modelled clocks first."""
-    from bench import tile_search
-
-    ranking = tile_search.load_ranking()
+    ranking = search.load_ranking()
     if ranking is None:
-        raise SystemExit(f"{tile_search.RANKING_PATH} is missing: run python -m bench.tile_search --rank first")
-    ranked = {(launch["kernel"], launch["head_dim"]): [tuple(e["tile"]) for e in tile_search.clean_ranked(launch)]
+        raise SystemExit(f"{search.RANKING_PATH} is missing: run python -m tools.tiles.search --rank first")
+    ranked = {(launch["kernel"], launch["head_dim"]): [tuple(e["tile"]) for e in search.clean_ranked(launch)]
               for launch in ranking}
     arch = gpu_arch(device)
     found = {}
@@ -79,8 +81,7 @@ def candidates(device):
 
 def gpu_arch(device):
     """The GPU's arch (90 for sm_90), or sm_90's in a dry run."""
-    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
-    return major * 10 + minor
+    return device_arch(device) if device.type == "cuda" else 90
 
 
 def shipped_tile(kernel, head_dim, device):
@@ -209,11 +210,12 @@ def main():
     args = p.parse_args()
     if args.dry_run:
         device = torch.device("cpu")
-        run = {"benchmark": "bench.tune", "dry_run": True}
+        run = {"benchmark": "tools.tiles.tune", "dry_run": True}
     else:
-        common.require_gpu("bench.tune")
+        common.require_gpu("tools.tiles.tune")
         device = torch.device("cuda")
-        run = {"benchmark": "bench.tune", "environment": common.environment(), "ceilings": common.measure_ceilings(),
+        run = {"benchmark": "tools.tiles.tune", "environment": common.environment(),
+               "ceilings": common.measure_ceilings(),
                "settings": {"warmup_ms": common.WARMUP_MS, "rep_ms": common.REP_MS, "dtype": "bf16"}}
     started = time.perf_counter()
     run["keys"] = []

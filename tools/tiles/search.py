@@ -1,34 +1,33 @@
-"""python -m bench.tile_search: for every attention launch whose table tile (kernels/attention/tiles.py) the compile
+"""python -m tools.tiles.search: for every attention launch whose table tile (kernels/attention/tiles.py) the compile
 report rejects, find the largest tile that compiles cleanly, offline, no GPU needed.
 
 A launch key is what a TileRule can tell apart: precision, padded head size, kernel, dropout, arch (90, or 80 for
 every other) and operand alignment. A tile is clean for a key when every compile the report makes of it passes
-`compile_report.problems` (no spills, shared memory within the arch's limit, wgmma on sm_90 with aligned operands,
-no duplicated warpgroup work): each dtype of the precision under each of compile_report.ATTENTION_MASKS, compiled
-exactly as the report compiles it (compile_report.attention_config and compile_entry).
+`checks.problems` (no spills, shared memory within the arch's limit, wgmma on sm_90 with aligned operands, no
+duplicated warpgroup work): each dtype of the precision under each of configs.ATTENTION_MASKS, compiled exactly as
+the report compiles it (configs.attention_config and compile.compile_entry).
 
 Candidates are no larger than the rejected tile (BLOCK_M x BLOCK_N), tried in the order `candidates` gives; the
 first clean one is printed as the replacement. A tile that passes is left alone (timed or modelled faster). The
 result is a proposal for the RULES table, which a person edits (merging keys into rules, with each rule's reason);
-rerun `python -m bench.compile_report` after. Registers are tight enough that one stage or warp more or less can
+rerun `python -m tools.tiles.report` after. Registers are tight enough that one stage or warp more or less can
 decide a spill, so a tile clean for one key is not assumed clean for its neighbours: the report checks them all.
 
-`--rank` ranks instead, by the speed model (bench/speed_model.py), every candidate tile of the headline launches
-(16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward, dK/dV fused and split, dQ): each
-tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the model's config), sorted
-by modelled clocks per 128 x 128 block, and the best RANKED_CLEAN that are clean in every variant of the key are
-kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the model's best and
-runner-up beside each shipped tile) and bench.tune reads (the candidates it times on a GPU).
+`--rank` ranks instead, by the speed model (tools/tiles/speed_model.py), every candidate tile of the headline
+launches (HEADLINE_LAUNCH: 16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward, dK/dV fused
+and split, dQ): each tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the
+model's config), sorted by modelled clocks per 128 x 128 block, and the best RANKED_CLEAN that are clean in every
+variant of the key are kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the
+model's best and runner-up beside each shipped tile) and tools.tiles.tune reads (the candidates it times on a GPU).
 """
 
 import argparse
-import concurrent.futures
 import itertools
 import json
-import multiprocessing
-from pathlib import Path
 
-from bench import compile_report
+from bench.common import RESULTS_DIR
+from tools.tiles import checks, configs, speed_model
+from tools.tiles.compile import WORKERS, compile_entry, worker_pool
 
 BLOCK_SIZES = (16, 32, 64, 128)
 WARPS = (4, 8)
@@ -36,11 +35,14 @@ STAGES = (1, 2, 3)
 # The compiles most likely to fail come first (the windowed, packed mask has the most scalar state), so a
 # candidate is usually rejected by its first compile.
 MASKS_MOST_DEMANDING_FIRST = ("window_varlen", "causal")
-RANKING_PATH = Path(__file__).resolve().parent / "results" / "model_ranking.json"
-# The headline launches the model ranks: (padded head size, kernel), 16-bit, sm_90, aligned, no dropout.
+RANKING_PATH = RESULTS_DIR / "model_ranking.json"
+# The headline launches' (dropout, arch, aligned operands), 16-bit and causal: what the model ranks and the compile
+# report's headline rows show.
+HEADLINE_LAUNCH = (False, 90, True)
+# The headline launches the model ranks: (padded head size, kernel) under HEADLINE_LAUNCH.
 RANKED_LAUNCHES = ((64, "forward"), (64, "dkdv"), (64, "dq"),
                    (128, "forward"), (128, "dkdv"), (128, "dk"), (128, "dv"), (128, "dq"))
-# How many clean tiles a ranking keeps per launch: the best, the runner-up and one more for bench.tune to time.
+# How many clean tiles a ranking keeps per launch: the best, the runner-up and one more for tools.tiles.tune to time.
 RANKED_CLEAN = 3
 # Candidates checked for cleanliness at once (in parallel), best first, until RANKED_CLEAN are clean.
 RANK_CHECK_BATCH = 6
@@ -53,7 +55,7 @@ def launch_keys():
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import tiles
 
-    for precision, head_dim in itertools.product(("16bit", "fp32"), compile_report.HEAD_DIMS):
+    for precision, head_dim in itertools.product(("16bit", "fp32"), configs.HEAD_DIMS):
         dtype = getattr(torch, _dtype_names(precision)[0])
         for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
             for kernel in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
@@ -77,9 +79,8 @@ def tile_problems(key, tile):
     """The first compile of `tile` for `key` that the report rejects, as "config: problems", or None if all pass."""
     precision, head_dim, kernel, dropout, arch, aligned = key
     for mask_name, dtype_name in itertools.product(MASKS_MOST_DEMANDING_FIRST, _dtype_names(precision)):
-        entry = compile_report.attention_config(dtype_name, head_dim, kernel, mask_name, dropout, tile, aligned,
-                                                (arch,))
-        found = compile_report.problems(compile_report.compile_entry("attention", entry, arch, aligned))
+        entry = configs.attention_config(dtype_name, head_dim, kernel, mask_name, dropout, tile, aligned, (arch,))
+        found = checks.problems(compile_entry(entry, arch, aligned))
         if found:
             return f"{entry['name']}: {'; '.join(found)}"
     return None
@@ -111,7 +112,6 @@ def search(key):
 
 def rank_candidates(kernel):
     """Every tile of BLOCK_SIZES x WARPS x STAGES whose warpgroups do not repeat each other's wgmma work."""
-    from bench import speed_model
     from kernels.attention.tiles import Tile
 
     return [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
@@ -121,8 +121,8 @@ def rank_candidates(kernel):
 def model_reading(task):
     """(head size, kernel, tile, the model's reading of its bf16 causal compile for sm_90 with aligned operands)."""
     head_dim, kernel, tile = task
-    entry = compile_report.attention_config("bfloat16", head_dim, kernel, "causal", False, tile, True, (90,))
-    result = compile_report.compile_entry("attention", entry, 90, True)
+    entry = configs.attention_config("bfloat16", head_dim, kernel, "causal", False, tile, True, (90,))
+    result = compile_entry(entry, 90, True)
     reading = {field: result.get(field) for field in ("model_clocks", "limiter", "registers")}
     return head_dim, kernel, tile, reading
 
@@ -144,7 +144,7 @@ def rank(pool):
     ranking = []
     for (head_dim, kernel), entries in readings.items():
         entries = sorted((e for e in entries if e["model_clocks"] is not None), key=model_order)
-        key = ("16bit", head_dim, kernel, *compile_report.HEADLINE_LAUNCH)
+        key = ("16bit", head_dim, kernel, *HEADLINE_LAUNCH)
         checked = 0
         while checked < len(entries) and sum(e.get("clean") is True for e in entries) < RANKED_CLEAN:
             batch = entries[checked:checked + RANK_CHECK_BATCH]
@@ -182,16 +182,14 @@ def load_ranking(path=RANKING_PATH):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=compile_report.WORKERS, help="compile processes")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=WORKERS, help="compile processes")
     p.add_argument("--head-dim", type=int, action="append", help="only these padded head sizes (repeatable)")
     p.add_argument("--kernel", action="append", help="only these kernels: forward, dkdv, dk, dv, dq (repeatable)")
     p.add_argument("--rank", action="store_true",
                    help="rank the headline launches' tiles by the speed model; write bench/results/model_ranking.json")
     args = p.parse_args(argv)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context,
-                                                initializer=compile_report._start_worker) as pool:
+    with worker_pool(args.workers) as pool:
         if args.rank:
             ranking = rank(pool)
             RANKING_PATH.write_text(json.dumps(ranking, indent=1) + "\n")
@@ -206,7 +204,7 @@ def main(argv=None):
                 continue
             precision, head_dim, kernel, dropout, arch, aligned = key
             print(f"| {precision} | {head_dim} | {kernel} | {dropout} | sm_{arch} | "
-                  f"{compile_report.operands_name(aligned)} | {tuple(current)} | {problem} | "
+                  f"{configs.operands_name(aligned)} | {tuple(current)} | {problem} | "
                   f"{tuple(replacement) if replacement else 'NONE'} |", flush=True)
 
 

@@ -9,10 +9,10 @@ the H200 has the H100's SMs):
                    STS, and every asynchronous global-to-shared copy (LDGSTS) that fills it
     MUFU           16 exp2
     issue          4 warp instructions (one per scheduler)
-Global loads into registers (LDG) are not counted: the goals (compile_report.MODEL_GOALS) and the tutorial's
+Global loads into registers (LDG) are not counted: the goals (tools.tiles.report.MODEL_GOALS) and the tutorial's
 figures are stated in this model. L1 hits share the shared-memory data path, so a tile that loads per-iteration
-vectors by LDG (with one stage, the dK/dV kernel's LSE and delta) models faster than it may run; bench.tune times
-the model's best on a GPU, and timing decides.
+vectors by LDG (with one stage, the dK/dV kernel's LSE and delta) models faster than it may run; tools.tiles.tune
+times the model's best on a GPU, and timing decides.
 The loop modelled is the innermost loop with the fewest instructions among those that do matrix work: the unmasked
 range of the causal kernels. Its cost per iteration is scaled to a 128 x 128 block: each iteration covers
 BLOCK_M x BLOCK_N (query, key) pairs. The limiter is the unit that takes longest.
