@@ -16,7 +16,7 @@ from kernels import decode_attention
 from kernels.decode import ops, tiles
 from kernels.reference import attention_reference
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
 HEAD_DIM = 16
 # (query heads, key/value heads) of each grouped-query ratio: two key/value heads where the group is small, so a
