@@ -6,9 +6,9 @@ it applies to. A field a rule leaves out matches every value, so one rule can se
 one rule matches each launch the op can make (each op's launch test checks every key), so a reader finds a launch's
 tile by scanning the rules for its fields. `bench/results/compile_report.md` prints attention's resolved.
 
-    table.lookup(precision="16bit", head=64, kernel="dq", ...)   the tile, memoised per key
-    with table.override(Tile(...), kernel="dq"): ...              force a tile for the matching launches
-                                                                   (tuning and tests; see TileTable.override)
+    table.lookup(precision="16bit", head=64, kernel="backward", ...)   the tile, memoised per key
+    with table.override(Tile(...), kernel="backward"): ...              force a tile for the matching launches
+                                                                         (tuning and tests; see TileTable.override)
 """
 
 import contextlib

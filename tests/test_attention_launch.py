@@ -194,3 +194,22 @@ def test_dk_and_dv_have_programs_of_their_own_where_their_accumulators_do_not_fi
     assert all(tiles.table_tile("backward", 256, dtype, dropout, arch, aligned).dk_dv_apart
                for dtype, dropout, arch, aligned in itertools.product((bf16, torch.float32), (False, True), (90, 80),
                                                                       (True, False)))
+
+
+def test_override_forces_a_tile_on_the_matching_launches_for_the_block_only():
+    """tiles.override, what tools.tiles.tune times candidates with: the launches it matches get its tile inside the
+    block (every arch and alignment), the others and every launch after the block get the table's; a key no rule
+    matches is a LookupError naming it."""
+    from kernels.attention import tiles
+
+    cpu, forced = torch.device("cpu"), tiles.Tile(16, 128, 4, 1)
+    shipped = {kernel: tiles.launch_tile(kernel, 64, torch.float16, False, cpu, True) for kernel in ("forward",
+                                                                                                       "backward")}
+    with tiles.override(forced, precision="16bit", head=64, kernel="forward"):
+        assert tiles.launch_tile("forward", 64, torch.float16, False, cpu, True) == forced
+        assert tiles.table_tile("forward", 64, torch.bfloat16, True, 80, False) == forced
+        assert tiles.launch_tile("forward", 128, torch.float16, False, cpu, True) != forced
+        assert tiles.launch_tile("backward", 64, torch.float16, False, cpu, True) == shipped["backward"]
+    assert tiles.launch_tile("forward", 64, torch.float16, False, cpu, True) == shipped["forward"]
+    with pytest.raises(LookupError, match="head=512"):
+        tiles.TABLE.lookup(precision="16bit", head=512, kernel="forward", dropout=False, arch=90, aligned=True)

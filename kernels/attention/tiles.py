@@ -12,7 +12,7 @@ work across warpgroups; tools.tiles.search finds a clean replacement for a tile 
 
 Triton's interpreter (CPU) runs the tiles an sm_90 card would: its cost is per program and per operation far more
 than per element, so the GPU's large tiles cost it no more than small ones, and the CPU tests check the band
-arithmetic at the block shapes a GPU runs. The tests force every other shipped shape through TABLE.override.
+arithmetic at the block shapes a GPU runs. The tests force every other shipped shape through override().
 """
 
 from collections import namedtuple
@@ -150,6 +150,12 @@ def launch_arch(device):
 def launch_tile(kernel, head_dim, dtype, dropout, device, aligned):
     """The tile for `kernel` on `device`, for operands that are `aligned` (shared.operands_aligned) or not."""
     return table_tile(kernel, head_dim, dtype, dropout, launch_arch(device), aligned)
+
+
+def override(tile, **match):
+    """`with override(tile, **match):` every launch whose key fields (FIELDS) equal `match` runs `tile` inside the
+    block, the latest override winning: how tools.tiles.tune times a candidate and the CPU tests force a shape."""
+    return TABLE.override(tile, **match)
 
 
 def dropout_mask_tile(device):

@@ -64,7 +64,7 @@ def timed_shapes(head_dim, dry_run):
 def forced_tile(kernel, head_dim, tile):
     """Within the block the launcher picks `tile` for `kernel` at this head size (16-bit, any dropout, arch and
     alignment): the attention table's override."""
-    return tiles.TABLE.override(tile, precision="16bit", head=tiles.block_d(head_dim), kernel=kernel)
+    return tiles.override(tile, precision="16bit", head=tiles.block_d(head_dim), kernel=kernel)
 
 
 def candidates():
