@@ -54,12 +54,13 @@ def launches(monkeypatch):
 def _run_attention(device):
     """Causal attention with dropout and grouped-query heads, then a two-sided window: 150 rows (blocks of up to 128
     and a partial one), values and gradients against the float64 reference, the dropout through the helper's
-    mask."""
+    mask. The window, 111 keys wide, holds whole blocks of 64 keys or queries beside its edges, so its unmasked
+    ranges are not empty at the shapes whose rounding matters (BLOCK_M against BLOCK_N)."""
     torch.manual_seed(20)
     q, k, v = make_inputs(1, 4, 150, 150, 32, torch.float32, device, kv_heads=2)
     keep = attention_dropout_mask(q, k, 0.2, seed=3)
     check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.2, seed=3)
-    check_against_reference(q, k, v, causal=False, window=(30, 5))
+    check_against_reference(q, k, v, causal=False, window=(90, 20))
 
 
 @pytest.mark.parametrize("launch, tile", SHAPES, ids=SHAPE_IDS)

@@ -50,7 +50,7 @@ def _rule(precision, head, kernel, tile, why, chosen_by="fit", **match):
 _FORWARD = [
     _rule("16bit", 16, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile"),
     _rule("16bit", 32, "forward", Tile(128, 64, 8, 3), "as head size 16"),
-    _rule("16bit", 64, "forward", Tile(128, 128, 8, 3), "FlexAttention's sm_90 tile with 8 warps: 4 spill", "flex",
+    _rule("16bit", 64, "forward", Tile(128, 128, 8, 3), "FlexAttention's sm_90 tile at 8 warps: its 4 spill", "flex",
           arch=90, aligned=True),
     _rule("16bit", 64, "forward", Tile(128, 64, 8, 3), "the largest spill-free tile", arch=80, aligned=True),
     _rule("16bit", 64, "forward", Tile(128, 32, 8, 3), "misaligned: 64 keys per step spill", aligned=False),
@@ -83,18 +83,30 @@ _BACKWARD = [
     _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 3, False), "the largest spill-free tile"),
     _rule("16bit", 32, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "the largest spill-free tile"),
     _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 64, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
-          "stages: 3 spill under the windowed packed mask", "flex", arch=90, aligned=True),
+          "stages: 3 spill under the windowed packed mask", "flex", dropout=False, arch=90, aligned=True),
+    _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 32, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
+          "stages streaming 32 keys per dQ step: dropout's random numbers spill 64", "flex", dropout=True, arch=90,
+          aligned=True),
     _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 2, False), "the largest spill-free tile",
           arch=80, aligned=True),
     _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 2, False), "misaligned: the largest "
           "spill-free tile", aligned=False),
     _rule("16bit", 128, "backward", BackwardTile(64, 128, 128, 64, 8, 2, True), "FlexAttention's sm_90 blocks, dK "
           "and dV apart at 2 stages: dK and dV together spill in every tile tried (the diagonal pieces' 16-row "
-          "products hold their operands in registers); 3 stages spill", "flex", arch=90, aligned=True),
+          "products hold their operands in registers); 3 stages spill", "flex", dropout=False, arch=90, aligned=True),
+    _rule("16bit", 128, "backward", BackwardTile(32, 128, 128, 32, 8, 2, True), "FlexAttention's sm_90 blocks "
+          "streaming 32 rows per step, dK and dV apart: with dropout's random numbers 64 spill", "flex",
+          dropout=True, arch=90, aligned=True),
+    _rule("16bit", 128, "backward", BackwardTile(16, 128, 128, 32, 8, 2, True), "misaligned, dK and dV apart: "
+          "the largest spill-free wgmma tile (64 keys or queries held repeat work across warpgroups)",
+          dropout=False, arch=90, aligned=False),
+    _rule("16bit", 128, "backward", BackwardTile(16, 128, 128, 16, 8, 1, True), "misaligned with dropout, dK and "
+          "dV apart: the only spill-free wgmma tile found (more rows per step or more stages spill)", dropout=True,
+          arch=90, aligned=False),
     _rule("16bit", 128, "backward", BackwardTile(16, 64, 64, 32, 8, 2, True), "dK and dV apart: the largest "
           "spill-free tile", arch=80, aligned=True),
     _rule("16bit", 128, "backward", BackwardTile(16, 64, 64, 32, 8, 2, True), "misaligned, dK and dV apart: the "
-          "largest spill-free tile", aligned=False),
+          "largest spill-free tile", arch=80, aligned=False),
     _rule("16bit", 256, "backward", BackwardTile(32, 128, 128, 16, 8, 2, True), "wgmma, dK and dV apart",
           dropout=False, arch=90, aligned=True),
     _rule("16bit", 256, "backward", BackwardTile(16, 128, 128, 16, 8, 2, True), "wgmma, dK and dV apart; "
