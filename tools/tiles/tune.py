@@ -73,9 +73,11 @@ def candidates():
     ranking = search.load_ranking()
     if ranking is None:
         raise SystemExit(f"{search.RANKING_PATH} is missing: run python -m tools.tiles.search --rank first")
+    # A ranking written before a launch was removed (the backward's dkdv, dk, dv and dq before its one launch)
+    # ranks nothing the launchers run: only the launches they still make are read (rerun --rank for the others).
     ranked = {(launch["kernel"], launch["head_dim"]): [configs.as_tile(launch["kernel"], e["tile"])
                                                        for e in search.clean_ranked(launch)]
-              for launch in ranking}
+              for launch in ranking if launch["kernel"] in configs.ATTENTION_KERNELS}
     found = {}
     for head_dim in TUNED_HEAD_DIMS:
         for kernel in configs.ATTENTION_KERNELS:
