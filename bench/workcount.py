@@ -59,34 +59,27 @@ from kernels.attention import tiles as attention_tiles  # noqa: E402
 from kernels.layer_norm import tiles as norm_tiles  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------
-# The launch parameters of an sm_90 card. On CPU the launchers pick interpreter tiles; this is the one place that
-# knows which functions they ask, and makes them answer as on an H100/H200. Update it when the launchers change.
+# The launch parameters of an sm_90 card. On CPU the attention launchers already pick the tables' sm_90 tiles
+# (kernels/attention/tiles.py: INTERPRETER_ARCH); what a CPU has no answer to, the multiprocessors, is made an
+# H100/H200's here, the one place that knows which functions the launchers ask. Update it when they change.
 
 ARCH = 90
 MULTIPROCESSORS = 132  # H100 SXM and H200
 
 
 @contextlib.contextmanager
-def gpu_launch_parameters(head_dim=None, dtype=None, multiprocessors=MULTIPROCESSORS, min_backward_rows=None):
+def gpu_launch_parameters(multiprocessors=MULTIPROCESSORS, min_backward_rows=None):
     """Inside the block the launchers pick what they pick on an sm_90 card with `multiprocessors` SMs: the attention
-    tables' sm_90 tiles (aligned or not, as the call's operands are) and the multiprocessors the LayerNorm grids are
-    sized for (its tiles are the same on CPU).
-    head_dim and dtype (of an attention call) size the delta kernel's rows, which the launcher takes from
-    INTERPRETER_TILE on CPU. min_backward_rows, when given, replaces the least rows a LayerNorm backward program
-    takes (the extrapolation's samples take 1, so that their grids vary at few rows)."""
-    patches = [
-        (attention_tiles, "launch_tile", lambda kernel, head_dim, dtype, dropout, device, aligned:
-            attention_tiles.table_tile(kernel, head_dim, dtype, dropout, ARCH, aligned)),
-        (attention_tiles, "launch_passes", lambda head_dim, dtype, dropout, device, aligned:
-            attention_tiles.key_block_passes(head_dim, dtype, dropout, ARCH, aligned)),
-        (norm_tiles, "multiprocessors", lambda device: multiprocessors),
-    ]
+    tables' sm_90 tiles (aligned or not, as the call's operands are; what the interpreter runs anyway) and the
+    multiprocessors the LayerNorm grids are sized for (its tiles are the same on CPU). min_backward_rows, when
+    given, replaces the least rows a LayerNorm backward program takes (the extrapolation's samples take 1, so that
+    their grids vary at few rows)."""
+    if attention_tiles.INTERPRETER_ARCH != ARCH:
+        raise RuntimeError(f"the interpreter runs sm_{attention_tiles.INTERPRETER_ARCH}'s attention tiles, not "
+                           f"sm_{ARCH}'s: make gpu_launch_parameters force sm_{ARCH}'s")
+    patches = [(norm_tiles, "multiprocessors", lambda device: multiprocessors)]
     if min_backward_rows is not None:
         patches.append((norm_tiles, "MIN_BACKWARD_ROWS_PER_PROGRAM", min_backward_rows))
-    if head_dim is not None:
-        delta_rows = attention_tiles.preprocess_block_m(attention_tiles.block_d(head_dim), dtype)
-        patches.append((attention_tiles, "INTERPRETER_TILE", attention_tiles.INTERPRETER_TILE._replace(
-            block_m=delta_rows)))
     with _patched(patches):
         yield
 
@@ -720,10 +713,10 @@ def run_attention(case, seed=0):
             for _ in range(2))
     grad_out = torch.randn_like(q)
     left, right = case.band
-    with gpu_launch_parameters(case.head_dim, dtype), record() as forward:
+    with gpu_launch_parameters(), record() as forward:
         forward.attention_operands((q,), (k, v), case.band)
         out = kernels.attention(q, k, v, causal=right == 0, window=(left, -1 if right == 0 else right))
-    with gpu_launch_parameters(case.head_dim, dtype), record() as backward:
+    with gpu_launch_parameters(), record() as backward:
         backward.attention_operands((q, out, grad_out), (k, v), case.band)
         torch.autograd.grad(out, (q, k, v), grad_out)
     lse = 4 * case.batch * case.heads * case.n  # one fp32 per query row

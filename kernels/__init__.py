@@ -10,7 +10,7 @@ Each op is a folder whose files are its layers, read top to bottom as a call tra
                             formula tying the forward operator to the backward one
       attention/tiles.py    the launch tables: block sizes, warps and stages per precision, head size, kernel,
                             GPU architecture and operand alignment
-      attention/forward.py, backward.py, shared.py    the Triton kernels
+      attention/forward.py, backward.py, backward_programs.py, band.py, shared.py    the Triton kernels
     kernels.decode_attention(q, k_cache, v_cache, cache_seqlens, ...) travels decode/api.py, ops.py, tiles.py and
     kernels.py (its kernels run the attention forward's online softmax, from attention/shared.py)
     (layer_norm/ has the same api, ops, tiles and kernels files)

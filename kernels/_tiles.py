@@ -4,11 +4,11 @@ Each op's tiles.py declares a `TileTable`: the names of the fields a launch is k
 head size, kernel, dropout, architecture, operand alignment) and a list of `TileRule`s, each naming the field values
 it applies to. A field a rule leaves out matches every value, so one rule can serve a family of launches; exactly
 one rule matches each launch the op can make (each op's launch test checks every key), so a reader finds a launch's
-tile by scanning the rules for its fields. `bench/results/compile_report.md` prints the resolved table.
+tile by scanning the rules for its fields. `bench/results/compile_report.md` prints attention's resolved.
 
-    table.lookup(precision="16bit", head=64, kernel="dq", ...)   the tile, memoised per key
-    with table.override(Tile(...), kernel="dq"): ...              force a tile for the matching launches
-                                                                   (tuning and tests; see TileTable.override)
+    table.lookup(precision="16bit", head=64, kernel="backward", ...)   the tile, memoised per key
+    with table.override(Tile(...), kernel="backward"): ...              force a tile for the matching launches
+                                                                         (tuning and tests; see TileTable.override)
 """
 
 import contextlib
@@ -21,7 +21,8 @@ from typing import Any, Mapping
 class TileRule:
     """The tile of every launch whose fields equal `match`'s (fields left out match any value), why it was chosen,
     and how: "timed" (fastest on a GPU under the tuner), "model" (the fewest clocks under the static speed model;
-    untimed) or "fit" (the largest tile that compiles cleanly)."""
+    untimed), "flex" (FlexAttention's tile for the launch, or the nearest that compiles cleanly; untimed here) or
+    "fit" (the largest tile that compiles cleanly)."""
 
     match: Mapping[str, Any]
     tile: Any

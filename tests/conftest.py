@@ -170,3 +170,18 @@ def shuffled_programs(monkeypatch):
         state["generator"] = None if seed is None else random.Random(seed)
 
     return reseed
+
+
+@pytest.fixture
+def gpu_tiles(request):
+    """Under Triton's interpreter, the test's attention, decoding and dropout-mask launches run at tile shapes the
+    tables ship, picked per test from all of them (tests/tile_shapes.py), the mask helper's unlike the kernels'.
+    On a GPU the tables' own tiles run. Attention test files opt in with
+    `pytestmark = pytest.mark.usefixtures("gpu_tiles")`."""
+    if DEVICE == "cuda":
+        yield
+        return
+    from tile_shapes import forced, picked_shapes
+
+    with forced(picked_shapes(request.node.nodeid)):
+        yield

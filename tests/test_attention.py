@@ -2,8 +2,9 @@
 lengths, head sizes, causal and full attention, grouped-query heads, sliding windows, dtypes, strides and
 magnitudes; the log-sum-exp; bad input.
 
-On CPU the kernels run through Triton's interpreter with 32 x 32 blocks, so the shapes are small but cover
-lengths that are not multiples of a block, several blocks, and the causal diagonal in every position."""
+On CPU the kernels run through Triton's interpreter at the tile shapes the tables ship, a different pick per test
+(the gpu_tiles fixture, tests/tile_shapes.py), so the shapes are small but cover lengths that are not multiples of
+a block, several blocks, and the causal diagonal in every position."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import DEVICE, DTYPES, gpu_only_determinism
 import kernels
 from kernels import attention, attention_dropout_mask
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
 SEQUENCE_LENGTHS = [(1, 1), (17, 17), (100, 100), (257, 257), (17, 100), (100, 17)]  # (Nq, Nk)
 HEAD_SIZES = [8, 16, 20, 32, 48, 64, 80, 96, 128, 256]  # 20: rows of 40 bytes in fp16, not 16-byte aligned

@@ -10,7 +10,7 @@ from conftest import DTYPES
 
 from kernels import attention, attention_dropout_mask
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
 
 def test_dropout_same_seed_same_output_different_seed_different_output(device):

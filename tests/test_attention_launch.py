@@ -8,16 +8,17 @@ import torch
 
 
 def test_every_launch_the_table_can_make_is_compiled_by_the_report():
-    """Every tile the launch tables can give, for every head size, dtype, dropout, checked arch and alignment, is
+    """Every tile the launch table can give, for every head size, dtype, dropout, checked arch and alignment, is
     among the configs the compile report compiles under each of its masks (checked for spills in
     test_compile_report)."""
-    from tools.tiles import configs
     from kernels._gpu import CHECKED_ARCHS
     from kernels.attention import backward, forward, tiles
+    from tools.tiles import configs
 
     entries = configs.attention_configs()
     assert len({e["name"] for e in entries}) == len(entries)
-    mask_names = ("BOUNDED_LEFT", "BOUNDED_RIGHT", "VARLEN")
+    mask_names = ("BOUNDED_LEFT", "BOUNDED_RIGHT", "VARLEN", "EVEN")
+    block_names = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "DK_DV_APART")
     shipped = set()
     for e in entries:
         assert set(e["signature"]) == set(e["kernel"].arg_names), e["name"]
@@ -26,21 +27,21 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
         pointer = e["signature"][e["kernel"].arg_names[0]]  # the dtype of the first tensor argument
         for arch, aligned in e["targets"]:
             assert c["ALIGNED"] == aligned, e["name"]
-            shipped.add((e["kernel"], pointer, c["BLOCK_D"], c.get("BLOCK_M"), c.get("BLOCK_N"), c.get("DROPOUT"),
-                         c.get("COMPUTE_DK"), c.get("COMPUTE_DV"), *(c.get(name) for name in mask_names),
-                         e["num_warps"], e["num_stages"], arch, aligned))
-    kernel_of = {"forward": forward.attention_forward_kernel, "dq": backward.attention_backward_dq_kernel,
-                 **dict.fromkeys(tiles.COMPUTED_GRADIENTS, backward.attention_backward_dkdv_kernel)}
+            shipped.add((e["kernel"], pointer, c["BLOCK_D"], *(c.get(name) for name in block_names),
+                         c.get("DROPOUT"), *(c.get(name) for name in mask_names), e["num_warps"], e["num_stages"],
+                         arch, aligned))
+    kernel_of = {"forward": forward.attention_forward_kernel, "backward": backward.attention_backward_kernel}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in range(1, tiles.MAX_HEAD_SIZE + 1):
             block_d = tiles.block_d(head_dim)
             for dropout, arch, aligned, mask in itertools.product(
                     (False, True), CHECKED_ARCHS, (True, False), configs.ATTENTION_MASKS.values()):
-                for name in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
-                    compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS.get(name, (None, None))
+                for name in kernel_of:
                     tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
-                    key = (kernel_of[name], configs.POINTER_TYPES[str(dtype).removeprefix("torch.")],
-                           block_d, tile.block_m, tile.block_n, dropout, compute_dk, compute_dv,
+                    blocks = dict(zip(("BLOCK_M", "BLOCK_N"), tile[:2])) if name == "forward" else \
+                        dict(zip(block_names[2:], (*tile[:4], tile.dk_dv_apart)))
+                    key = (kernel_of[name], configs.POINTER_TYPES[str(dtype).removeprefix("torch.")], block_d,
+                           *(blocks.get(block) for block in block_names), dropout,
                            *(mask[name] for name in mask_names), tile.num_warps, tile.num_stages, arch, aligned)
                     assert key in shipped, (f"{name} {dtype} D={head_dim} dropout={dropout} sm_{arch} "
                                             f"aligned={aligned} {mask} is not compiled by the report")
@@ -157,35 +158,58 @@ def test_gpus_older_than_ampere_are_refused_clearly(monkeypatch):
 
 def test_exactly_one_tile_rule_matches_every_launch():
     """The tile table is explicit: no launch is matched by two rules (no order decides between them), none by
-    zero, and no rule is dead. Every rule says why its tile is what it is."""
+    zero, and no rule is dead. Every rule says why its tile is what it is, and how it was chosen."""
     from kernels.attention import tiles
 
     used = set()
-    for dtype, head in itertools.product((torch.float16, torch.float32), (16, 32, 64, 128, 256)):
-        precision = "fp32" if dtype == torch.float32 else "16bit"
-        for launch in itertools.product((False, True), (90, 80), (True, False)):
-            for kernel in ("forward", *tiles.key_block_passes(head, dtype, *launch), "dq"):
-                matching = [rule for rule in tiles.RULES if rule.matches(precision, head, kernel, *launch)]
-                assert len(matching) == 1, (precision, head, kernel, launch, matching)
-                used.add(matching[0])
-    assert used == set(tiles.RULES)
-    assert all(rule.why for rule in tiles.RULES)
+    for key in itertools.product(("16bit", "fp32"), (16, 32, 64, 128, 256), ("forward", "backward"), (False, True),
+                                 (90, 80), (True, False)):
+        launch = dict(zip(tiles.FIELDS, key))
+        matching = [rule for rule in tiles.TABLE.rules if rule.matches(launch)]
+        assert len(matching) == 1, (launch, matching)
+        used.add(id(matching[0]))
+    assert used == {id(rule) for rule in tiles.TABLE.rules}
+    assert all(rule.why and rule.chosen_by in ("timed", "model", "fit", "flex") for rule in tiles.TABLE.rules)
 
 
-def test_dk_and_dv_are_one_launch_where_a_tile_fits_and_two_elsewhere():
-    """The fused dK/dV launch wherever the table has a tile for it (head size 128: sm_90 with aligned operands),
-    dK and dV apart where it has none (head size 256 always). The interpreter takes sm_90's choice, so the CPU
-    tests run both at head size 128 (aligned operands and not)."""
+def test_the_interpreter_runs_the_tiles_an_sm90_card_runs():
+    """On CPU the launchers ask the table for sm_90's tiles (and the tests force the other shipped shapes through
+    its override): the band arithmetic is checked at the block shapes a GPU runs."""
+    from kernels.attention import tiles
+
+    cpu = torch.device("cpu")
+    for kernel, dtype, dropout, aligned in itertools.product(("forward", "backward"), (torch.float16, torch.float32),
+                                                             (False, True), (True, False)):
+        assert tiles.launch_tile(kernel, 64, dtype, dropout, cpu, aligned) == \
+            tiles.table_tile(kernel, 64, dtype, dropout, 90, aligned)
+
+
+def test_dk_and_dv_have_programs_of_their_own_where_their_accumulators_do_not_fit_together():
+    """dK and dV share a key program wherever the table's backward tile says so and are computed by programs of
+    their own elsewhere (head size 256 always; 128 on sm_90 too, see the table): both run on CPU."""
     from kernels.attention import tiles
 
     bf16 = torch.bfloat16
-    assert tiles.key_block_passes(64, bf16, True, 80, False) == ("dkdv",)
-    for dropout in (False, True):
-        assert tiles.key_block_passes(128, bf16, dropout, 90, True) == ("dkdv",)
-        for arch, aligned in ((90, False), (80, True), (80, False)):
-            assert tiles.key_block_passes(128, bf16, dropout, arch, aligned) == ("dk", "dv")
-    assert tiles.key_block_passes(256, bf16, False, 90, True) == ("dk", "dv")
-    assert tiles.key_block_passes(128, torch.float32, False, 90, True) == ("dk", "dv")
-    cpu = torch.device("cpu")
-    assert tiles.launch_passes(128, bf16, True, cpu, True) == ("dkdv",)
-    assert tiles.launch_passes(128, bf16, True, cpu, False) == ("dk", "dv")
+    assert not tiles.table_tile("backward", 64, bf16, False, 90, True).dk_dv_apart
+    assert all(tiles.table_tile("backward", 256, dtype, dropout, arch, aligned).dk_dv_apart
+               for dtype, dropout, arch, aligned in itertools.product((bf16, torch.float32), (False, True), (90, 80),
+                                                                      (True, False)))
+
+
+def test_override_forces_a_tile_on_the_matching_launches_for_the_block_only():
+    """tiles.override, what tools.tiles.tune times candidates with: the launches it matches get its tile inside the
+    block (every arch and alignment), the others and every launch after the block get the table's; a key no rule
+    matches is a LookupError naming it."""
+    from kernels.attention import tiles
+
+    cpu, forced = torch.device("cpu"), tiles.Tile(16, 128, 4, 1)
+    shipped = {kernel: tiles.launch_tile(kernel, 64, torch.float16, False, cpu, True) for kernel in ("forward",
+                                                                                                       "backward")}
+    with tiles.override(forced, precision="16bit", head=64, kernel="forward"):
+        assert tiles.launch_tile("forward", 64, torch.float16, False, cpu, True) == forced
+        assert tiles.table_tile("forward", 64, torch.bfloat16, True, 80, False) == forced
+        assert tiles.launch_tile("forward", 128, torch.float16, False, cpu, True) != forced
+        assert tiles.launch_tile("backward", 64, torch.float16, False, cpu, True) == shipped["backward"]
+    assert tiles.launch_tile("forward", 64, torch.float16, False, cpu, True) == shipped["forward"]
+    with pytest.raises(LookupError, match="head=512"):
+        tiles.TABLE.lookup(precision="16bit", head=512, kernel="forward", dropout=False, arch=90, aligned=True)

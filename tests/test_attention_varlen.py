@@ -10,7 +10,7 @@ from conftest import ABSOLUTE_FLOOR, DTYPES, assert_within_error_rule
 from kernels import attention_varlen, attention_varlen_dropout_mask
 from kernels.reference import attention_reference
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
 # Per-sequence (Nq, Nk): a zero-length query sequence, a zero-length key sequence, length 1, several blocks, Nq != Nk.
 LENGTHS = [(5, 7), (0, 3), (40, 40), (1, 1), (70, 45), (9, 0), (33, 64)]

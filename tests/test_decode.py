@@ -5,7 +5,7 @@ and 6, the keys in one split and in several; head sizes, a 128k-slot cache, the 
 lengths out of range where they cannot be checked; the operator under opcheck and torch.compile; bad input.
 
 On CPU the kernels run through Triton's interpreter, whose cost is per program: batches of a few sequences and
-one or two key/value heads, blocks of 16 keys."""
+one or two key/value heads."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from kernels import decode_attention
 from kernels.decode import ops, tiles
 from kernels.reference import attention_reference
 
-pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
 HEAD_DIM = 16
 # (query heads, key/value heads) of each grouped-query ratio: two key/value heads where the group is small, so a
@@ -32,8 +32,8 @@ def _decode_attention(q, k_cache, v_cache, cache_seqlens, *, k_new, v_new, scale
     return ops.decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, num_splits or 0)
 
 
-def _block_n(device, dtype, head_dim=HEAD_DIM):
-    return tiles.decode_tile(head_dim, dtype, torch.device(device)).block_n
+def _block_n(dtype, head_dim=HEAD_DIM):
+    return tiles.decode_tile(head_dim, dtype).block_n
 
 
 def _ragged_lengths(n_max, n_new, block_n):
@@ -91,8 +91,8 @@ def _check(lengths, heads, kv_heads, n_q, dtype, device, append, num_splits, hea
 def test_matches_reference_on_ragged_lengths(device, group, n_q, append, num_splits):
     torch.manual_seed(group * 100 + n_q * 10 + append)
     heads, kv_heads = HEADS_OF_GROUP[group]
-    n_max = 2 * _block_n(device, torch.float32) + 8  # not a whole number of blocks
-    lengths = _ragged_lengths(n_max, n_q if append else 0, _block_n(device, torch.float32))
+    n_max = 2 * _block_n(torch.float32) + 8  # not a whole number of blocks
+    lengths = _ragged_lengths(n_max, n_q if append else 0, _block_n(torch.float32))
     _check(lengths, heads, kv_heads, n_q, torch.float32, device, append, num_splits, n_max=n_max)
 
 
@@ -100,8 +100,8 @@ def test_matches_reference_on_ragged_lengths(device, group, n_q, append, num_spl
 @pytest.mark.parametrize("num_splits", [1, 4], ids=lambda s: f"splits{s}")
 def test_dtypes_and_a_custom_scale(device, dtype, num_splits):
     torch.manual_seed(7)
-    n_max = 2 * _block_n(device, dtype) + 8
-    lengths = _ragged_lengths(n_max, 2, _block_n(device, dtype))
+    n_max = 2 * _block_n(dtype) + 8
+    lengths = _ragged_lengths(n_max, 2, _block_n(dtype))
     _check(lengths, 4, 2, 2, dtype, device, True, num_splits, n_max=n_max, scale=0.3)
 
 

@@ -268,12 +268,11 @@ def test_transformers_entry_points(device):
     ])
 
 
-def test_a_launch_no_tile_rule_matches_names_its_key(monkeypatch):
+def test_a_launch_no_tile_rule_matches_names_its_key():
     from kernels.attention import tiles
     from kernels.decode import tiles as decode_tiles
 
-    monkeypatch.setattr(tiles, "RULES", [rule for rule in tiles.RULES if rule.kernel != "dq"])
-    with pytest.raises(LookupError, match="precision='16bit', head=64, kernel='dq', dropout=False, arch=90"):
-        tiles.table_tile("dq", 48, torch.bfloat16, False, 90, True)
+    with pytest.raises(LookupError, match="precision='16bit', head=512, kernel='backward', dropout=False, arch=90"):
+        tiles.table_tile("backward", 300, torch.bfloat16, False, 90, True)
     with pytest.raises(LookupError, match="precision='fp32', head=512"):
-        decode_tiles.decode_table_tile(512, torch.float32)
+        decode_tiles.decode_tile(512, torch.float32)

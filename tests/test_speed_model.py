@@ -33,7 +33,7 @@ def test_the_main_loop_is_the_innermost_loop_with_matrix_work():
 
 def test_block_clocks_scale_each_unit_to_a_128_by_128_block():
     loop = speed_model.main_loop(SASS)
-    clocks, limiter = speed_model.block_clocks(loop, 90, num_warps=8, block_m=128, block_n=64)
+    clocks, limiter = speed_model.block_clocks(loop, 90, num_warps=8, pairs=128 * 64)
     scale = 128 * 128 / (128 * 64)
     assert clocks["tensor"] == 2 * (64 * 64 * 16 + 64 * 128 * 16) / 2048 * scale
     assert clocks["MUFU"] == 2 * 32 * 8 / 16 * scale
@@ -41,7 +41,30 @@ def test_block_clocks_scale_each_unit_to_a_128_by_128_block():
     assert limiter == max(clocks, key=clocks.get)
 
 
+def test_a_kernels_loops_are_known_by_their_matrix_work():
+    """The loop doing a given number of multiply-adds per iteration: the listing's loop, 64 x 64 x 16 + 64 x 128 x
+    16 per warpgroup, is found by its total over 8 warps (2 warpgroups) and by nothing else."""
+    per_warpgroup = 64 * 64 * 16 + 64 * 128 * 16
+    assert speed_model.main_loop(SASS, 8, 2 * per_warpgroup).instructions == 7
+    assert speed_model.main_loop(SASS, 8, per_warpgroup) is None
+
+
+def test_the_backward_is_modelled_as_its_key_and_query_loops():
+    """The backward's loops: the key programs' 4 products (3 and 2 with dK and dV apart), the query programs' 3."""
+    from kernels.attention.tiles import BackwardTile
+
+    together = BackwardTile(64, 128, 128, 64, 8, 2, False)
+    assert speed_model.kernel_loops("backward", together, 64) == [(4 * 8192 * 64, 8192), (3 * 8192 * 64, 8192)]
+    apart = together._replace(block_m1=32, dk_dv_apart=True)
+    assert speed_model.kernel_loops("backward", apart, 64) == [
+        (3 * 4096 * 64, 4096), (2 * 4096 * 64, 4096), (3 * 8192 * 64, 8192)]
+
+
 def test_warpgroups_duplicate_work_below_64_rows_each():
-    assert speed_model.duplicates_work("dkdv", block_m=16, block_n=64, num_warps=8)  # 64 keys for 2 warpgroups
-    assert not speed_model.duplicates_work("dkdv", block_m=16, block_n=64, num_warps=4)
-    assert not speed_model.duplicates_work("forward", block_m=128, block_n=32, num_warps=8)
+    from kernels.attention.tiles import BackwardTile, Tile
+
+    assert speed_model.duplicates_work("backward", BackwardTile(16, 64, 128, 16, 8, 2, False))  # 64 keys, 2 groups
+    assert not speed_model.duplicates_work("backward", BackwardTile(16, 64, 64, 16, 4, 2, False))
+    assert speed_model.duplicates_work("backward", BackwardTile(16, 128, 64, 16, 8, 2, False))  # 64 queries
+    assert not speed_model.duplicates_work("forward", Tile(128, 32, 8, 3))
+    assert speed_model.duplicates_work("forward", Tile(64, 32, 8, 3))

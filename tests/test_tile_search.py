@@ -4,21 +4,28 @@ tests/test_compile_report.py compiles every shipped tile)."""
 import pytest
 
 from tools.tiles import checks, search, speed_model
-from kernels.attention.tiles import Tile
+from kernels.attention.tiles import BackwardTile, Tile
 
 
-@pytest.mark.parametrize("kernel, rejected", [("forward", Tile(128, 32, 8, 3)), ("dq", Tile(64, 64, 4, 2)),
-                                              ("dk", Tile(32, 64, 4, 2)), ("dkdv", Tile(16, 128, 8, 2))])
-def test_candidates_are_no_larger_and_hold_the_most_rows_first(kernel, rejected):
-    def held_and_streamed(tile):
-        return (tile.block_m, tile.block_n) if kernel in ("forward", "dq") else (tile.block_n, tile.block_m)
-
-    candidates = search.candidates(kernel, rejected)
+def test_forward_candidates_are_no_larger_and_hold_the_most_rows_first():
+    rejected = Tile(128, 32, 8, 3)
+    candidates = search.candidates("forward", rejected)
     assert rejected not in candidates
     assert all(t.block_m * t.block_n <= rejected.block_m * rejected.block_n for t in candidates)
-    assert candidates == sorted(candidates, key=lambda t: (*(-x for x in held_and_streamed(t)), -t.num_stages,
-                                                           -t.num_warps))
-    assert held_and_streamed(candidates[0])[0] == 128
+    assert candidates == sorted(candidates, key=lambda t: (-t.block_m, -t.block_n, -t.num_stages, -t.num_warps))
+    assert candidates[0].block_m == 128
+
+
+def test_backward_candidates_are_no_larger_and_hold_the_most_rows_first_together_before_apart():
+    rejected = BackwardTile(64, 128, 128, 64, 8, 3, False)
+    candidates = search.candidates("backward", rejected)
+    assert rejected not in candidates
+    assert all(t.block_m1 * t.block_n1 <= 64 * 128 and t.block_m2 * t.block_n2 <= 128 * 64 for t in candidates)
+    held = [min(t.block_n1, t.block_m2) for t in candidates]
+    assert held == sorted(held, reverse=True) and held[0] == 128
+    first = candidates[0]
+    assert (first.block_m1, first.block_n1, first.block_m2, first.block_n2, first.dk_dv_apart) == \
+        (64, 128, 128, 64, False)  # the same blocks, fewer stages or warps
 
 
 def _record(dtype, spill_bytes, **fields):
@@ -42,9 +49,11 @@ def test_sm90_rejects_mma_sync_and_repeated_work():
 
 
 def test_ranked_tiles_repeat_no_warpgroup_work_and_ties_go_to_more_stages():
-    for kernel in ("forward", "dkdv", "dq"):
-        ranked = search.rank_candidates(kernel)
-        assert ranked and not any(speed_model.duplicates_work(kernel, *tile[:3]) for tile in ranked)
+    for head_dim, kernel in search.RANKED_LAUNCHES:
+        ranked = search.rank_candidates(kernel, head_dim)
+        assert ranked and not any(speed_model.duplicates_work(kernel, tile) for tile in ranked)
+    assert BackwardTile(64, 128, 128, 64, 8, 3, False) in search.rank_candidates("backward", 64)  # FlexAttention's
+    assert any(tile.dk_dv_apart for tile in search.rank_candidates("backward", 128))
     entries = [{"tile": [128, 64, 8, 1], "model_clocks": 100, "registers": 200},
                {"tile": [128, 64, 8, 3], "model_clocks": 100, "registers": 240},
                {"tile": [64, 64, 4, 3], "model_clocks": 90, "registers": 250},

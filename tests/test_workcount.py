@@ -92,14 +92,20 @@ def test_torch_side_ops_read_their_inputs_and_write_their_outputs_once():
         ("zeros", 0, 128), ("sum", 128, 32), ("copy_", 128, 128), ("_to_copy", 32, 16)]
 
 
-def _whole_block_pairs(n, block_m, block_n):
-    """The (query, key) pairs of a causal forward over N = n that computes each query block against whole key
-    blocks up to its last row's key: (visible, masked, padding), padding being a query or key index >= n."""
-    visible = masked = padding = 0
+def _causal_forward_pairs(n, block_m, block_n, piece=16):
+    """The (query, key) pairs a causal forward over N = n computes: each query block against the whole key blocks
+    every one of its rows sees, then its diagonal in pieces of `piece` rows, each against its own keys in steps of
+    `piece` (no piece past the last query). (visible, masked, padding), padding being a query or key index >= n."""
+    computed = []  # (queries, keys) of each product
     for start_m in range(0, n, block_m):
-        queries = np.arange(start_m, start_m + block_m)
-        last_key = min(start_m + block_m, n) - 1
-        keys = np.arange(0, (last_key // block_n + 1) * block_n)
+        full_hi = min(start_m + 1, n) // block_n * block_n
+        computed.append((np.arange(start_m, start_m + block_m), np.arange(0, full_hi)))
+        for start in range(start_m, min(start_m + block_m, n), piece):
+            last_row = min(start + piece, n) - 1
+            for key in range(full_hi, last_row + 1, piece):
+                computed.append((np.arange(start, start + piece), np.arange(key, key + piece)))
+    visible = masked = padding = 0
+    for queries, keys in computed:
         past_end = (queries[:, None] >= n) | (keys[None, :] >= n)
         seen = ~past_end & (keys[None, :] <= queries[:, None])
         visible += seen.sum()
@@ -115,12 +121,13 @@ def test_attention_forward_at_the_sm90_tile_counts_its_pairs_by_kind():
     (launch,) = forward.launches
     tile = attention_tiles.table_tile("forward", d, torch.float16, False, 90, True)
     assert launch.tile.startswith(f"BLOCK_M {tile.block_m}, BLOCK_N {tile.block_n}")
-    # At the 64 x 64 tile: query block 0 against key block 0; query block 1 (rows 64..99 real) against key blocks
-    # 0 and 1 (keys 64..99 real): 3 x 4096 pairs, of which 100 * 101 / 2 = 5050 visible and 28 * 64 + 64 * 64 -
-    # 36 * 36 = 4592 padding.
-    visible, masked, padding = _whole_block_pairs(n, tile.block_m, tile.block_n)
-    if (tile.block_m, tile.block_n) == (64, 64):
-        assert (visible, masked, padding) == (5050, 2646, 4592)
+    # At the 128 x 128 tile: one query block, no key block every row sees, so all of it in 16-row pieces: pieces 0
+    # to 5 (rows 0..95) against keys up to their last row, 16 (t + 1) keys each; piece 6 (rows 96..111, 96..99 real)
+    # against keys 0..111: 16 x (16 x 21 + 112) = 7168 pairs, of which 100 * 101 / 2 = 5050 visible, 12 rows x 112
+    # keys + 4 rows x 12 keys = 1392 padding, and 6 triangles of 120 and one of 6 = 726 masked.
+    visible, masked, padding = _causal_forward_pairs(n, tile.block_m, tile.block_n)
+    if (tile.block_m, tile.block_n) == (128, 128):
+        assert (visible, masked, padding) == (5050, 726, 1392)
     per_pair = 2 * 2 * d  # Q K^T and P V, 2 * d FLOPs each
     assert launch.flops == {"visible": visible * per_pair, "masked": masked * per_pair, "padding": padding * per_pair}
     assert forward.products("visible") == 2.0

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._gpu import launch_device
 from .._library import bf16_in_fp32, cdiv, differentiable, operator
 from . import tiles
-from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
+from .backward import attention_backward_kernel, attention_backward_preprocess_kernel
 from .forward import attention_forward_kernel, dropout_mask_kernel
 from .shared import operands_aligned
 
@@ -103,6 +103,10 @@ class _Launch:
     def grid(self, n, heads, block):
         return (cdiv(n, block) * self.batch * heads,)
 
+    def even(self, *blocks):
+        """The kernels' EVEN: a dense call whose lengths are multiples of every block, so no block is partial."""
+        return not self.packed and all(self.n_q % block == 0 and self.n_k % block == 0 for block in blocks)
+
 
 def _allocate_forward_outputs(q, packed, n_q):
     """out and lse of the forward, allocated the same way by the launch and by its fake implementation. The
@@ -145,7 +149,8 @@ def _forward(
             **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
             **launch.strides("o", out), **launch.statistics_strides(lse), **launch.arguments,
             scale=scale, dropout_p=dropout_p, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DROPOUT=dropout_p > 0,
-            ALIGNED=aligned, num_warps=tile.num_warps, num_stages=tile.num_stages, **launch.constexprs,
+            ALIGNED=aligned, EVEN=launch.even(tile.block_m, tile.block_n), num_warps=tile.num_warps,
+            num_stages=tile.num_stages, **launch.constexprs,
         )
     return out, lse
 
@@ -165,69 +170,40 @@ def _backward(
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
     dropout_p: float, scale: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the three backward kernels. Returns (dq, dk, dv) in the input dtype, laid out like q, k, v."""
+    """Launch the delta kernel, then the one launch of dK, dV and dQ. Returns (dq, dk, dv) in the input dtype, laid
+    out like q, k, v."""
     launch = _Launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right)
     if not rows_fit(grad_out, launch.row_stride(grad_out), launch.n_q):
         grad_out = torch.empty_like(out).copy_(grad_out)  # e.g. the stride-0 gradient of out.sum(); out's layout
     dropout = dropout_p > 0
-    dq = torch.empty_like(q)
-    dk, dv = (_per_query_head(k, launch) for _ in range(2))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     aligned = operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
     delta = torch.empty_like(lse)
-    common = dict(DROPOUT=dropout, ALIGNED=aligned, **launch.constexprs)
-    seed = seed if seed is not None else lse
+    tile = tiles.launch_tile("backward", launch.head_dim, q.dtype, dropout, q.device, aligned)
+    key_programs = launch.grid(launch.n_k, launch.kv_heads, tile.block_n1)[0] * (2 if tile.dk_dv_apart else 1)
+    query_programs = launch.grid(launch.n_q, launch.heads, tile.block_m2)[0]
     with launch_device(q):
         # 1. delta = rowsum(dO * O)
-        block_m = tiles.preprocess_block_m(launch.block_d, q.dtype) if q.is_cuda else tiles.INTERPRETER_TILE.block_m
+        block_m = tiles.preprocess_block_m(launch.block_d, q.dtype)
         attention_backward_preprocess_kernel[launch.grid(launch.n_q, launch.heads, block_m)](
             O=out, DO=grad_out, DELTA=delta, CU_SEQLENS_Q=launch.cu_seqlens[0], **launch.strides("o", out),
             **launch.strides("do", grad_out), **launch.statistics_strides(delta), H=launch.heads, N_Q=launch.n_q,
             HEAD_DIM=launch.head_dim, BLOCK_D=launch.block_d, BLOCK_M=block_m, VARLEN=launch.packed,
             ALIGNED=aligned,
         )
-        # 2. dK, dV: one program per key block of each query head, in one launch or two (key_block_passes)
-        for kernel in tiles.launch_passes(launch.head_dim, q.dtype, dropout, q.device, aligned):
-            compute_dk, compute_dv = tiles.COMPUTED_GRADIENTS[kernel]
-            tile = tiles.launch_tile(kernel, launch.head_dim, q.dtype, dropout, q.device, aligned)
-            attention_backward_dkdv_kernel[launch.grid(launch.n_k, launch.heads, tile.block_n)](
-                Q=q, K=k, V=v, DO=grad_out, DK=dk, DV=dv, LSE=lse, DELTA=delta, SEED=seed,
-                **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
-                **launch.strides("do", grad_out), **launch.strides("dk", dk), **launch.strides("dv", dv),
-                **launch.statistics_strides(lse), **launch.arguments, scale=scale, dropout_p=dropout_p,
-                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
-                num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
-            )
-        # 3. dQ: one program per query block
-        tile = tiles.launch_tile("dq", launch.head_dim, q.dtype, dropout, q.device, aligned)
-        attention_backward_dq_kernel[launch.grid(launch.n_q, launch.heads, tile.block_m)](
-            Q=q, K=k, V=v, DO=grad_out, DQ=dq, LSE=lse, DELTA=delta, SEED=seed,
-            **launch.strides("q", q), **launch.strides("k", k), **launch.strides("v", v),
-            **launch.strides("do", grad_out), **launch.strides("dq", dq), **launch.statistics_strides(lse),
-            **launch.arguments, scale=scale, dropout_p=dropout_p, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **common,
+        # 2. dK and dV per key block, dQ per query block, in one launch
+        attention_backward_kernel[(key_programs + query_programs,)](
+            Q=q, K=k, V=v, DO=grad_out, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta,
+            SEED=seed if seed is not None else lse, **launch.strides("q", q), **launch.strides("k", k),
+            **launch.strides("v", v), **launch.strides("do", grad_out), **launch.strides("dq", dq),
+            **launch.strides("dk", dk), **launch.strides("dv", dv), **launch.statistics_strides(lse),
+            **launch.arguments, B=launch.batch, scale=scale, dropout_p=dropout_p, BLOCK_M1=tile.block_m1,
+            BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2, BLOCK_N2=tile.block_n2, DROPOUT=dropout,
+            ALIGNED=aligned, EVEN=launch.even(tile.block_m1, tile.block_n1, tile.block_m2, tile.block_n2),
+            DK_DV_APART=tile.dk_dv_apart, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            **launch.constexprs,
         )
-    return dq, _sum_groups(dk, k, launch), _sum_groups(dv, v, launch)
-
-
-
-def _per_query_head(kv, launch):
-    """The buffer the dK/dV kernel writes a gradient of k or v into: like it when every query head has its own
-    key/value head; with grouped-query attention one fp32 share per query head (H heads), to be summed."""
-    if launch.heads == launch.kv_heads:
-        return torch.empty_like(kv)
-    shape = list(kv.shape)
-    shape[1] = launch.heads  # (B, H, Nk, D), or packed (total_k, H, D)
-    return torch.empty(shape, device=kv.device, dtype=torch.float32)
-
-
-def _sum_groups(shares, kv, launch):
-    """The gradient of k or v from the query heads' shares: each key/value head's group summed in a fixed order
-    (deterministic, unlike atomics), in fp32, then rounded to kv's dtype."""
-    if launch.heads == launch.kv_heads:
-        return shares
-    group = launch.heads // launch.kv_heads
-    grouped = shares.unflatten(1, (launch.kv_heads, group))  # (..., H_KV, group, ...)
-    return grouped.sum(2).to(kv.dtype)
+    return dq, dk, dv
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
@@ -285,10 +261,10 @@ def dropout_mask(seed, batch, heads, first_b, n_q, n_k, dropout_p, device):
     mask = torch.ones((batch, heads, n_q, n_k), device=device, dtype=torch.bool)
     if seed is None or mask.numel() == 0:
         return mask
-    block = tiles.dropout_mask_block(device)
+    tile = tiles.dropout_mask_tile(device)
     with launch_device(mask):
-        dropout_mask_kernel[(cdiv(n_q, block), cdiv(n_k, block), batch * heads)](
+        dropout_mask_kernel[(cdiv(n_q, tile.block_m), cdiv(n_k, tile.block_n), batch * heads)](
             MASK=mask, SEED=seed, first_b=first_b, H=heads, N_Q=n_q, N_K=n_k, dropout_p=float(dropout_p),
-            BLOCK_M=block, BLOCK_N=block,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
         )
     return mask

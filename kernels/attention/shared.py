@@ -1,6 +1,7 @@
 """What every attention kernel shares: the program's coordinates, sequence bounds and matrix slices, operand
-alignment, tile loads and stores, the visible band, dropout, and the online softmax over key blocks (the forward's
-loop, which decoding runs too: kernels/decode/kernels.py). The kernels (forward.py, backward.py) compute,
+alignment, tile loads and stores, dropout, and the online softmax over key blocks (the forward's loop, which
+decoding runs too: kernels/decode/kernels.py); band.py has the visible band and the ranges of blocks it makes. The
+kernels (forward.py, backward.py with backward_programs.py) compute,
 per batch b and query head h, against key/value head h // (H / H_KV) (grouped-query attention; H_KV = H is plain
 multi-head attention), with s = scale (default D^-0.5) and offset = Nk - Nq:
 
@@ -33,13 +34,15 @@ import inspect
 import triton
 import triton.language as tl
 
+from .band import visible
+
 # log2(e): exp(x) = exp2(x * log2(e)); the kernels fold it into the softmax scale to use exp2.
 LOG2_E = tl.constexpr(1.4426950408889634)
 # Every tl.dot multiplies in true fp32 for fp32 inputs (it would otherwise round them to TF32 on the GPU); 16-bit
 # inputs are multiplied exactly either way.
 DOT_PRECISION = tl.constexpr("ieee")
 # Sizes and bounds change from call to call: never specialised, so one compiled variant serves them all.
-_RUNTIME_SIZES = ("H", "H_KV", "N_Q", "N_K", "window_left", "window_right", "n_new", "num_splits")
+_RUNTIME_SIZES = ("B", "H", "H_KV", "N_Q", "N_K", "window_left", "window_right", "n_new", "num_splits")
 
 
 def attention_kernel(fn):
@@ -68,14 +71,18 @@ def operands_aligned(*tensors):
 
 
 @triton.jit
-def program_coordinates(N, H, BLOCK: tl.constexpr):
-    """(block, b, h) of this program on the one-dimensional grid cdiv(N, BLOCK) * B * H: its block of BLOCK rows
-    along a sequence of at most N, its batch and its head. Consecutive programs walk one head's sequence, so
-    they share its keys and values in L2; one axis has no 65535-program limit."""
-    pid = tl.program_id(0)
+def program_coordinates(pid, N, H, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr = False):
+    """(block, b, h) of program `pid` of a one-dimensional grid of cdiv(N, BLOCK) * B * H programs: its block of
+    BLOCK rows along a sequence of at most N, its batch and its head. Consecutive programs walk one head's
+    sequence, so they share its keys and values in L2; one axis has no 65535-program limit. LONGEST_FIRST walks
+    the blocks last first: under a causal band the last query blocks see the most keys, and programs that start
+    first finish first."""
     blocks = tl.cdiv(N, BLOCK)
     bh = pid // blocks
-    return pid % blocks, bh // H, bh % H
+    block = pid % blocks
+    if LONGEST_FIRST:
+        block = blocks - 1 - block
+    return block, bh // H, bh % H
 
 
 @triton.jit
@@ -111,19 +118,16 @@ def matrix_of(X, b, head, start, stride_b, stride_h, stride_row, ALIGNED: tl.con
 
 @triton.jit
 def program_operands(
-    Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV,
+    pid, Q, K, V, CU_SEQLENS_Q, CU_SEQLENS_K, N_Q, N_K, H, H_KV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    BLOCK: tl.constexpr, KEY_BLOCKS: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
-    """Where a forward or backward program starts: (first row of its block of BLOCK queries, or of BLOCK keys with
-    KEY_BLOCKS; batch b; query head h; b's query sequence start and length; its key sequence start and length;
+    """Where program `pid` of a grid over query blocks (the forward's, dQ's) starts: (first row of its block of
+    BLOCK queries; batch b; query head h; b's query sequence start and length; its key sequence start and length;
     and Q's (b, h) matrix with K's and V's of h's key/value head, each with its row stride). Query heads come in
     groups of H // H_KV per key/value head. A block that starts past its own sequence's end (a packed sequence
     shorter than the longest) has nothing to do."""
-    if KEY_BLOCKS:
-        block, b, h = program_coordinates(N_K, H, BLOCK)
-    else:
-        block, b, h = program_coordinates(N_Q, H, BLOCK)
+    block, b, h = program_coordinates(pid, N_Q, H, BLOCK, LONGEST_FIRST)
     q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
     k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
     kv_head = h // (H // H_KV)
@@ -140,12 +144,20 @@ def row_statistics_of(X, b, head, start, stride_b, stride_h):
 
 
 @triton.jit
-def load_tile(X, rows, n_rows, stride_row, cols, HEAD_DIM: tl.constexpr):
+def load_tile(X, rows, n_rows, stride_row, cols, HEAD_DIM: tl.constexpr, EVEN: tl.constexpr = False):
     """Load the (rows, cols) tile of a (n_rows, HEAD_DIM) matrix at X, zeros past the sequence end and in the
-    head-size padding. Pointers are formed from 32-bit offsets at each load, so no tile of 64-bit pointers stays
-    live across a loop (the launchers keep every in-sequence offset below 2^31)."""
+    head-size padding. EVEN: every row is known to lie in the sequence, so only the head-size padding (if any) is
+    masked. Pointers are formed from 32-bit offsets at each load, so no tile of 64-bit pointers stays live across
+    a loop (the launchers keep every in-sequence offset below 2^31)."""
     ptrs = X + rows[:, None] * stride_row + cols[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+    if EVEN:
+        if HEAD_DIM == cols.shape[0]:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+    return tile
 
 
 @triton.jit
@@ -153,71 +165,6 @@ def store_tile(X, values, rows, n_rows, stride_row, cols, HEAD_DIM: tl.constexpr
     """Store a (rows, cols) tile into a (n_rows, HEAD_DIM) matrix at X, in X's dtype, skipping the padding."""
     ptrs = X + rows[:, None] * stride_row + cols[None, :]
     tl.store(ptrs, values.to(X.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def band_bounds(n_q, n_k, window_left, window_right):
-    """(first, last): query i sees keys i + first <= j <= i + last, offset = Nk - Nq aligning the band
-    bottom-right. Only the bounded sides are used."""
-    offset = n_k - n_q
-    return offset - window_left, offset + window_right
-
-
-@triton.jit
-def visible(query_idx, key_idx, n_k, first, last, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
-    """Where query i sees key j: j is a key of the sequence and lies in i's band (each side only when bounded).
-    query_idx and key_idx broadcast against each other (rows[:, None] and cols[None, :], or transposed)."""
-    seen = key_idx < n_k
-    if BOUNDED_LEFT:
-        seen = seen & (key_idx - query_idx >= first)
-    if BOUNDED_RIGHT:
-        seen = seen & (key_idx - query_idx <= last)
-    return seen
-
-
-@triton.jit
-def keys_seen_by_query_block(start_m, n_q, n_k, first, last, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
-    """The keys the query block [start_m, start_m + BLOCK_M) sees, as three consecutive ranges of whole key
-    blocks: [lo, full_lo) masked (the band's left edge), [full_lo, full_hi) seen by every row of the block (no
-    mask needed), [full_hi, hi) masked (the band's right edge, e.g. the causal diagonal, and the sequence's
-    last partial block). Key blocks outside the band are never visited: cost grows with N x window."""
-    last_row = tl.minimum(start_m + BLOCK_M, n_q) - 1
-    lo = 0
-    full_lo = 0
-    hi = n_k
-    full_hi = n_k
-    if BOUNDED_LEFT:
-        lo = tl.maximum(start_m + first, 0) // BLOCK_N * BLOCK_N
-        full_lo = tl.cdiv(tl.maximum(last_row + first, 0), BLOCK_N) * BLOCK_N
-    if BOUNDED_RIGHT:
-        hi = tl.maximum(tl.minimum(last_row + last + 1, n_k), 0)
-        full_hi = tl.maximum(tl.minimum(start_m + last + 1, n_k), 0)
-    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)
-    full_hi = tl.maximum(full_hi // BLOCK_N * BLOCK_N, full_lo)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def queries_seeing_key_block(start_n, n_q, first, last, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr):
-    """The queries that see the key block [start_n, start_n + BLOCK_N), as three consecutive ranges of whole
-    query blocks: [lo, full_lo) masked, [full_lo, full_hi) see every key of the block, [full_hi, hi) masked.
-    Query i sees key j when j - last <= i <= j - first. Rows past the sequence's end add nothing (their q and dO
-    load as 0 and their LSE as +inf), so they need no mask."""
-    lo = 0
-    full_lo = 0
-    hi = n_q
-    full_hi = n_q
-    if BOUNDED_RIGHT:
-        lo = tl.maximum(start_n - last, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - last, 0), BLOCK_M) * BLOCK_M
-    if BOUNDED_LEFT:
-        hi = tl.maximum(tl.minimum(start_n + BLOCK_N - first, n_q), 0)
-        full_hi = tl.maximum(tl.minimum(start_n + 1 - first, n_q), 0) // BLOCK_M * BLOCK_M
-    full_lo = tl.maximum(tl.minimum(full_lo, hi), lo)
-    full_hi = tl.maximum(full_hi, full_lo)
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -260,35 +207,23 @@ def fresh_each_step(x, step):
 
 
 @triton.jit
-def phase_range(phase: tl.constexpr, lo, full_lo, full_hi, hi):
-    """[start, end) of one of the three consecutive ranges a block loops over (keys_seen_by_query_block,
-    queries_seeing_key_block): 0 the band's masked left edge, 1 the unmasked middle, 2 the masked right edge."""
-    if phase == 0:
-        start, end = lo, full_lo
-    elif phase == 1:
-        start, end = full_lo, full_hi
-    else:
-        start, end = full_hi, hi
-    return start, end
-
-
-@triton.jit
 def online_softmax(
     acc, l_i, m_i, q, K, V, stride_kn, stride_vn,
     offs_m, start_m, offs_d, seed, bh, dropout_p, qk_scale, lo, hi, n_k, first, last,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, EVEN: tl.constexpr = False,
 ):
     """The online softmax of one block of queries q over key blocks [lo, hi): returns the running row max m_i,
     denominator l_i and unnormalised output acc (all fp32) updated by those keys. MASKED blocks apply the band and
-    the sequence's end; the others are known to be seen whole by every row and skip both. offs_m: each row's query
-    index (the band's); start_m: the first of a block of BLOCK_M consecutive queries (dropout's tile); bh: b * H + h
-    (dropout's stream). The other arguments mean what they mean in the forward kernel and band_bounds."""
+    the sequence's end; the others are known to be seen whole by every row and skip both, and with EVEN (every
+    block whole) their loads have no bounds masks either. offs_m: each row's query index (the band's); start_m: the
+    first of a block of BLOCK_M consecutive queries (dropout's tile); bh: b * H + h (dropout's stream). The other
+    arguments mean what they mean in the forward kernel and band.band_bounds."""
     offs_n0 = tl.arange(0, BLOCK_N)
     dropout_scale = 1.0 / (1.0 - dropout_p)  # kept probabilities are scaled up so the expectation is unchanged
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
+        k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM, EVEN=EVEN and not MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             seen = visible(query_idx=offs_m[:, None], key_idx=offs_n[None, :], n_k=n_k, first=first, last=last,
@@ -313,7 +248,7 @@ def online_softmax(
                                 dropout_p=dropout_p, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         # acc = alpha * acc + p v
-        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
+        v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM, EVEN=EVEN and not MASKED)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new

@@ -18,10 +18,10 @@ itself. The chunk size is computed on the device from L_b, so no host ever reads
 import triton
 import triton.language as tl
 
+from ..attention.band import band_bounds
 from ..attention.shared import (
     LOG2_E,
     attention_kernel,
-    band_bounds,
     load_tile,
     matrix_of,
     online_softmax,
@@ -76,7 +76,7 @@ def decode_append_kernel(
     HEAD_DIM: D; BLOCK_D: D padded to a power of two (>= 16). BLOCK_R: rows copied per step.
     ALIGNED: every tensor's pointer is 16-byte aligned and its strides multiples of 16 bytes (operands_aligned).
     """
-    _, b, kv_head = program_coordinates(1, H_KV, 1)
+    _, b, kv_head = program_coordinates(tl.program_id(0), 1, H_KV, 1)
     n_k, valid = cache_length(CACHE_SEQLENS, b, n_new=N_Q, N_K=N_K)
     if valid:
         start = n_k - N_Q
@@ -133,7 +133,7 @@ def decode_split_kernel(
     group = H // H_KV
     n_rows = group * N_Q
     row_blocks = tl.cdiv(n_rows, BLOCK_R)
-    block, b, kv_head = program_coordinates(num_splits * row_blocks, H_KV, 1)
+    block, b, kv_head = program_coordinates(tl.program_id(0), num_splits * row_blocks, H_KV, 1)
     split = block // row_blocks
     rows = block % row_blocks * BLOCK_R + tl.arange(0, BLOCK_R)
     query_of_row = rows % N_Q
@@ -215,7 +215,7 @@ def decode_combine_kernel(
     """
     group = H // H_KV
     n_rows = group * N_Q
-    block, b, kv_head = program_coordinates(tl.cdiv(n_rows, BLOCK_R), H_KV, 1)
+    block, b, kv_head = program_coordinates(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), H_KV, 1)
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     # rows r of this group are rows kv_head * group * N_Q + r of the (B, H * N_Q) partial results

@@ -38,7 +38,7 @@ def _allocate_output(q):
 def _programs_per_split(q, kv_heads):
     """The split kernel's programs per chunk of keys: (B x H_KV) groups times each group's blocks of query rows."""
     batch, heads, n_q, head_dim = q.shape
-    row_blocks = cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype, q.device).block_m)
+    row_blocks = cdiv(heads // kv_heads * n_q, tiles.decode_tile(head_dim, q.dtype).block_m)
     return row_blocks * batch * kv_heads
 
 
@@ -65,7 +65,7 @@ def _attend(q, k_cache, v_cache, cache_seqlens, n_new, scale, num_splits):
     chunks: the split kernel, and the combine kernel when num_splits > 1. Returns out (_allocate_output)."""
     batch, heads, n_q, head_dim = q.shape
     kv_heads, n_max = k_cache.shape[1], k_cache.shape[2]
-    tile = tiles.decode_tile(head_dim, q.dtype, q.device)
+    tile = tiles.decode_tile(head_dim, q.dtype)
     programs_per_split = _programs_per_split(q, kv_heads)
     out = _allocate_output(q)
     split = num_splits > 1

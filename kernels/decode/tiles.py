@@ -13,15 +13,23 @@ misaligned operands take up to 255 registers per thread.
 
 from .._gpu import multiprocessors
 from .._library import cdiv
+from .._tiles import TileRule, TileTable
 from ..attention.tiles import Tile, block_d, precision
 
-_DECODE_TABLE = {
-    "16bit": {16: Tile(16, 64, 4, 3), 32: Tile(16, 64, 4, 3), 64: Tile(16, 64, 4, 3), 128: Tile(16, 32, 4, 3),
-              256: Tile(16, 16, 8, 3)},
-    "fp32": {16: Tile(16, 32, 4, 2), 32: Tile(16, 32, 4, 2), 64: Tile(16, 64, 4, 2), 128: Tile(16, 32, 8, 2),
-             256: Tile(16, 16, 8, 2)},
-}
-DECODE_INTERPRETER_TILE = Tile(16, 16, 1, 1)
+# No GPU has timed these tiles: each is one that compiled spill-free (see above), chosen_by "fit".
+_CLEAN = "spill-free in every variant"
+TABLE = TileTable("decoding", ("precision", "head"), [
+    TileRule({"precision": "16bit", "head": 16}, Tile(16, 64, 4, 3), _CLEAN),
+    TileRule({"precision": "16bit", "head": 32}, Tile(16, 64, 4, 3), _CLEAN),
+    TileRule({"precision": "16bit", "head": 64}, Tile(16, 64, 4, 3), _CLEAN),
+    TileRule({"precision": "16bit", "head": 128}, Tile(16, 32, 4, 3), _CLEAN),
+    TileRule({"precision": "16bit", "head": 256}, Tile(16, 16, 8, 3), _CLEAN + "; head size 256 needs 8 warps"),
+    TileRule({"precision": "fp32", "head": 16}, Tile(16, 32, 4, 2), _CLEAN),
+    TileRule({"precision": "fp32", "head": 32}, Tile(16, 32, 4, 2), _CLEAN),
+    TileRule({"precision": "fp32", "head": 64}, Tile(16, 64, 4, 2), _CLEAN),
+    TileRule({"precision": "fp32", "head": 128}, Tile(16, 32, 8, 2), _CLEAN),
+    TileRule({"precision": "fp32", "head": 256}, Tile(16, 16, 8, 2), _CLEAN + "; head size 256 needs 8 warps"),
+])
 # New keys and values are copied into the cache this many rows per step.
 APPEND_BLOCK_R = 16
 # Splits: enough programs for DECODE_PROGRAMS_PER_MULTIPROCESSOR per multiprocessor, each with at least
@@ -37,19 +45,10 @@ COMBINE_NUM_WARPS = 4
 INTERPRETER_MULTIPROCESSORS = 4
 
 
-def decode_table_tile(head_dim, dtype):
-    """The split kernel's tile on a GPU (one table for every checked architecture). A launch the table has no tile
-    for is a LookupError naming its key."""
-    key = precision(dtype), block_d(head_dim)
-    tile = _DECODE_TABLE.get(key[0], {}).get(key[1])
-    if tile is None:
-        raise LookupError(f"no decoding tile for the launch (precision={key[0]!r}, head={key[1]!r})")
-    return tile
-
-
-def decode_tile(head_dim, dtype, device):
-    """The split kernel's tile for `device`: the table's on a GPU, small blocks under the interpreter."""
-    return decode_table_tile(head_dim, dtype) if device.type == "cuda" else DECODE_INTERPRETER_TILE
+def decode_tile(head_dim, dtype):
+    """The split kernel's tile (one table for every checked architecture; the interpreter runs it too). A launch
+    the table has no tile for is a LookupError naming its key."""
+    return TABLE.lookup(precision=precision(dtype), head=block_d(head_dim))
 
 
 def decode_splits(programs, n_max, multiprocessors):

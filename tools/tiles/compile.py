@@ -93,23 +93,24 @@ def compile_entry(entry, arch, aligned):
 
 
 def _speed(result, cubin):
-    """The speed model's reading of a 16-bit attention tile's main loop: modelled clocks per 128 x 128 block and
-    their limiter, or None where no model applies (fp32, LayerNorm, the delta kernel, archs the model has no rates
+    """The speed model's reading of a 16-bit attention tile's main loops: modelled clocks per 128 x 128 block and
+    their limiters, or None where no model applies (fp32, LayerNorm, the delta kernel, archs the model has no rates
     for); and whether its warpgroups duplicate work."""
     record = {"model_clocks": None, "limiter": None, "duplicated": False}
     if result["op"] != "attention" or result["kernel"] == "preprocess" or result["dtype"] == "float32":
         return record
-    record["duplicated"] = result["wgmma"] and speed_model.duplicates_work(
-        result["kernel"], result["block_m"], result["block_n"], result["num_warps"])
+    tile = configs.as_tile(result["kernel"], result["tile"])
+    record["duplicated"] = result["wgmma"] and speed_model.duplicates_work(result["kernel"], tile)
     if result["arch"] not in speed_model.RATES:
         return record
-    loop = speed_model.main_loop(_disassemble(cubin, result["arch"]))
-    if loop is not None:
-        clocks, limiter = speed_model.block_clocks(loop, result["arch"], result["num_warps"], result["block_m"],
-                                                   result["block_n"])
-        record.update(model_clocks=round(clocks[limiter]), limiter=limiter,
-                      unit_clocks={unit: round(value) for unit, value in clocks.items()},
-                      loop_instructions=loop.instructions, loop_exp2=loop.mufu, wgmma_shapes=list(loop.wgmma))
+    reading = speed_model.kernel_clocks(_disassemble(cubin, result["arch"]), result["arch"], result["kernel"], tile,
+                                        result["head_dim"])
+    if reading is not None:
+        clocks, limiters, loops = reading
+        record.update(model_clocks=round(clocks), limiter=" + ".join(limiters),
+                      loop_instructions=[loop.instructions for loop in loops],
+                      loop_exp2=[loop.mufu for loop in loops],
+                      wgmma_shapes=sorted({shape for loop in loops for shape in loop.wgmma}))
     return record
 
 

@@ -17,12 +17,16 @@ DTYPE_NAMES = ("float16", "bfloat16", "float32")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # The attention masks a config is compiled with: the causal dense call (the decoder's, whose speed the tiles are
-# chosen for) and the most general one, a two-sided window over packed sequences (the most masking arithmetic
-# and scalar state). Full attention, one-sided windows and dense windows use a subset of the latter's code.
+# chosen for), with lengths that are multiples of every block (EVEN: no bounds masks) and with any, and the most
+# general one, a two-sided window over packed sequences (the most masking arithmetic and scalar state). Full
+# attention, one-sided windows and dense windows use a subset of the latter's code.
 ATTENTION_MASKS = {
-    "causal": dict(BOUNDED_LEFT=False, BOUNDED_RIGHT=True, VARLEN=False),
-    "window_varlen": dict(BOUNDED_LEFT=True, BOUNDED_RIGHT=True, VARLEN=True),
+    "causal": dict(BOUNDED_LEFT=False, BOUNDED_RIGHT=True, VARLEN=False, EVEN=False),
+    "causal_even": dict(BOUNDED_LEFT=False, BOUNDED_RIGHT=True, VARLEN=False, EVEN=True),
+    "window_varlen": dict(BOUNDED_LEFT=True, BOUNDED_RIGHT=True, VARLEN=True, EVEN=False),
 }
+# The attention launches a table key names.
+ATTENTION_KERNELS = ("forward", "backward")
 # The precision class each dtype's tiles are keyed by.
 PRECISIONS = {"float16": "16bit", "bfloat16": "16bit", "float32": "fp32"}
 # The norm kernels a config can be: name -> (its tile table direction, whether it runs the "streamed" width, the
@@ -139,10 +143,10 @@ def _config(op, key, name, jit_kernel, dtype_name, constexprs, num_warps, num_st
 def attention_configs():
     """Every compile the attention launchers can cause on the checked archs, aligned operands and not: for each
     dtype and head-size class 16 ... 256 (a padded head size, e.g. 48 -> 64, runs the tiles of its class with
-    masked loads), the forward, dK/dV (or dK and dV) and dQ kernels under each of ATTENTION_MASKS, with and without
-    dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A config's name ends in
-    its tile (BLOCK_M x BLOCK_N, warps, stages) and the operands' alignment; its targets are the (arch, aligned)
-    launches that run it."""
+    masked loads), the forward and the backward (dK, dV and dQ in one launch) under each of ATTENTION_MASKS, with
+    and without dropout (dropout's random numbers cost registers), plus the delta preprocess kernel. A config's
+    name ends in its tile (tile_name) and the operands' alignment; its targets are the (arch, aligned) launches
+    that run it."""
     import torch
 
     from kernels._gpu import CHECKED_ARCHS
@@ -157,8 +161,7 @@ def attention_configs():
                 for mask_name, dropout in itertools.product(ATTENTION_MASKS, (False, True)):
                     archs_by_launch = {}
                     for arch in CHECKED_ARCHS:
-                        for kernel_name in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch,
-                                                                               aligned), "dq"):
+                        for kernel_name in ATTENTION_KERNELS:
                             tile = tiles.table_tile(kernel_name, head_dim, dtype, dropout, arch, aligned)
                             archs_by_launch.setdefault((kernel_name, tile), []).append(arch)
                     configs += [attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile,
@@ -183,26 +186,46 @@ def preprocess_config(dtype_name, head_dim, varlen, aligned):
                    kernel="preprocess", head_dim=head_dim, mask="varlen" if varlen else "dense", dropout=False)
 
 
+def tile_name(tile):
+    """A tile as a config name ends: BLOCK_M x BLOCK_N (the backward's key programs' block_m1 x block_n1, then its
+    query programs' block_m2 x block_n2, "apart" where dK and dV have programs of their own), warps and stages."""
+    if hasattr(tile, "block_n1"):
+        apart = "_apart" if tile.dk_dv_apart else ""
+        blocks = f"{tile.block_m1}x{tile.block_n1}_{tile.block_m2}x{tile.block_n2}{apart}"
+    else:
+        blocks = f"{tile.block_m}x{tile.block_n}"
+    return f"{blocks}w{tile.num_warps}s{tile.num_stages}"
+
+
+def as_tile(kernel, values):
+    """A tile of `kernel` from its values (a ranking's lists) as the table holds it: a Tile or a BackwardTile."""
+    from kernels.attention.tiles import BackwardTile, Tile
+
+    return (Tile if kernel == "forward" else BackwardTile)(*values)
+
+
 def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile, aligned, archs):
-    """The config of one attention launch: `kernel_name` ("forward", "dkdv", "dk", "dv" or "dq") at this head
-    size, under ATTENTION_MASKS[mask_name], with or without dropout, run with `tile` (BLOCK_M, BLOCK_N, warps,
-    stages) on `archs` with aligned operands or any. attention_configs builds the shipped ones; tools.tiles.search
-    builds its candidates here too, so both compile the same thing."""
+    """The config of one attention launch: `kernel_name` ("forward" or "backward") at this head size, under
+    ATTENTION_MASKS[mask_name], with or without dropout, run with `tile` (a tiles.Tile or tiles.BackwardTile) on
+    `archs` with aligned operands or any. attention_configs builds the shipped ones; tools.tiles.search builds its
+    candidates here too, so both compile the same thing."""
     from kernels.attention import backward, forward, tiles
 
-    kernel_of = {"forward": forward.attention_forward_kernel, "dq": backward.attention_backward_dq_kernel,
-                 **dict.fromkeys(tiles.COMPUTED_GRADIENTS, backward.attention_backward_dkdv_kernel)}
-    block_m, block_n, num_warps, num_stages = tile
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned, "BLOCK_M": block_m,
-                  "BLOCK_N": block_n, "DROPOUT": dropout, **ATTENTION_MASKS[mask_name]}
-    if kernel_name in tiles.COMPUTED_GRADIENTS:
-        constexprs["COMPUTE_DK"], constexprs["COMPUTE_DV"] = tiles.COMPUTED_GRADIENTS[kernel_name]
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned, "DROPOUT": dropout,
+                  **ATTENTION_MASKS[mask_name]}
+    if kernel_name == "forward":
+        kernel = forward.attention_forward_kernel
+        constexprs.update(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+    else:
+        kernel = backward.attention_backward_kernel
+        constexprs.update(BLOCK_M1=tile.block_m1, BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2,
+                          BLOCK_N2=tile.block_n2, DK_DV_APART=tile.dk_dv_apart)
     name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}_d{head_dim}"
-            f"_{block_m}x{block_n}w{num_warps}s{num_stages}_{operands_name(aligned)}")
-    key = ("attention", dtype_name, head_dim, kernel_name, mask_name, dropout, tuple(tile), aligned, tuple(archs))
-    return _config("attention", key, name, kernel_of[kernel_name], dtype_name, constexprs, num_warps, num_stages,
+            f"_{tile_name(tile)}_{operands_name(aligned)}")
+    key = ("attention", dtype_name, head_dim, kernel_name, mask_name, dropout, tile, aligned, tuple(archs))
+    return _config("attention", key, name, kernel, dtype_name, constexprs, tile.num_warps, tile.num_stages,
                    tuple((arch, aligned) for arch in archs), kernel=kernel_name, head_dim=head_dim, mask=mask_name,
-                   dropout=dropout, block_m=block_m, block_n=block_n)
+                   dropout=dropout, tile=tuple(tile))
 
 
 def layer_norm_configs():

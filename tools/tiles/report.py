@@ -36,60 +36,62 @@ def _headline_clocks(results):
             and r.get("mask") == "causal" and r.get("dtype") == "bfloat16" and r.get("model_clocks") is not None}
 
 
-def _backward_clocks(clocks, head_dim, passes):
-    parts = [clocks.get((head_dim, kernel)) for kernel in (*passes, "dq")]
-    return sum(parts) if None not in parts else None
-
-
 def headline_model(results, ranking):
     """[(head_dim, part, shipped tiles' modelled clocks, the model's best tiles' clocks, floor, goal, tutorial)]
-    for the headline configs: the forward, and the backward as the sum of its key-block launches and dQ (the delta
-    kernel aside). The model's best: tools.tiles.search's ranking (None where it was never run), with dK/dV fused
-    or split, whichever models faster."""
-    import torch
-
-    from kernels.attention import tiles
-
+    for the headline configs: the forward, and the backward launch (dK/dV and dQ programs; the delta kernel aside).
+    The model's best: tools.tiles.search's ranking (None where it was never run)."""
     shipped = _headline_clocks(results)
     best = {(launch["head_dim"], launch["kernel"]): clean[0]["model_clocks"]
             for launch in ranking or [] for clean in [search.clean_ranked(launch)] if clean}
     rows = []
     for head_dim in sorted(MODEL_GOALS):
-        passes = tiles.key_block_passes(head_dim, torch.bfloat16, *HEADLINE_LAUNCH)
-        best_backward = [_backward_clocks(best, head_dim, split) for split in (("dkdv",), ("dk", "dv"))]
-        best_backward = min((c for c in best_backward if c is not None), default=None)
         floor = 128 * 128 * head_dim // 2048
-        rows.append((head_dim, "forward", shipped.get((head_dim, "forward")), best.get((head_dim, "forward")),
-                     2 * floor, MODEL_GOALS[head_dim]["forward"], TUTORIAL_MODEL[head_dim]["forward"]))
-        rows.append((head_dim, "backward (dK/dV + dQ)", _backward_clocks(shipped, head_dim, passes), best_backward,
-                     7 * floor, MODEL_GOALS[head_dim]["backward"], TUTORIAL_MODEL[head_dim]["backward"]))
+        for kernel, part, products in (("forward", "forward", 2), ("backward", "backward (dK/dV + dQ)", 7)):
+            rows.append((head_dim, part, shipped.get((head_dim, kernel)), best.get((head_dim, kernel)),
+                         products * floor, MODEL_GOALS[head_dim][kernel], TUTORIAL_MODEL[head_dim][kernel]))
     return rows
 
 
 def headline_rule(head_dim, kernel):
-    """The TileRule of a headline launch (16-bit, sm_90, aligned, no dropout), or None where that launch is not
-    made (dK or dV alone where one launch computes both)."""
-    import torch
-
+    """The TileRule of a headline launch (16-bit, sm_90, aligned, no dropout)."""
     from kernels.attention import tiles
 
-    if kernel not in ("forward", "dq", *tiles.key_block_passes(head_dim, torch.bfloat16, *HEADLINE_LAUNCH)):
-        return None
-    return next(rule for rule in tiles.RULES if rule.matches("16bit", head_dim, kernel, *HEADLINE_LAUNCH))
+    dropout, arch, aligned = HEADLINE_LAUNCH
+    return tiles.TABLE.rule_for(precision="16bit", head=head_dim, kernel=kernel, dropout=dropout, arch=arch,
+                                aligned=aligned)
 
 
 def ranking_rows(results, ranking):
-    """Per ranked headline launch: the shipped tile (its clocks and how it was chosen, or that the launch is not
-    made) beside the model's best, runner-up and third clean tiles."""
+    """Per ranked headline launch: the shipped tile (its clocks and how it was chosen) beside the model's best,
+    runner-up and third clean tiles."""
     shipped = _headline_clocks(results)
     rows = []
     for launch in ranking:
         head_dim, kernel = launch["head_dim"], launch["kernel"]
         rule = headline_rule(head_dim, kernel)
-        ours = (f"{tuple(rule.tile)} {shipped.get((head_dim, kernel), '—')} ({rule.chosen_by})" if rule
-                else "not launched")
+        ours = f"{configs.tile_name(rule.tile)} {shipped.get((head_dim, kernel), '—')} ({rule.chosen_by})"
         rows.append([f"d{head_dim}", kernel, ours, *search.ranked_cells(launch)])
     return rows
+
+
+def resolved_table():
+    """The attention launch table resolved per key, a line per (precision, head size, kernel) and a column per
+    (arch, operands, dropout): what every launch gets, without reading the rules' wildcards."""
+    import itertools
+
+    from kernels._gpu import CHECKED_ARCHS
+    from kernels.attention import tiles
+
+    columns = list(itertools.product(CHECKED_ARCHS, (True, False), (False, True)))
+    headers = ["precision", "head", "kernel"] + [f"sm_{arch} {operands_name(aligned)}{' dropout' if dropout else ''}"
+                                                 for arch, aligned, dropout in columns]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for precision, head, kernel in itertools.product(("16bit", "fp32"), configs.HEAD_DIMS, configs.ATTENTION_KERNELS):
+        cells = [configs.tile_name(tiles.TABLE.lookup(precision=precision, head=head, kernel=kernel, dropout=dropout,
+                                                      arch=arch, aligned=aligned))
+                 for arch, aligned, dropout in columns]
+        lines.append("| " + " | ".join([precision, str(head), kernel, *cells]) + " |")
+    return lines
 
 
 def matrix_instructions(result):
@@ -179,7 +181,7 @@ def to_markdown(results, probes=()):
             "",
             "Per launch (bf16 causal for the clocks; clean: no spills in fp16 and bf16 under every mask), the "
             "shipped tile with its clocks and how it was chosen, and the model's three best clean tiles: "
-            "(BLOCK_M, BLOCK_N, warps, stages) clocks (limiter).",
+            "tile, clocks (limiters).",
             "",
             "| head size | kernel | shipped | best | runner-up | third |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -202,6 +204,15 @@ def to_markdown(results, probes=()):
         lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in layer_norm_limit_rows(probes)]
     lines += [
         "",
+        "## The attention launch table, resolved",
+        "",
+        "The tile of every launch key (kernels/attention/tiles.py), as tools.tiles.configs names it: forward "
+        "BLOCK_M x BLOCK_N; backward block_m1 x block_n1 (its key programs: queries streamed x keys held), "
+        "block_m2 x block_n2 (its query programs: queries held x keys streamed), \"apart\" where dK and dV have "
+        "programs of their own; then warps and stages.",
+        "",
+        *resolved_table(),
+        "",
         "## Every config",
         "",
         f"{len(results)} compiles, {len(failing)} with problems.",
@@ -218,8 +229,8 @@ def to_markdown(results, probes=()):
 
 
 JSON_FIELDS = ("op", "name", "kernel", "dtype", "head_dim", "width", "causal", "mask", "dropout", "arch", "aligned",
-               "block_m", "block_n", "num_warps", "num_stages", "registers", "spills", "shared_bytes", "model_clocks",
-               "limiter", "duplicated", "unit_clocks", "loop_instructions", "loop_exp2", "wgmma_shapes", "error")
+               "tile", "num_warps", "num_stages", "registers", "spills", "shared_bytes", "model_clocks", "limiter",
+               "duplicated", "loop_instructions", "loop_exp2", "wgmma_shapes", "error")
 
 
 def json_records(results):

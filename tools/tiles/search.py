@@ -7,15 +7,16 @@ every other) and operand alignment. A tile is clean for a key when every compile
 duplicated warpgroup work): each dtype of the precision under each of configs.ATTENTION_MASKS, compiled exactly as
 the report compiles it (configs.attention_config and compile.compile_entry).
 
-Candidates are no larger than the rejected tile (BLOCK_M x BLOCK_N), tried in the order `candidates` gives; the
-first clean one is printed as the replacement. A tile that passes is left alone (timed or modelled faster). The
-result is a proposal for the RULES table, which a person edits (merging keys into rules, with each rule's reason);
+Candidates are no larger than the rejected tile (each of its blocks of (query, key) pairs), tried in the order
+`candidates` gives; the first clean one is printed as the replacement. A tile that passes is left alone (timed or
+modelled faster). The result is a proposal for the attention TABLE, which a person edits (merging keys into rules, with each rule's reason);
 rerun `python -m tools.tiles.report` after. Registers are tight enough that one stage or warp more or less can
 decide a spill, so a tile clean for one key is not assumed clean for its neighbours: the report checks them all.
 
 `--rank` ranks instead, by the speed model (tools/tiles/speed_model.py), every candidate tile of the headline
-launches (HEADLINE_LAUNCH: 16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward, dK/dV fused
-and split, dQ): each tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the
+launches (HEADLINE_LAUNCH: 16-bit, sm_90, aligned operands, no dropout; head sizes 64 and 128; forward and
+backward, the backward's tiles paired as FlexAttention's autotuning pairs them, (M, N, N, M), dK and dV apart or
+not at head size 128): each tile whose wgmma work no warpgroup repeats is compiled in bf16 under the causal mask (the
 model's config), sorted by modelled clocks per 128 x 128 block, and the best RANKED_CLEAN that are clean in every
 variant of the key are kept with the rest's clocks. It writes RANKING_PATH, which the compile report shows (the
 model's best and runner-up beside each shipped tile) and tools.tiles.tune reads (the candidates it times on a GPU).
@@ -40,8 +41,7 @@ RANKING_PATH = RESULTS_DIR / "model_ranking.json"
 # report's headline rows show.
 HEADLINE_LAUNCH = (False, 90, True)
 # The headline launches the model ranks: (padded head size, kernel) under HEADLINE_LAUNCH.
-RANKED_LAUNCHES = ((64, "forward"), (64, "dkdv"), (64, "dq"),
-                   (128, "forward"), (128, "dkdv"), (128, "dk"), (128, "dv"), (128, "dq"))
+RANKED_LAUNCHES = ((64, "forward"), (64, "backward"), (128, "forward"), (128, "backward"))
 # How many clean tiles a ranking keeps per launch: the best, the runner-up and one more for tools.tiles.tune to time.
 RANKED_CLEAN = 3
 # Candidates checked for cleanliness at once (in parallel), best first, until RANKED_CLEAN are clean.
@@ -50,15 +50,11 @@ RANK_CHECK_BATCH = 6
 
 def launch_keys():
     """Every (precision, head size, kernel, dropout, arch, aligned) the attention launchers can pick a tile for."""
-    import torch
-
     from kernels._gpu import CHECKED_ARCHS
-    from kernels.attention import tiles
 
     for precision, head_dim in itertools.product(("16bit", "fp32"), configs.HEAD_DIMS):
-        dtype = getattr(torch, _dtype_names(precision)[0])
         for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
-            for kernel in ("forward", *tiles.key_block_passes(head_dim, dtype, dropout, arch, aligned), "dq"):
+            for kernel in configs.ATTENTION_KERNELS:
                 yield precision, head_dim, kernel, dropout, arch, aligned
 
 
@@ -87,17 +83,29 @@ def tile_problems(key, tile):
 
 
 def candidates(kernel, rejected):
-    """Tiles no larger than `rejected` (BLOCK_M x BLOCK_N), in the order they are tried: most rows held first
-    (each program reads the whole streamed operand once, so the traffic falls with the rows it holds), then most
-    rows streamed per step (fewer loop iterations), then most stages, then most warps."""
-    from kernels.attention.tiles import Tile
+    """Tiles no larger than `rejected` (each block of (query, key) pairs no larger than its), in the order they are
+    tried: most rows held first (each program reads the whole streamed operand once, so the traffic falls with the
+    rows it holds), then most rows streamed per step (fewer loop iterations), dK and dV together before apart,
+    then most stages, then most warps."""
+    from kernels.attention.tiles import BackwardTile, Tile
 
-    def held_and_streamed(tile):
-        return (tile.block_m, tile.block_n) if kernel in ("forward", "dq") else (tile.block_n, tile.block_m)
+    if kernel == "forward":
+        found = [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
+                 if m * n <= rejected.block_m * rejected.block_n]
+    else:
+        found = [BackwardTile(*blocks, w, s, apart)
+                 for blocks in itertools.product(BLOCK_SIZES, repeat=4)
+                 for w, s, apart in itertools.product(WARPS, STAGES, (False, True))
+                 if blocks[0] * blocks[1] <= rejected.block_m1 * rejected.block_n1
+                 and blocks[2] * blocks[3] <= rejected.block_m2 * rejected.block_n2]
+    return sorted((tile for tile in found if tile != rejected), key=lambda tile: _search_order(kernel, tile))
 
-    tiles = [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
-             if m * n <= rejected.block_m * rejected.block_n and Tile(m, n, w, s) != rejected]
-    return sorted(tiles, key=lambda t: tuple(-x for x in (*held_and_streamed(t), t.num_stages, t.num_warps)))
+
+def _search_order(kernel, tile):
+    if kernel == "forward":
+        return -tile.block_m, -tile.block_n, -tile.num_stages, -tile.num_warps
+    held, streamed = (tile.block_n1, tile.block_m2), (tile.block_m1, tile.block_n2)
+    return -min(held), -sum(held), -sum(streamed), tile.dk_dv_apart, -tile.num_stages, -tile.num_warps
 
 
 def search(key):
@@ -110,12 +118,20 @@ def search(key):
     return key, current, problem, next(clean, None)
 
 
-def rank_candidates(kernel):
-    """Every tile of BLOCK_SIZES x WARPS x STAGES whose warpgroups do not repeat each other's wgmma work."""
-    from kernels.attention.tiles import Tile
+def rank_candidates(kernel, head_dim):
+    """The tiles the model ranks for a headline launch: the forward's of BLOCK_SIZES x WARPS x STAGES, the
+    backward's paired (M, N, N, M) as FlexAttention's autotuning pairs them, dK and dV apart as well from head
+    size 128 (where their two accumulators together are 128 registers per thread); each tile whose warpgroups do
+    not repeat each other's wgmma work."""
+    from kernels.attention.tiles import BackwardTile, Tile
 
-    return [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
-            if not speed_model.duplicates_work(kernel, m, n, w)]
+    if kernel == "forward":
+        tiles = [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)]
+    else:
+        apart = (False, True) if head_dim >= 128 else (False,)
+        tiles = [BackwardTile(m, n, n, m, w, s, a)
+                 for m, n, w, s, a in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES, apart)]
+    return [tile for tile in tiles if not speed_model.duplicates_work(kernel, tile)]
 
 
 def model_reading(task):
@@ -130,14 +146,16 @@ def model_reading(task):
 def model_order(entry):
     """Fewest modelled clocks first; among equals, more stages (the model assumes the overlap of loads and
     products that stages buy), then fewer registers."""
-    return entry["model_clocks"], -entry["tile"][3], entry["registers"]
+    stages = entry["tile"][3] if len(entry["tile"]) == 4 else entry["tile"][5]
+    return entry["model_clocks"], -stages, entry["registers"]
 
 
 def rank(pool):
     """The ranking RANKING_PATH holds: per headline launch, its candidates in model_order, each with its reading
     and, for the best ones until RANKED_CLEAN are clean, whether every variant of the key compiles cleanly
     ("clean": true, or the first problem)."""
-    tasks = [(head_dim, kernel, tile) for head_dim, kernel in RANKED_LAUNCHES for tile in rank_candidates(kernel)]
+    tasks = [(head_dim, kernel, tile) for head_dim, kernel in RANKED_LAUNCHES
+             for tile in rank_candidates(kernel, head_dim)]
     readings = {}
     for head_dim, kernel, tile, reading in pool.map(model_reading, tasks):
         readings.setdefault((head_dim, kernel), []).append({"tile": list(tile), **reading})
@@ -149,7 +167,7 @@ def rank(pool):
         while checked < len(entries) and sum(e.get("clean") is True for e in entries) < RANKED_CLEAN:
             batch = entries[checked:checked + RANK_CHECK_BATCH]
             for entry, problem in zip(batch, pool.map(tile_problems, [key] * len(batch),
-                                                      [tuple(e["tile"]) for e in batch])):
+                                                      [configs.as_tile(kernel, e["tile"]) for e in batch])):
                 entry["clean"] = problem or True
             checked += len(batch)
         ranking.append({"head_dim": head_dim, "kernel": kernel, "candidates": entries})
@@ -162,10 +180,11 @@ def clean_ranked(launch):
 
 
 def ranked_cells(launch):
-    """A ranked launch's best clean tiles as table cells, "(M, N, warps, stages) clocks (limiter)", padded with
-    "—" to RANKED_CLEAN."""
+    """A ranked launch's best clean tiles as table cells, "tile clocks (limiters)", padded with "—" to
+    RANKED_CLEAN."""
     clean = clean_ranked(launch)
-    return ([f"{tuple(e['tile'])} {e['model_clocks']} ({e['limiter']})" for e in clean]
+    names = [configs.tile_name(configs.as_tile(launch["kernel"], e["tile"])) for e in clean]
+    return ([f"{name} {e['model_clocks']} ({e['limiter']})" for name, e in zip(names, clean)]
             + ["—"] * (RANKED_CLEAN - len(clean)))
 
 
@@ -185,7 +204,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=WORKERS, help="compile processes")
     p.add_argument("--head-dim", type=int, action="append", help="only these padded head sizes (repeatable)")
-    p.add_argument("--kernel", action="append", help="only these kernels: forward, dkdv, dk, dv, dq (repeatable)")
+    p.add_argument("--kernel", action="append", help="only these kernels: forward, backward (repeatable)")
     p.add_argument("--rank", action="store_true",
                    help="rank the headline launches' tiles by the speed model; write bench/results/model_ranking.json")
     args = p.parse_args(argv)
@@ -204,8 +223,8 @@ def main(argv=None):
                 continue
             precision, head_dim, kernel, dropout, arch, aligned = key
             print(f"| {precision} | {head_dim} | {kernel} | {dropout} | sm_{arch} | "
-                  f"{configs.operands_name(aligned)} | {tuple(current)} | {problem} | "
-                  f"{tuple(replacement) if replacement else 'NONE'} |", flush=True)
+                  f"{configs.operands_name(aligned)} | {configs.tile_name(current)} | {problem} | "
+                  f"{configs.tile_name(replacement) if replacement else 'NONE'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ Global loads into registers (LDG) are not counted: the goals (tools.tiles.report
 figures are stated in this model. L1 hits share the shared-memory data path, so a tile that loads per-iteration
 vectors by LDG (with one stage, the dK/dV kernel's LSE and delta) models faster than it may run; tools.tiles.tune
 times the model's best on a GPU, and timing decides.
-The loop modelled is the innermost loop with the fewest instructions among those that do matrix work: the unmasked
-range of the causal kernels. Its cost per iteration is scaled to a 128 x 128 block: each iteration covers
-BLOCK_M x BLOCK_N (query, key) pairs. The limiter is the unit that takes longest.
+A kernel's main loops are known by the matrix work one iteration does (`kernel_loops`): the forward's 2 products
+of BLOCK_M x BLOCK_N x D; the backward's key programs' 4 of block_n1 x block_m1 x D (3 for dK and 2 for dV where
+they have programs of their own) and its query programs' 3 of block_m2 x block_n2 x D. Of the innermost loops
+doing that work, the one with the fewest instructions is modelled: the unmasked range (the masked edges run in
+16-row diagonal pieces, whose products are smaller). Each loop's cost per iteration is scaled to a 128 x 128 block
+of the (query, key) pairs an iteration covers; a kernel's clocks are its loops' sum, each loop's limiter being the
+unit that takes longest.
 """
 
 import re
@@ -90,16 +94,52 @@ def count(instructions):
     return counts
 
 
-def main_loop(sass):
-    """The counts of the innermost loop with matrix work and the fewest instructions, or None."""
+def main_loop(sass, num_warps=None, multiply_adds=None):
+    """The counts of the innermost loop with the fewest instructions among those with matrix work (with
+    `multiply_adds` given: those doing exactly that many multiply-adds per iteration, all `num_warps` warps
+    together), or None."""
     instructions = parse(sass)
     candidates = [count(instructions[first:last + 1]) for first, last in innermost_loops(instructions)]
     candidates = [c for c in candidates if c.tensor_fma_per_warp or c.tensor_fma_per_warpgroup]
+    if multiply_adds is not None:
+        candidates = [c for c in candidates if multiply_adds_per_iteration(c, num_warps) == multiply_adds]
     return min(candidates, key=lambda c: c.instructions) if candidates else None
 
 
-def block_clocks(counts, arch, num_warps, block_m, block_n):
-    """{unit: clocks} for one 128 x 128 block, and the limiter, by the model above."""
+def multiply_adds_per_iteration(counts, num_warps):
+    """The tensor-core multiply-adds one iteration of a loop issues, all warps together."""
+    return counts.tensor_fma_per_warp * num_warps + counts.tensor_fma_per_warpgroup * num_warps // 4
+
+
+def kernel_loops(kernel, tile, head_dim):
+    """[(multiply-adds per iteration, (query, key) pairs per iteration)] of the main loops of `kernel` ("forward"
+    or "backward") at `tile` and the padded head size."""
+    if kernel == "forward":
+        return [(2 * tile.block_m * tile.block_n * head_dim, tile.block_m * tile.block_n)]
+    key_pairs, query_pairs = tile.block_m1 * tile.block_n1, tile.block_m2 * tile.block_n2
+    key_loops = [(3 * key_pairs * head_dim, key_pairs), (2 * key_pairs * head_dim, key_pairs)] \
+        if tile.dk_dv_apart else [(4 * key_pairs * head_dim, key_pairs)]
+    return key_loops + [(3 * query_pairs * head_dim, query_pairs)]
+
+
+def kernel_clocks(sass, arch, kernel, tile, head_dim):
+    """(clocks per 128 x 128 block, limiters, the loops' counts) of a kernel's main loops (kernel_loops), or None
+    where one is not found: the clocks summed over its loops, each at its own limiter."""
+    total, limiters, loops = 0.0, [], []
+    for multiply_adds, pairs in kernel_loops(kernel, tile, head_dim):
+        loop = main_loop(sass, tile.num_warps, multiply_adds)
+        if loop is None:
+            return None
+        clocks, limiter = block_clocks(loop, arch, tile.num_warps, pairs)
+        total += clocks[limiter]
+        limiters.append(limiter)
+        loops.append(loop)
+    return total, limiters, loops
+
+
+def block_clocks(counts, arch, num_warps, pairs):
+    """{unit: clocks} for one 128 x 128 block of a loop whose iteration covers `pairs` (query, key) pairs, and the
+    limiter, by the model above."""
     rates = RATES[arch]
     warpgroups = num_warps / 4
     per_iteration = {
@@ -110,17 +150,19 @@ def block_clocks(counts, arch, num_warps, block_m, block_n):
         "MUFU": counts.mufu * 32 * num_warps / rates["mufu"],
         "issue": counts.instructions * num_warps / rates["issue"],
     }
-    scale = BLOCK_PAIRS / (block_m * block_n)
+    scale = BLOCK_PAIRS / pairs
     clocks = {unit: value * scale for unit, value in per_iteration.items()}
     return clocks, max(clocks, key=clocks.get)
 
 
-def rows_per_matrix_product(kernel, block_m, block_n):
-    """The rows of the tile's matrix products (their M): queries for forward and dQ, keys for dK/dV."""
-    return block_m if kernel in ("forward", "dq") else block_n
+def rows_per_matrix_product(kernel, tile):
+    """The fewest rows of the tile's main matrix products (their M): the queries a forward program holds; the keys
+    a backward key program holds or the queries a query program holds."""
+    return tile.block_m if kernel == "forward" else min(tile.block_n1, tile.block_m2)
 
 
-def duplicates_work(kernel, block_m, block_n, num_warps):
+def duplicates_work(kernel, tile):
     """Whether warpgroups repeat each other's work: a wgmma is 64 rows per warpgroup, so a tile with fewer rows than
-    64 per warpgroup has its warpgroups compute the same products."""
-    return rows_per_matrix_product(kernel, block_m, block_n) < 64 * num_warps // 4
+    64 per warpgroup has its warpgroups compute the same products (the diagonal pieces' 16-row products aside,
+    which are mma.sync)."""
+    return rows_per_matrix_product(kernel, tile) < 64 * tile.num_warps // 4

@@ -1,22 +1,22 @@
 """python -m tools.tiles.tune: time candidate attention tiles on the GPU at hand and say which table entries should
 change.
 
-For each (kernel, head size) of the 16-bit causal launches with aligned operands, the shipped tile and the speed
-model's best clean tiles (`candidates`: bench/results/model_ranking.json, written by tools.tiles.search --rank)
-are forced into the launcher one at a time, each checked against an fp32 reference on a small ragged shape (so a
-tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes with the benchmarks'
-own timing (bench.common). Forward candidates are timed by the forward; dK/dV and dQ candidates by the whole
-backward with only that kernel's tile changed, so differences between candidates are that kernel's. The registers,
+For each (kernel, head size) of the 16-bit causal launches with aligned operands, the shipped tile, the speed
+model's best clean tiles (bench/results/model_ranking.json, written by tools.tiles.search --rank) and the reference
+tiles (FlexAttention's sm_90 tiles and the Triton tutorial's: REFERENCE_TILES) are forced into the launcher one at
+a time through the table's override (`candidates`), each checked against an fp32 reference on a small ragged shape
+(so a tile that breaks the masking shows as wrong, never as fast), then timed on the headline shapes with the
+benchmarks' own timing (bench.common). Forward candidates are timed by the forward; backward candidates by the
+backward (the delta kernel and the one launch of dK, dV and dQ). The registers,
 spills and shared memory of what was compiled are recorded with each candidate. fp16 and bf16 share the 16-bit
 tiles; bf16 is timed.
 
 Writes bench/results/<card>/tiles.json and tiles.md. A candidate that fails to compile or launch is a result.
 `TRITON_INTERPRET=1 python -m tools.tiles.tune --dry-run` runs everything but the timing on CPU through Triton's
-interpreter, with tiny shapes and fp16 (the interpreter runs its own small tiles, so only the plumbing is checked).
+interpreter, with tiny shapes and fp16.
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -27,8 +27,9 @@ import kernels
 from bench import common
 from kernels._gpu import device_arch
 from kernels.attention import backward, forward, tiles
+from kernels.attention.tiles import BackwardTile, Tile
 from kernels.reference import attention_reference
-from tools.tiles import search
+from tools.tiles import configs, search
 
 # Head sizes whose tiles are timed: the headline ones, which tools.tiles.search --rank ranks by the speed model.
 TUNED_HEAD_DIMS = (64, 128)
@@ -37,7 +38,18 @@ TUNED_HEAD_DIMS = (64, 128)
 TIMED_SEQ_LENS = (1024, 4096)
 DECODER_SHAPE = (64, 6, 256, 64)
 CHECK_SHAPE = (1, 3, 300, 257)  # batch, heads, Nq, Nk: ragged, Nk < Nq, across several blocks of any tile
-DRY_RUN_CHECK_SHAPE = (1, 1, 40, 33)  # the interpreter runs its own small tiles: ragged is enough
+DRY_RUN_CHECK_SHAPE = (1, 1, 40, 33)  # ragged is enough for the plumbing
+# Tiles timed beside the model's, per (kernel, head size): FlexAttention's sm_90 16-bit tiles
+# (torch/_inductor/template_heuristics/triton.py) and the Triton tutorial's (06-fused-attention.py): its backward's
+# blocks 32/128/128/32 with 4 warps and 5 stages, and its forward's autotuning space at 3 stages as it filters it for
+# sm_90 (8 warps only for 128 x 128 blocks; BLOCK_N at most the head size).
+REFERENCE_TILES = {
+    ("forward", 64): [Tile(128, 128, 4, 3)] + [Tile(m, n, 4, 3) for m in (64, 128) for n in (32, 64)],
+    ("forward", 128): [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3)]
+    + [Tile(m, n, 4, 3) for m in (64, 128) for n in (32, 64, 128)],
+    ("backward", 64): [BackwardTile(64, 128, 128, 64, 8, 3, False), BackwardTile(32, 128, 128, 32, 4, 5, False)],
+    ("backward", 128): [BackwardTile(64, 128, 128, 64, 8, 3, False), BackwardTile(32, 128, 128, 32, 4, 5, False)],
+}
 # bf16 on the GPU; fp16 in a dry run (the interpreter computes bf16 products wrongly).
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float16}
 
@@ -49,33 +61,28 @@ def timed_shapes(head_dim, dry_run):
     return shapes + ([DECODER_SHAPE] if head_dim == DECODER_SHAPE[3] else [])
 
 
-@contextlib.contextmanager
 def forced_tile(kernel, head_dim, tile):
-    """Make the launcher pick `tile` for `kernel` at this head size (16-bit, any dropout, arch and alignment)."""
-    head = tiles.block_d(head_dim)
-    rules = tiles.RULES
-    tiles.RULES = [rule for rule in rules if (rule.precision, rule.head, rule.kernel) != ("16bit", head, kernel)]
-    tiles.RULES.append(tiles.TileRule("16bit", head, kernel, tiles.Tile(*tile), "forced by tools.tiles.tune"))
-    try:
-        yield
-    finally:
-        tiles.RULES = rules
+    """Within the block the launcher picks `tile` for `kernel` at this head size (16-bit, any dropout, arch and
+    alignment): the attention table's override."""
+    return tiles.override(tile, precision="16bit", head=tiles.block_d(head_dim), kernel=kernel)
 
 
-def candidates(device):
-    """{(kernel, head size): [tile, ...]}: the launches this GPU makes for the tuned head sizes (dK and dV fused or
-    split as the table says), each with the ranking's clean tiles, fewest modelled clocks first."""
+def candidates():
+    """{(kernel, head size): [tile, ...]}: the tuned launches, each with the ranking's clean tiles (fewest
+    modelled clocks first), then the reference tiles."""
     ranking = search.load_ranking()
     if ranking is None:
         raise SystemExit(f"{search.RANKING_PATH} is missing: run python -m tools.tiles.search --rank first")
-    ranked = {(launch["kernel"], launch["head_dim"]): [tuple(e["tile"]) for e in search.clean_ranked(launch)]
-              for launch in ranking}
-    arch = gpu_arch(device)
+    # A ranking written before a launch was removed (the backward's dkdv, dk, dv and dq before its one launch)
+    # ranks nothing the launchers run: only the launches they still make are read (rerun --rank for the others).
+    ranked = {(launch["kernel"], launch["head_dim"]): [configs.as_tile(launch["kernel"], e["tile"])
+                                                       for e in search.clean_ranked(launch)]
+              for launch in ranking if launch["kernel"] in configs.ATTENTION_KERNELS}
     found = {}
     for head_dim in TUNED_HEAD_DIMS:
-        passes = tiles.key_block_passes(head_dim, DTYPES[device.type], False, arch, True)
-        for kernel in ("forward", *passes, "dq"):
-            found[(kernel, head_dim)] = ranked.get((kernel, head_dim), [])
+        for kernel in configs.ATTENTION_KERNELS:
+            tried = ranked.get((kernel, head_dim), []) + REFERENCE_TILES[(kernel, head_dim)]
+            found[(kernel, head_dim)] = list(dict.fromkeys(tried))
     return found
 
 
@@ -92,8 +99,7 @@ def shipped_tile(kernel, head_dim, device):
 def compiled_kernels():
     """Every kernel Triton has compiled so far in this process, by identity."""
     found = {}
-    for jit_fn in (forward.attention_forward_kernel, backward.attention_backward_dkdv_kernel,
-                   backward.attention_backward_dq_kernel):
+    for jit_fn in (forward.attention_forward_kernel, backward.attention_backward_kernel):
         for kernel_cache, *_ in getattr(jit_fn, "device_caches", {}).values():
             for compiled in kernel_cache.values():
                 found[id(compiled)] = compiled
@@ -135,7 +141,7 @@ def check_candidate(head_dim, device):
 
 
 def time_candidate(kernel, shape, device):
-    """TFLOP/s of the forward (forward candidates) or of the whole backward (dK/dV and dQ candidates)."""
+    """TFLOP/s of the forward (forward candidates) or of the backward (backward candidates)."""
     batch, heads, n, head_dim = shape
     (q, k, v), dout = random_inputs(shape, device, seed=n)
     forward_flops = 2 * batch * heads * n * n * head_dim  # causal: half of 4 B H N^2 D
@@ -148,7 +154,7 @@ def time_candidate(kernel, shape, device):
 
 
 def run_candidate(kernel, head_dim, tile, device, dry_run):
-    entry = {"tile": list(tile), "status": "ok", "timings": []}
+    entry = {"tile": configs.tile_name(tile), "status": "ok", "timings": []}
     before = compiled_kernels()
     try:
         with forced_tile(kernel, head_dim, tile):
@@ -189,14 +195,14 @@ def to_markdown(run):
             regs = ", ".join(f"{r['registers']}r/{r['spills']}s" for r in c["compiled"]) or "—"
             rates = " / ".join(f"{t['tflops']:.0f}" for t in c["timings"]) or "—"
             mark = ("shipped" if c["tile"] == key["shipped"] else "") + (" best" if c is best and score(c) else "")
-            rows.append([tuple(c["tile"]), rates, f"{score(c):.0f}", regs, mark.strip(), c["status"]])
+            rows.append([c["tile"], rates, f"{score(c):.0f}", regs, mark.strip(), c["status"]])
         shapes = " / ".join(str(tuple(s)) for s in key["shapes"])
         lines += [f"## {key['kernel']}, head size {key['head_dim']}", "",
-                  common.markdown_table(["tile (M, N, warps, stages)", f"TFLOP/s at {shapes}", "mean",
+                  common.markdown_table(["tile (tools.tiles.configs.tile_name)", f"TFLOP/s at {shapes}", "mean",
                                          "registers/spills", "", "status"], rows), ""]
         shipped = next(c for c in key["candidates"] if c["tile"] == key["shipped"])
         if best is not shipped and score(best) > 1.03 * score(shipped):
-            changes.append(f"- {key['kernel']} d{key['head_dim']}: {tuple(key['shipped'])} -> {tuple(best['tile'])} "
+            changes.append(f"- {key['kernel']} d{key['head_dim']}: {key['shipped']} -> {best['tile']} "
                            f"({score(best) / max(score(shipped), 1e-9):.2f}x)")
     lines += ["## Table entries that should change (> 3% faster)", ""] + (changes or ["- none"])
     return "\n".join(lines)
@@ -219,19 +225,19 @@ def main():
                "settings": {"warmup_ms": common.WARMUP_MS, "rep_ms": common.REP_MS, "dtype": "bf16"}}
     started = time.perf_counter()
     run["keys"] = []
-    for (kernel, head_dim), ranked in candidates(device).items():
+    for (kernel, head_dim), tried in candidates().items():
         shipped = shipped_tile(kernel, head_dim, device)
-        key = {"kernel": kernel, "head_dim": head_dim, "shipped": list(shipped),
+        key = {"kernel": kernel, "head_dim": head_dim, "shipped": configs.tile_name(shipped),
                "shapes": [list(s) for s in timed_shapes(head_dim, args.dry_run)], "candidates": []}
-        for tile in [shipped] + [t for t in ranked if t != shipped]:
+        for tile in [shipped] + [t for t in tried if t != shipped]:
             if time.perf_counter() - started > args.budget_s:
-                key["candidates"].append({"tile": list(tile), "status": "skipped: time budget spent",
+                key["candidates"].append({"tile": configs.tile_name(tile), "status": "skipped: time budget spent",
                                           "timings": [], "compiled": []})
                 continue
             entry = run_candidate(kernel, head_dim, tile, device, args.dry_run)
             key["candidates"].append(entry)
-            print(f"  {kernel:<8} d{head_dim:<4} {str(tuple(tile)):<18} {score(entry):7.1f} TFLOP/s  {entry['status']}",
-                  flush=True)
+            print(f"  {kernel:<8} d{head_dim:<4} {configs.tile_name(tile):<26} {score(entry):7.1f} TFLOP/s  "
+                  f"{entry['status']}", flush=True)
         run["keys"].append(key)
     run["seconds"] = time.perf_counter() - started
     if args.dry_run:
