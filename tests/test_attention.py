@@ -272,19 +272,3 @@ def test_log_sum_exp_in_every_dtype_matches_float64(device, dtype, causal):
         out, lse = attention(q, k, v, causal=causal, scale=0.3, return_lse=True)
         assert torch.equal(out, attention(q, k, v, causal=causal, scale=0.3))
     check_log_sum_exp(lse, q, k, 0.3, causal)
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs its tables' tiles, non-square ones among them")
-@pytest.mark.parametrize("tile", [(16, 64), (64, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
-@pytest.mark.parametrize("window", WINDOWS, ids=str)
-@pytest.mark.parametrize("causal,n_q,n_k", [(True, 80, 80), (False, 80, 80), (False, 33, 90), (True, 90, 33)])
-def test_sliding_windows_at_non_square_tiles(device, monkeypatch, tile, window, causal, n_q, n_k):
-    """The ranges of key blocks a query block sees (and the reverse) round to BLOCK_M on one side and BLOCK_N on
-    the other: at the interpreter's square 32 x 32 tile a side rounded to the wrong one goes unnoticed. Every
-    16-bit tile the tables ship is non-square, with more queries than keys per block or fewer: both here, fp32."""
-    from kernels.attention import tiles
-
-    monkeypatch.setattr(tiles, "INTERPRETER_TILE", tiles.Tile(*tile, 1, 1))
-    torch.manual_seed(sum(window) + n_q)
-    q, k, v = make_inputs(1, 1, n_q, n_k, 16, torch.float32, device)
-    check_against_reference(q, k, v, causal=causal, window=window)
