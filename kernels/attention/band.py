@@ -92,6 +92,8 @@ def piece_edges(lo, hi, full_lo, full_hi):
 @triton.jit
 def rows_of(x, first, ROWS: tl.constexpr):
     """Rows [first, first + ROWS) of x, (R,) or (R, C): a piece of a held block's accumulators."""
+    if x.shape[0] == ROWS:  # a block of one piece (first is 0): a gather would hold a second copy of x
+        return x
     index = first + tl.arange(0, ROWS)
     if len(x.shape) == 1:
         piece = tl.gather(x, index, 0)

@@ -80,15 +80,19 @@ _FORWARD = [
 # The backward launch: (block_m1, block_n1) the key programs' (queries streamed, keys held), (block_m2, block_n2)
 # the query programs' (queries held, keys streamed); warps and stages are the launch's, shared by both kinds.
 _BACKWARD = [
+    _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "dropout: 3 stages spill on sm_80",
+          dropout=True, arch=80),
     _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 3, False), "the largest spill-free tile"),
+    _rule("16bit", 32, "backward", BackwardTile(16, 128, 128, 64, 8, 2, False), "dropout: 32 queries per key "
+          "program step spill on sm_80", dropout=True, arch=80),
     _rule("16bit", 32, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "the largest spill-free tile"),
     _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 64, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
           "stages: 3 spill under the windowed packed mask", "flex", dropout=False, arch=90, aligned=True),
     _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 32, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
           "stages streaming 32 keys per dQ step: dropout's random numbers spill 64", "flex", dropout=True, arch=90,
           aligned=True),
-    _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 2, False), "the largest spill-free tile",
-          arch=80, aligned=True),
+    _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 1, False), "the largest spill-free tile: 2 "
+          "stages spill", arch=80),
     _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 2, False), "misaligned: the largest "
           "spill-free tile", aligned=False),
     _rule("16bit", 128, "backward", BackwardTile(64, 128, 128, 64, 8, 2, True), "FlexAttention's sm_90 blocks, dK "
