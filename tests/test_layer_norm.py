@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import DTYPES, assert_within_error_rule, gpu_only_determinism
+from norm_helpers import leaf, random64, shape_id
 
 import kernels._validate
 from kernels import FusedLayerNorm, add_layer_norm, layer_norm
@@ -43,19 +44,6 @@ LAYER_NORM_CASES = [
 ]
 
 
-def _case_id(value):
-    """A shape as 37x384 in the test ids."""
-    return "x".join(map(str, value)) if isinstance(value, tuple) else None
-
-
-def _random(shape, generator, scale=1.0, offset=0.0):
-    return torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset
-
-
-def _leaf(tensor, dtype, device):
-    return None if tensor is None else tensor.detach().to(device=device, dtype=dtype).clone().requires_grad_()
-
-
 def _grads(*tensors):
     return [None if t is None else t.grad for t in tensors]
 
@@ -69,18 +57,18 @@ def _assert_grads_within_error_rule(fused, eager, reference, names):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, has_weight, has_bias", LAYER_NORM_CASES, ids=_case_id)
+@pytest.mark.parametrize("shape, has_weight, has_bias", LAYER_NORM_CASES, ids=shape_id)
 def test_layer_norm_matches_float64_reference(device, dtype, shape, has_weight, has_bias):
     generator = torch.Generator().manual_seed(hash((shape, has_weight, has_bias)) % 2**31)
     width = shape[-1]
-    x = _random(shape, generator, scale=2.0, offset=0.5)  # a mean well away from zero
-    weight = _random(width, generator, scale=0.5, offset=1.0) if has_weight else None
-    bias = _random(width, generator) if has_bias else None
+    x = random64(shape, generator, scale=2.0, offset=0.5)  # a mean well away from zero
+    weight = random64(width, generator, scale=0.5, offset=1.0) if has_weight else None
+    bias = random64(width, generator) if has_bias else None
     x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))  # every run sees these
-    dy = _random(shape, generator).to(device=device, dtype=dtype)
+    dy = random64(shape, generator).to(device=device, dtype=dtype)
 
     def run(dtype, fn):
-        leaves = [_leaf(t, dtype, device) for t in (x, weight, bias)]
+        leaves = [leaf(t, dtype, device) for t in (x, weight, bias)]
         out = fn(*leaves)
         out.backward(dy.to(dtype))
         return out, _grads(*leaves)
@@ -106,21 +94,21 @@ ADD_LAYER_NORM_CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, has_weight, has_bias", ADD_LAYER_NORM_CASES, ids=_case_id)
+@pytest.mark.parametrize("shape, has_weight, has_bias", ADD_LAYER_NORM_CASES, ids=shape_id)
 def test_add_layer_norm_matches_eager_composite(device, dtype, shape, has_weight, has_bias):
     generator = torch.Generator().manual_seed(hash((shape, has_weight)) % 2**31)
     width = shape[-1]
     inputs = [
-        _random(shape, generator, scale=2.0, offset=0.5),
-        _random(shape, generator),
-        _random(width, generator, scale=0.5, offset=1.0) if has_weight else None,
-        _random(width, generator) if has_bias else None,
+        random64(shape, generator, scale=2.0, offset=0.5),
+        random64(shape, generator),
+        random64(width, generator, scale=0.5, offset=1.0) if has_weight else None,
+        random64(width, generator) if has_bias else None,
     ]
     inputs = [None if t is None else t.to(dtype) for t in inputs]  # the same rounded inputs for every run
-    dy, ds = (_random(shape, generator).to(device=device, dtype=dtype) for _ in range(2))
+    dy, ds = (random64(shape, generator).to(device=device, dtype=dtype) for _ in range(2))
 
     def run(dtype, fn):
-        leaves = [_leaf(t, dtype, device) for t in inputs]
+        leaves = [leaf(t, dtype, device) for t in inputs]
         y, s = fn(*leaves)
         torch.autograd.backward((y, s), (dy.to(dtype), ds.to(dtype)))  # gradients from both outputs
         return y, s, _grads(*leaves)
@@ -141,10 +129,10 @@ def test_add_layer_norm_matches_eager_composite(device, dtype, shape, has_weight
 @pytest.mark.parametrize("used_output", ["y", "s"])
 def test_add_layer_norm_with_one_output_used(device, used_output):
     generator = torch.Generator().manual_seed(3)
-    inputs = [_random((6, 384), generator) for _ in range(2)] + [_random(384, generator) for _ in range(2)]
+    inputs = [random64((6, 384), generator) for _ in range(2)] + [random64(384, generator) for _ in range(2)]
 
     def run(dtype, fn):
-        leaves = [_leaf(t, dtype, device) for t in inputs]
+        leaves = [leaf(t, dtype, device) for t in inputs]
         y, s = fn(*leaves)
         (y if used_output == "y" else s).pow(2).sum().backward()
         return [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]  # weight, bias do not reach s
@@ -165,8 +153,8 @@ def test_add_layer_norm_with_one_output_used(device, used_output):
 def test_backward_is_deterministic(device, dtype, shape):
     """Many programs add partial dweight / dbias rows; two runs must agree to the bit."""
     generator = torch.Generator().manual_seed(4)
-    x, residual, dy, ds = (_random(shape, generator).to(device=device, dtype=dtype) for _ in range(4))
-    weight, bias = (_random(shape[-1], generator).to(device=device, dtype=dtype) for _ in range(2))
+    x, residual, dy, ds = (random64(shape, generator).to(device=device, dtype=dtype) for _ in range(4))
+    weight, bias = (random64(shape[-1], generator).to(device=device, dtype=dtype) for _ in range(2))
 
     def grads():
         leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
@@ -182,8 +170,8 @@ def test_strided_inputs_and_expanded_gradients(device):
     """A row-strided view is read in place, a column-strided one is copied; an expanded (stride-0)
     gradient, as y.sum().backward() gives, is handled."""
     generator = torch.Generator().manual_seed(5)
-    base = _random((12, 500), generator).float().to(device)
-    weight = _random(384, generator).float().to(device)
+    base = random64((12, 500), generator).float().to(device)
+    weight = random64(384, generator).float().to(device)
     for view in (base[:, :384], base[:, ::2][:, :200], base.t()[:384]):
         width = view.shape[-1]
 
@@ -294,7 +282,7 @@ def test_add_layer_norm_runs_in_the_dtype_of_the_sum(device):
     """A 16-bit branch output added to an fp32 residual stream: s and y in fp32, as eager x + residual gives,
     and each input's gradient in its own dtype."""
     generator = torch.Generator().manual_seed(5)
-    x, residual, weight, bias = (_random(shape, generator).to(device) for shape in ((3, 40), (3, 40), 40, 40))
+    x, residual, weight, bias = (random64(shape, generator).to(device) for shape in ((3, 40), (3, 40), 40, 40))
     x16 = x.half().requires_grad_()
     residual32 = residual.float().requires_grad_()
     y, s = add_layer_norm(x16, residual32, weight.float(), bias.float(), EPS)
@@ -311,8 +299,8 @@ def test_under_autocast_the_norm_returns_torchs_dtype(device, with_residual):
     """CUDA autocast runs torch's layer_norm in fp32 whatever its input's dtype, CPU autocast in the input's:
     ours return what torch's return, with fp32 weights."""
     generator = torch.Generator().manual_seed(6)
-    x, residual = (_random((3, 40), generator).to(device).half() for _ in range(2))
-    weight, bias = (_random(40, generator).to(device).float() for _ in range(2))
+    x, residual = (random64((3, 40), generator).to(device).half() for _ in range(2))
+    weight, bias = (random64(40, generator).to(device).float() for _ in range(2))
     with torch.autocast(device, dtype=torch.float16):
         if with_residual:
             fused, s = add_layer_norm(x, residual, weight, bias, EPS)
@@ -342,7 +330,7 @@ def _assert_norm_within_error_rule(device, dtype, inputs, output_grads, fused, e
     inputs = [None if t is None else t.to(dtype) for t in inputs]
 
     def run(dtype, fn):
-        leaves = [_leaf(t, dtype, device) for t in inputs]
+        leaves = [leaf(t, dtype, device) for t in inputs]
         outputs = fn(*leaves)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         torch.autograd.backward(outputs, [g.to(device=device, dtype=dtype) for g in output_grads])
@@ -375,10 +363,10 @@ def test_row_strided_views_of_wide_rows(device, dtype, rows, width, row_stride, 
     """Read in place at their row stride, forward and backward: y (and s), and the gradients of x (the base: 0
     outside the view), residual (a view of another base, with another stride), weight and bias."""
     generator = torch.Generator().manual_seed(rows + width)
-    x_base = _random((rows, row_stride), generator, scale=2.0, offset=0.5)
-    residual_base = _random((rows, row_stride + 100), generator)
-    weight, bias = _random(width, generator, scale=0.5, offset=1.0), _random(width, generator)
-    output_grads = [_random((rows, width), generator) for _ in range(1 + with_residual)]
+    x_base = random64((rows, row_stride), generator, scale=2.0, offset=0.5)
+    residual_base = random64((rows, row_stride + 100), generator)
+    weight, bias = random64(width, generator, scale=0.5, offset=1.0), random64(width, generator)
+    output_grads = [random64((rows, width), generator) for _ in range(1 + with_residual)]
     if with_residual:
         def view(function):
             return lambda x, r, w, b: function(x[:, :width], r[:, :width], w, b)
@@ -394,7 +382,7 @@ def test_row_strided_views_of_wide_rows(device, dtype, rows, width, row_stride, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mean", [100, 1000])
-@pytest.mark.parametrize("shape", [(5, 4097), (3, 20000)], ids=_case_id)
+@pytest.mark.parametrize("shape", [(5, 4097), (3, 20000)], ids=shape_id)
 @pytest.mark.parametrize("with_residual", [False, True], ids=["layer_norm", "add_layer_norm"])
 def test_wide_rows_far_from_zero_do_not_cancel(device, dtype, mean, shape, with_residual):
     """Rows of mean 100 and 1000 against a spread of 2: the variance is then a difference of nearly equal numbers
@@ -403,11 +391,11 @@ def test_wide_rows_far_from_zero_do_not_cancel(device, dtype, mean, shape, with_
     Values and every gradient."""
     generator = torch.Generator().manual_seed(mean + shape[-1])
     width = shape[-1]
-    x = _random(shape, generator, scale=2.0, offset=mean)
-    weight, bias = _random(width, generator, scale=0.5, offset=1.0), _random(width, generator)
-    output_grads = [_random(shape, generator) for _ in range(1 + with_residual)]
+    x = random64(shape, generator, scale=2.0, offset=mean)
+    weight, bias = random64(width, generator, scale=0.5, offset=1.0), random64(width, generator)
+    output_grads = [random64(shape, generator) for _ in range(1 + with_residual)]
     if with_residual:
-        inputs, names = (x, _random(shape, generator), weight, bias), ("x", "residual", "weight", "bias")
+        inputs, names = (x, random64(shape, generator), weight, bias), ("x", "residual", "weight", "bias")
         fused, eager = lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS), _eager_add_layer_norm
     else:
         inputs, names = (x, weight, bias), ("x", "weight", "bias")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import DTYPES, assert_within_error_rule
+from norm_helpers import leaf, random64, shape_id
 
 from kernels import FusedRMSNorm, add_rms_norm, rms_norm
 
@@ -35,18 +36,6 @@ RMS_NORM_CASES = [
 ]
 
 
-def _case_id(value):
-    return "x".join(map(str, value)) if isinstance(value, tuple) else None
-
-
-def _random(shape, generator, scale=1.0, offset=0.0):
-    return torch.randn(shape, generator=generator, dtype=torch.float64) * scale + offset
-
-
-def _leaf(tensor, dtype, device):
-    return None if tensor is None else tensor.detach().to(device=device, dtype=dtype).clone().requires_grad_()
-
-
 def eager_rms_norm(x, weight, offset=0.0, eps=EPS):
     """torch's RMSNorm with the weight `offset + weight` (Gemma's, for offset 1)."""
     return F.rms_norm(x, x.shape[-1:], None if weight is None else weight + offset, eps)
@@ -57,7 +46,7 @@ def _compare(fused_fn, eager_fn, inputs, cotangents, dtype, device, names):
     gradient by the error rule."""
 
     def run(dtype, fn):
-        leaves = [_leaf(t, dtype, device) for t in inputs]
+        leaves = [leaf(t, dtype, device) for t in inputs]
         outputs = fn(*leaves)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         torch.autograd.backward(outputs, [c.to(device=device, dtype=dtype) for c in cotangents[:len(outputs)]])
@@ -73,12 +62,12 @@ def _compare(fused_fn, eager_fn, inputs, cotangents, dtype, device, names):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, has_weight, offset", RMS_NORM_CASES, ids=_case_id)
+@pytest.mark.parametrize("shape, has_weight, offset", RMS_NORM_CASES, ids=shape_id)
 def test_rms_norm_matches_float64_reference(device, dtype, shape, has_weight, offset):
     generator = torch.Generator().manual_seed(hash((shape, has_weight, offset)) % 2**31)
-    x = _random(shape, generator, scale=2.0, offset=0.5).to(dtype)
-    weight = _random(shape[-1], generator, scale=0.5, offset=1.0 - offset).to(dtype) if has_weight else None
-    dy = _random(shape, generator).to(dtype)
+    x = random64(shape, generator, scale=2.0, offset=0.5).to(dtype)
+    weight = random64(shape[-1], generator, scale=0.5, offset=1.0 - offset).to(dtype) if has_weight else None
+    dy = random64(shape, generator).to(dtype)
     _compare(lambda x, w: rms_norm(x, w, EPS, offset=offset), lambda x, w: eager_rms_norm(x, w, offset),
              [x, weight], [dy], dtype, device, ("y", "grad x", "grad weight"))
 
@@ -86,12 +75,12 @@ def test_rms_norm_matches_float64_reference(device, dtype, shape, has_weight, of
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, has_weight, offset", [((1, 7), True, 0.0), ((300, 384), True, 1.0),
                                                        ((2, 9, 384), False, 0.0), ((3, 8208), True, 0.0),
-                                                       ((3, 20000), True, 0.0)], ids=_case_id)
+                                                       ((3, 20000), True, 0.0)], ids=shape_id)
 def test_add_rms_norm_matches_eager_composite(device, dtype, shape, has_weight, offset):
     generator = torch.Generator().manual_seed(hash((shape, has_weight, offset, "add")) % 2**31)
-    x, residual = _random(shape, generator, scale=2.0, offset=0.5).to(dtype), _random(shape, generator).to(dtype)
-    weight = _random(shape[-1], generator, scale=0.5, offset=1.0 - offset).to(dtype) if has_weight else None
-    cotangents = [_random(shape, generator).to(dtype) for _ in range(2)]
+    x, residual = random64(shape, generator, scale=2.0, offset=0.5).to(dtype), random64(shape, generator).to(dtype)
+    weight = random64(shape[-1], generator, scale=0.5, offset=1.0 - offset).to(dtype) if has_weight else None
+    cotangents = [random64(shape, generator).to(dtype) for _ in range(2)]
 
     def eager(x, residual, w):
         s = x + residual
@@ -117,9 +106,9 @@ def test_residual_in_fp32(device, residual_dtype):
     """A 16-bit branch and a residual stream kept in fp32, as flash-attn's layer_norm_fn: s = x + residual added
     and stored in fp32, y in x's dtype; each input's gradient in its own dtype."""
     generator = torch.Generator().manual_seed(9)
-    x = _random((5, 40), generator).half().to(device).requires_grad_()
-    residual = _random((5, 40), generator).to(residual_dtype).to(device).requires_grad_()
-    weight = _random(40, generator).half().to(device).requires_grad_()
+    x = random64((5, 40), generator).half().to(device).requires_grad_()
+    residual = random64((5, 40), generator).to(residual_dtype).to(device).requires_grad_()
+    weight = random64(40, generator).half().to(device).requires_grad_()
     y, s = add_rms_norm(x, residual, weight, EPS, residual_in_fp32=True)
     assert y.dtype == torch.float16 and s.dtype == torch.float32
     expected_s = x.detach().float() + residual.detach().float()
@@ -136,9 +125,9 @@ def test_residual_in_fp32_gradients(device, width):
     """A sum kept in fp32 takes its own tiles (rows on chip to 2048 in the backward, 512 misaligned): values and
     every gradient against the eager fp32 sum normalized and rounded to fp16, by the error rule."""
     generator = torch.Generator().manual_seed(width)
-    inputs = [_random((6, width), generator, scale=2.0, offset=0.5).half(), _random((6, width), generator).float(),
-              _random(width, generator, scale=0.5, offset=1.0).half()]
-    cotangents = [_random((6, width), generator).half(), _random((6, width), generator).float()]
+    inputs = [random64((6, width), generator, scale=2.0, offset=0.5).half(), random64((6, width), generator).float(),
+              random64(width, generator, scale=0.5, offset=1.0).half()]
+    cotangents = [random64((6, width), generator).half(), random64((6, width), generator).float()]
 
     def run(fused, dtype):
         x, residual, weight = (t.detach().to(device).clone().requires_grad_() for t in inputs)
