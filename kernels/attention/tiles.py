@@ -82,10 +82,16 @@ _FORWARD = [
 _BACKWARD = [
     _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "dropout: 3 stages spill on sm_80",
           dropout=True, arch=80),
-    _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 3, False), "the largest spill-free tile"),
+    _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 3, False), "the largest spill-free tile",
+          dropout=False),
+    _rule("16bit", 16, "backward", BackwardTile(32, 128, 128, 64, 8, 3, False), "the largest spill-free tile",
+          dropout=True, arch=90),
     _rule("16bit", 32, "backward", BackwardTile(16, 128, 128, 64, 8, 2, False), "dropout: 32 queries per key "
           "program step spill on sm_80", dropout=True, arch=80),
-    _rule("16bit", 32, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "the largest spill-free tile"),
+    _rule("16bit", 32, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "the largest spill-free tile",
+          dropout=False),
+    _rule("16bit", 32, "backward", BackwardTile(32, 128, 128, 64, 8, 2, False), "the largest spill-free tile",
+          dropout=True, arch=90),
     _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 64, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
           "stages: 3 spill under the windowed packed mask", "flex", dropout=False, arch=90, aligned=True),
     _rule("16bit", 64, "backward", BackwardTile(64, 128, 128, 32, 8, 2, False), "FlexAttention's sm_90 tile at 2 "
@@ -94,7 +100,7 @@ _BACKWARD = [
     _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 1, False), "the largest spill-free tile: 2 "
           "stages spill", arch=80),
     _rule("16bit", 64, "backward", BackwardTile(16, 128, 128, 32, 8, 2, False), "misaligned: the largest "
-          "spill-free tile", aligned=False),
+          "spill-free tile", arch=90, aligned=False),
     _rule("16bit", 128, "backward", BackwardTile(64, 128, 128, 64, 8, 2, True), "FlexAttention's sm_90 blocks, dK "
           "and dV apart at 2 stages: dK and dV together spill in every tile tried (the diagonal pieces' 16-row "
           "products hold their operands in registers); 3 stages spill", "flex", dropout=False, arch=90, aligned=True),
