@@ -269,7 +269,7 @@ def test_a_later_chunk_with_scores_in_the_hundreds_dominates_the_combine(device,
     append. q and k hold integers, so every score is exact in fp16 and fp32 alike, as in the forward's
     large-magnitude test."""
     torch.manual_seed(15)
-    block_n, n_q, heads, kv_heads, splits = _block_n(device, dtype), 2, 4, 2, 3
+    block_n, n_q, heads, kv_heads, splits = _block_n(dtype), 2, 4, 2, 3
     final = [4 * block_n, 2 * block_n + 15, block_n + 3]
     lengths = [n - n_q for n in final]
     q, k_cache, v_cache, seqlens, k_new, v_new = _inputs(lengths, heads, kv_heads, n_q, HEAD_DIM, max(final),
