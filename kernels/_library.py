@@ -107,13 +107,14 @@ def _is_bf16(argument):
 
 
 def bf16_in_fp32(launch, fp32_outputs=()):
-    """`launch` (a tensor, or a tuple of tensors, from tensors and scalars) for the interpreter: a call with bf16
-    tensors runs on fp32 copies of them, and its outputs are rounded to bf16 (exactly what the bf16 kernels
-    return, up to the products' rounding), except those numbered in fp32_outputs (statistics that are fp32
-    anyway). Other calls run unchanged. Nothing written into an argument reaches the caller's bf16 tensor."""
+    """`launch` (a tensor, or a tuple of tensors, from tensors and scalars) for the interpreter: a bf16 call (its
+    first argument bf16: the operators' floating inputs share one dtype) runs on fp32 copies of its bf16 tensors,
+    and its outputs are rounded to bf16 (exactly what the bf16 kernels return, up to the products' rounding),
+    except those numbered in fp32_outputs (statistics that are fp32 anyway). Other calls run unchanged, at the
+    cost of one dtype test. Nothing written into an argument reaches the caller's bf16 tensor."""
 
     def on_cpu(*args):
-        if not any(_is_bf16(argument) for argument in args):
+        if not _is_bf16(args[0]):
             return launch(*args)
         outputs = launch(*(argument.float() if _is_bf16(argument) else argument for argument in args))
         if isinstance(outputs, torch.Tensor):

@@ -12,6 +12,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: Triton fixes the mode when it is imported, and torch.compile cannot trace the lookup.
 TRITON_INTERPRETS = triton.knobs.runtime.interpret
 _KIND_NAMES = {int: "an int", numbers.Real: "a real number"}
+# The types a number of each kind usually has, tested first: isinstance against an abstract class is slow.
+_PLAIN_TYPES = {int: (int,), numbers.Real: (float, int)}
 
 
 def check_tensor(name, tensor, *, ndim=None, min_ndim=None, dtypes=SUPPORTED_DTYPES):
@@ -44,7 +46,7 @@ def check_bool(name, value):
 def check_number(name, value, kind, is_valid, expected):
     """`value` must be a number of `kind`, int or numbers.Real (a bool is neither; else TypeError), for which
     is_valid(value) holds (else ValueError, saying it must be `expected`)."""
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if type(value) not in _PLAIN_TYPES[kind] and (isinstance(value, bool) or not isinstance(value, kind)):
         raise TypeError(f"{name} must be {_KIND_NAMES[kind]}, got {type(value).__name__}")
     if not is_valid(value):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -60,7 +62,7 @@ def check_runnable(name, tensor):
     """Check that the kernels can run on `tensor`'s device: a CUDA GPU of compute capability 8.0 or newer (older
     ones have too little shared memory for the tiles, which are checked for sm_80 and up), or CPU under Triton's
     interpreter (TRITON_INTERPRET=1 set before triton is imported)."""
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         if device_arch(tensor.device) < 80:
             raise ValueError(
                 f"{name} is on {torch.cuda.get_device_name(tensor.device)} (compute capability "
@@ -68,7 +70,7 @@ def check_runnable(name, tensor):
                 "capability 8.0 or newer (Ampere, Ada, Hopper)"
             )
         return
-    if tensor.device.type == "cpu" and TRITON_INTERPRETS:
+    if tensor.is_cpu and TRITON_INTERPRETS:
         return
     raise ValueError(
         f"{name} is on {tensor.device}; the kernels run on CUDA tensors, or on CPU tensors under Triton's "

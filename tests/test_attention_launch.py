@@ -151,7 +151,7 @@ def test_gpus_older_than_ampere_are_refused_clearly(monkeypatch):
     monkeypatch.setattr(kernels._validate, "device_arch", lambda device: 75)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    on_a_t4 = types.SimpleNamespace(device=torch.device("cuda", 0))
+    on_a_t4 = types.SimpleNamespace(device=torch.device("cuda", 0), is_cuda=True, is_cpu=False)
     with pytest.raises(ValueError, match="Tesla T4 .compute capability 7.5.; the kernels need compute capability 8.0"):
         kernels._validate.check_runnable("q", on_a_t4)
 

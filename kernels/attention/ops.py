@@ -185,9 +185,10 @@ def _backward(
     with launch_device(q):
         # 1. delta = rowsum(dO * O)
         block_m = tiles.preprocess_block_m(launch.block_d, q.dtype)
+        grad_out_strides, statistics_strides = launch.strides("do", grad_out), launch.statistics_strides(lse)
         attention_backward_preprocess_kernel[launch.grid(launch.n_q, launch.heads, block_m)](
             O=out, DO=grad_out, DELTA=delta, CU_SEQLENS_Q=launch.cu_seqlens[0], **launch.strides("o", out),
-            **launch.strides("do", grad_out), **launch.statistics_strides(delta), H=launch.heads, N_Q=launch.n_q,
+            **grad_out_strides, **statistics_strides, H=launch.heads, N_Q=launch.n_q,
             HEAD_DIM=launch.head_dim, BLOCK_D=launch.block_d, BLOCK_M=block_m, VARLEN=launch.packed,
             ALIGNED=aligned,
         )
@@ -195,8 +196,8 @@ def _backward(
         attention_backward_kernel[(key_programs + query_programs,)](
             Q=q, K=k, V=v, DO=grad_out, DQ=dq, DK=dk, DV=dv, LSE=lse, DELTA=delta,
             SEED=seed if seed is not None else lse, **launch.strides("q", q), **launch.strides("k", k),
-            **launch.strides("v", v), **launch.strides("do", grad_out), **launch.strides("dq", dq),
-            **launch.strides("dk", dk), **launch.strides("dv", dv), **launch.statistics_strides(lse),
+            **launch.strides("v", v), **grad_out_strides, **launch.strides("dq", dq),
+            **launch.strides("dk", dk), **launch.strides("dv", dv), **statistics_strides,
             **launch.arguments, B=launch.batch, scale=scale, dropout_p=dropout_p, BLOCK_M1=tile.block_m1,
             BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2, BLOCK_N2=tile.block_n2, DROPOUT=dropout,
             ALIGNED=aligned, EVEN=launch.even(tile.block_m1, tile.block_n1, tile.block_m2, tile.block_n2),

@@ -66,8 +66,15 @@ def operands_aligned(*tensors):
     """The kernels' ALIGNED: every tensor whose strides a launch passes has a 16-byte aligned pointer (which
     Triton's JIT marks), a unit last stride and its other strides multiples of 16 bytes (which the kernels mark,
     see matrix_of). LSE and DELTA, allocated by the launchers, are aligned by construction."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    for t in tensors:  # a loop, not nested generators: the launchers ask on every call, for up to 8 tensors
+        *row_strides, last_stride = t.stride()
+        if t.data_ptr() % 16 or last_stride != 1:
+            return False
+        size = t.element_size()
+        for stride in row_strides:
+            if stride * size % 16:
+                return False
+    return True
 
 
 @triton.jit

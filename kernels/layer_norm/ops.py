@@ -23,15 +23,20 @@ from .forward import dropout_mask_kernel, layer_norm_forward_kernel, layer_norm_
 from .shared import BACKWARD_COMPILE_OPTIONS
 
 
-def _as_rows(tensor):
-    """A (rows, width) view of `tensor` with unit column stride, copying only when the last dimension
-    is not unit-stride or the leading dimensions cannot be flattened into one row stride."""
+def _rows(tensor):
+    """(rows, n_rows, row_stride): `tensor` as the kernels read it, row after row of its last dimension. A contiguous
+    tensor is read as it is (no view made: the kernels take a pointer and a row stride). Otherwise a (rows, width)
+    view with unit column stride, copying only when the last dimension is not unit-stride or the leading
+    dimensions cannot be flattened into one row stride."""
+    n_cols = tensor.shape[-1]
+    if tensor.is_contiguous():
+        return tensor, tensor.numel() // n_cols, n_cols
     if tensor.stride(-1) != 1:
         tensor = tensor.contiguous()
-    rows = tensor.reshape(-1, tensor.shape[-1])
-    if rows.shape[0] > 1 and (rows.shape[0] - 1) * rows.stride(0) + rows.shape[1] >= tiles.MAX_ELEMENTS:
+    rows = tensor.reshape(-1, n_cols)
+    if rows.shape[0] > 1 and (rows.shape[0] - 1) * rows.stride(0) + n_cols >= tiles.MAX_ELEMENTS:
         rows = rows.contiguous()  # a strided view spanning more than 32-bit offsets reach
-    return rows
+    return rows, rows.shape[0], rows.stride(0)
 
 
 def _allocate_forward_outputs(x, with_sum, rms, residual_in_fp32):
@@ -51,9 +56,9 @@ def _forward(x, residual, weight, bias, eps, rms=False, offset=0.0, residual_in_
     """Launch the forward kernel for the row width. Returns y, s (None without residual), mean (None for RMS),
     rstd."""
     y, s, mean, rstd = _allocate_forward_outputs(x, residual is not None, rms, residual_in_fp32)
-    x = _as_rows(x)
-    residual = _as_rows(residual) if residual is not None else None
-    n_rows, n_cols = x.shape
+    x, n_rows, stride_x = _rows(x)
+    residual, _, stride_residual = _rows(residual) if residual is not None else (None, 0, 0)
+    n_cols = x.shape[-1]
     if n_rows == 0:
         return y, s, mean, rstd
     aligned = tiles.operands_aligned(n_cols, x, residual, weight, bias)
@@ -69,7 +74,7 @@ def _forward(x, residual, weight, bias, eps, rms=False, offset=0.0, residual_in_
             X=x, RESIDUAL=residual if residual is not None else x, SUM=s if s is not None else y, Y=y,
             WEIGHT=weight if weight is not None else x, BIAS=bias if bias is not None else x,
             MEAN=mean if mean is not None else rstd, RSTD=rstd, SEED=seed if seed is not None else rstd,
-            stride_x=x.stride(0), stride_residual=residual.stride(0) if residual is not None else 0,
+            stride_x=stride_x, stride_residual=stride_residual,
             n_rows=n_rows, n_cols=n_cols, eps=eps, offset=offset, dropout_p=dropout_p,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RMS=rms,
             DROPOUT=seed is not None, BLOCK_N=tile.block_n, num_warps=tile.num_warps, **rows,
@@ -85,10 +90,10 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias, r
     to (with a seed, else None; like dx), dweight (or None), dbias (or None)."""
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dx_kept = torch.empty_like(dx) if seed is not None else None
-    x = _as_rows(x)
+    x, n_rows, stride_x = _rows(x)
     dy = dy.contiguous()
     dsum = dsum.contiguous() if dsum is not None else None
-    n_rows, n_cols = x.shape
+    n_cols = x.shape[-1]
     aligned = tiles.operands_aligned(n_cols, dy, dsum, x, weight)
     precision = tiles.launch_precision(dy.dtype, x.dtype)
     tile = tiles.launch_tile("backward", precision, n_cols, aligned)
@@ -96,10 +101,11 @@ def _backward(dy, dsum, x, weight, mean, rstd, compute_dweight, compute_dbias, r
     row_groups = tiles.backward_row_groups(n_rows, tile, column_tiles, x.device)
     # One buffer for both partial sums, (2, row groups, n_cols): [0] dweight's, [1] dbias's. Never zero-filled: every
     # program stores its rows once. (Without either gradient nothing is stored there; rstd stands in.)
-    dweight_partial, dbias_partial = (torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device)
-                                      if compute_dweight or compute_dbias else (rstd, rstd))
+    dweight_partial, dbias_partial = (
+        torch.empty((2, row_groups, n_cols), dtype=torch.float32, device=x.device).unbind()
+        if compute_dweight or compute_dbias else (rstd, rstd))
     common = dict(DY=dy, X=x, WEIGHT=weight if weight is not None else x, MEAN=mean if mean is not None else rstd,
-                  RSTD=rstd, stride_x=x.stride(0), n_rows=n_rows, n_cols=n_cols, offset=offset,
+                  RSTD=rstd, stride_x=stride_x, n_rows=n_rows, n_cols=n_cols, offset=offset,
                   HAS_WEIGHT=weight is not None, RMS=rms, ROWS=tile.rows, BLOCK_N=tile.block_n,
                   num_warps=tile.num_warps, **BACKWARD_COMPILE_OPTIONS)
     gradients = dict(DSUM=dsum if dsum is not None else dy, DX=dx, DX_KEPT=dx_kept if dx_kept is not None else dx,

@@ -123,9 +123,15 @@ def launch_tile(direction, precision, n_cols, aligned):
 def operands_aligned(n_cols, *tensors):
     """Whether the launch compiles the kernels' aligned variant: Triton's JIT marks a pointer aligned when it is a
     multiple of 16 bytes and an integer when it is a multiple of 16, so every tensor's pointer and row stride (and
-    the width) must be. None stands for an absent tensor; the kernels' outputs are fresh and contiguous."""
-    return n_cols % 16 == 0 and all(t is None or (t.data_ptr() % 16 == 0 and (t.dim() == 1 or t.stride(0) % 16 == 0))
-                                    for t in tensors)
+    the width) must be. A tensor's row stride is its stride(-2) (the launchers pass contiguous tensors as they are,
+    others as (rows, width) views). None stands for an absent tensor; the kernels' outputs are fresh and
+    contiguous."""
+    if n_cols % 16:
+        return False
+    for t in tensors:  # a loop, not a generator: asked on every launch
+        if t is not None and (t.data_ptr() % 16 or (t.dim() > 1 and t.stride(-2) % 16)):
+            return False
+    return True
 
 
 def launch_keys():
