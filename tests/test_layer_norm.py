@@ -351,7 +351,8 @@ def _eager_add_layer_norm(x, residual, weight, bias):
 
 # (rows, width, row stride) of row-strided views x = base[:, :width] of a (rows, row stride) base. The strides are
 # not multiples of 16, so the launches take the misaligned tiles: 2000 is held on chip both ways, 9000 is wider
-# than both misaligned limits (streamed forward with a ragged last chunk, two-pass backward). Several rows, so
+# than the misaligned backward's limit (two passes) and the 16-bit forward's (streamed, with a ragged last chunk;
+# an fp32 forward holds it on chip). Several rows, so
 # that reading at the width instead of the stride reads the wrong rows.
 STRIDED_WIDE_ROWS = [(12, 2000, 2500), (5, 9000, 9300)]
 

@@ -92,7 +92,7 @@ WIDTHS = [
     (4096, "one row per tile"),
     (8192, "the backward's on-chip limit"),
     (8208, "one past it: backward streamed, the last of five column tiles 16 wide"),
-    (8200, "misaligned: forward and backward streamed"),
+    (8200, "misaligned: the backward streamed, and the 16-bit forward (fp32's is held on chip)"),
     (16384, "forward on-chip limit"),
     (16400, "one past it: forward streamed, its 16-wide last chunk held; backward in nine column tiles"),
 ]

@@ -32,13 +32,14 @@ Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
 # The widest row each direction holds in registers, per precision and operand alignment. The backward holds more
 # per column (the weight and the dweight / dbias partial sums across all its rows, besides the row of x and dy)
 # than the forward (the weight and bias, besides the row). Misaligned operands are loaded element by element,
-# which costs registers: their rows stop one width earlier (the next one up spilled).
+# which costs registers: 16-bit ones and those with an fp32 sum stop one width earlier (the next one up spilled);
+# fp32 ones, loaded a 4-byte element at a time either way, reach the aligned limits.
 MAX_ON_CHIP_WIDTH = {
     ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
-    ("forward", "fp32", True): 16384, ("forward", "fp32", False): 8192,
+    ("forward", "fp32", True): 16384, ("forward", "fp32", False): 16384,
     ("forward", "mixed", True): 8192, ("forward", "mixed", False): 8192,
     ("backward", "16bit", True): 8192, ("backward", "16bit", False): 4096,
-    ("backward", "fp32", True): 8192, ("backward", "fp32", False): 4096,
+    ("backward", "fp32", True): 8192, ("backward", "fp32", False): 8192,
     ("backward", "mixed", True): 2048, ("backward", "mixed", False): 512,  # 4096 (1024 misaligned) spilled
 }
 # What the grids are sized for under Triton's interpreter, which has no multiprocessors.
@@ -73,6 +74,8 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
         4096: Tile(1, 4096, 8, 3), 8192: Tile(1, 8192, 16, 1),
     }, _ON_CHIP_FORWARD),
     TileRule({"direction": "forward", "width": 16384, "aligned": True}, Tile(1, 16384, 32, 1), _ON_CHIP_FORWARD),
+    TileRule({"direction": "forward", "precision": "fp32", "width": 16384, "aligned": False}, Tile(1, 16384, 32, 1),
+             _ON_CHIP_FORWARD + " (16-bit misaligned rows spill here: they stop at 8192)"),
     TileRule({"direction": "forward", "width": "streamed", "aligned": True}, Tile(1, 8192, 16, 1),
              "wider than the registers hold: chunks of 8192, the last one held"),
     TileRule({"direction": "forward", "width": "streamed", "aligned": False}, Tile(1, 4096, 16, 1),
@@ -86,8 +89,8 @@ TABLE = TileTable("layer_norm", ("direction", "precision", "width", "aligned"), 
         4096: Tile(1, 4096, 16, 1),
     }, _ON_CHIP_BACKWARD),
     TileRule({"direction": "backward", "precision": "16bit", "width": 8192, "aligned": True}, Tile(1, 8192, 32, 1),
-             _ON_CHIP_BACKWARD),
-    TileRule({"direction": "backward", "precision": "fp32", "width": 8192, "aligned": True}, Tile(1, 8192, 16, 1),
+             _ON_CHIP_BACKWARD + " (misaligned rows spill here with dropout's mask: they stop at 4096)"),
+    TileRule({"direction": "backward", "precision": "fp32", "width": 8192}, Tile(1, 8192, 16, 1),
              _ON_CHIP_BACKWARD + " (32 warps spill here, with 64 registers a thread)"),
     TileRule({"direction": "backward", "width": "streamed"}, Tile(4, 2048, 16, 1),
              "two passes over column tiles of 2048, 4 rows at a time; partials held across the program's rows"),
