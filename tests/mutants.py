@@ -112,6 +112,8 @@ MUTANTS = [
            "lo=after_lo, hi=after_hi,\n                    BLOCK_M=DIAGONAL_ROWS, BLOCK_N=DIAGONAL_ROWS",
            "lo=after_lo, hi=after_hi,\n                    BLOCK_M=DIAGONAL_ROWS, BLOCK_N=BLOCK_N",
            ("tests/test_attention_tiles.py", "-k", "pieces")),
+    Mutant("head size 256's whole left edge blocks skipped", "kernels/attention/forward.py",
+           "lo=lo, hi=full_lo,", "lo=full_lo, hi=full_lo,", ("tests/test_attention.py", "-k", "256")),
     Mutant("partial key blocks loaded without bounds masks", "kernels/attention/ops.py",
            "self.n_q % block == 0 and self.n_k % block == 0", "self.n_q % block == 0",
            ("tests/test_attention_tiles.py", "-k", "bounds")),

@@ -37,6 +37,17 @@ def test_matches_reference_over_head_sizes(device, dtype, head_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_size_256_band_edges_run_as_whole_blocks(device, dtype):
+    """At head size 256 the forward runs the band's edges as whole masked blocks, not diagonal pieces
+    (band.forward_edges_in_pieces): a two-sided window over two blocks of queries and several of keys, with dropout,
+    where both edges and the blocks between them are visited."""
+    torch.manual_seed(256)
+    q, k, v = make_inputs(1, 2, 150, 150, 256, dtype, device)
+    keep = attention_dropout_mask(q, k, 0.2, seed=5)
+    check_against_reference(q, k, v, causal=False, window=(40, 10), keep=keep, dropout_p=0.2, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_custom_scale(device, dtype):
     torch.manual_seed(1)
     check_against_reference(*make_inputs(2, 1, 50, 50, 32, dtype, device), causal=True, scale=0.3)

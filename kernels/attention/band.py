@@ -16,6 +16,15 @@ import triton.language as tl
 DIAGONAL_ROWS = tl.constexpr(16)
 
 
+@triton.constexpr_function
+def forward_edges_in_pieces(block_d):
+    """Whether the forward runs the band's edges in diagonal pieces. At head size 256 its held accumulator takes
+    128 registers a thread, and a piece's copy of its rows and its operands beside it spill (with dropout on sm_90):
+    there the edge blocks run whole, masked, as the sequence's last partial block does. (The backward's programs
+    spill at head size 256 either way, and more with their edges whole.)"""
+    return block_d < 256
+
+
 @triton.jit
 def band_bounds(n_q, n_k, window_left, window_right):
     """(first, last): query i sees keys i + first <= j <= i + last, offset = Nk - Nq aligning the band

@@ -4,7 +4,8 @@ the dropout mask."""
 import triton
 import triton.language as tl
 
-from .band import DIAGONAL_ROWS, band_bounds, keys_seen_by_query_block, piece_edges, rows_of
+from .band import DIAGONAL_ROWS, band_bounds, forward_edges_in_pieces, keys_seen_by_query_block, piece_edges
+from .band import rows_of
 from .shared import (
     LOG2_E,
     attention_kernel,
@@ -88,13 +89,20 @@ def attention_forward_kernel(
         offs_d=offs_d, lo=full_lo, hi=full_hi, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, EVEN=EVEN,
         seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale, n_k=n_k, first=first, last=last,
         HEAD_DIM=HEAD_DIM, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT)
-    if not BOUNDED_RIGHT:  # the sequence's last partial block of keys, masked
+    pieces: tl.constexpr = (BOUNDED_LEFT or BOUNDED_RIGHT) and forward_edges_in_pieces(BLOCK_D)
+    if BOUNDED_LEFT and not pieces:  # the band's left edge, whole blocks masked
+        acc, l_i, m_i = online_softmax(
+            acc, l_i, m_i, q, K, V, stride_kn=stride_kn, stride_vn=stride_vn, offs_m=offs_m, start_m=start_m,
+            offs_d=offs_d, lo=lo, hi=full_lo, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
+            seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale, n_k=n_k, first=first, last=last,
+            HEAD_DIM=HEAD_DIM, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT)
+    if not (BOUNDED_RIGHT and pieces):  # the right edge whole (or the sequence's last partial block), masked
         acc, l_i, m_i = online_softmax(
             acc, l_i, m_i, q, K, V, stride_kn=stride_kn, stride_vn=stride_vn, offs_m=offs_m, start_m=start_m,
             offs_d=offs_d, lo=full_hi, hi=hi, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=True,
             seed=seed, bh=b * H + h, dropout_p=dropout_p, qk_scale=qk_scale, n_k=n_k, first=first, last=last,
             HEAD_DIM=HEAD_DIM, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT)
-    if not (BOUNDED_LEFT or BOUNDED_RIGHT):
+    if not pieces:
         _store_rows(O, LSE, acc, l_i, m_i, offs_m, n_q, stride_om, offs_d, HEAD_DIM)
     else:
         # The band's edges, piece by piece: DIAGONAL_ROWS rows at a time against their own edge keys, each piece

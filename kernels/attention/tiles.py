@@ -129,7 +129,12 @@ _BACKWARD = [
     _rule("fp32", 32, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 64, "backward", BackwardTile(32, 16, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart"),
-    _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart"),
+    _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart: "
+          "32 keys per dQ step spill past the allowance on sm_80", dropout=False, aligned=True),
+    _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart: "
+          "16 keys per dQ step spill past the allowance on sm_90", dropout=True, aligned=True),
+    _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart; "
+          "misaligned, every tile tried spills past the allowance", aligned=False),
 ]
 TABLE = TileTable("attention", FIELDS, _FORWARD + _BACKWARD)
 
