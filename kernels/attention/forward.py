@@ -4,8 +4,14 @@ the dropout mask."""
 import triton
 import triton.language as tl
 
-from .band import DIAGONAL_ROWS, band_bounds, forward_edges_in_pieces, keys_seen_by_query_block, piece_edges
-from .band import rows_of
+from .band import (
+    DIAGONAL_ROWS,
+    band_bounds,
+    forward_edges_in_pieces,
+    keys_seen_by_query_block,
+    piece_edges,
+    rows_of,
+)
 from .shared import (
     LOG2_E,
     attention_kernel,
