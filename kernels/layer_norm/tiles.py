@@ -13,8 +13,9 @@ and the persistent grids.
 
 A tile is (rows, block_n, num_warps, programs_per_sm): rows per register tile (for partials_sum: partial rows
 loaded per step), columns per tile (a streamed row's chunk, or column tile), warps, and the programs of the
-persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills for the
-alignments that reach it (the compile report, which also shows the next width up spilling past each on-chip limit).
+persistent grid per multiprocessor. Every tile compiles for sm_90 and sm_80 without register spills (fp32: within
+the compile report's fp32 allowance) for the alignments that reach it (the compile report, which also shows the
+next width up spilling past each on-chip limit).
 """
 
 import functools
@@ -33,7 +34,8 @@ Tile = namedtuple("Tile", "rows block_n num_warps programs_per_sm")
 # per column (the weight and the dweight / dbias partial sums across all its rows, besides the row of x and dy)
 # than the forward (the weight and bias, besides the row). Misaligned operands are loaded element by element,
 # which costs registers: 16-bit ones and those with an fp32 sum stop one width earlier (the next one up spilled);
-# fp32 ones, loaded a 4-byte element at a time either way, reach the aligned limits.
+# fp32 ones, loaded a 4-byte element at a time either way, reach the aligned limits, spilling at most 64 B there
+# as the aligned fp32 rows do (within the compile report's fp32 allowance).
 MAX_ON_CHIP_WIDTH = {
     ("forward", "16bit", True): 16384, ("forward", "16bit", False): 8192,
     ("forward", "fp32", True): 16384, ("forward", "fp32", False): 16384,
