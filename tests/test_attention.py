@@ -13,6 +13,8 @@ from conftest import DEVICE, DTYPES, gpu_only_determinism
 
 import kernels
 from kernels import attention, attention_dropout_mask
+from kernels.attention import tiles
+from kernels.attention.tiles import BackwardTile
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations", "gpu_tiles")
 
@@ -45,6 +47,21 @@ def test_head_size_256_band_edges_run_as_whole_blocks(device, dtype):
     q, k, v = make_inputs(1, 2, 150, 150, 256, dtype, device)
     keep = attention_dropout_mask(q, k, 0.2, seed=5)
     check_against_reference(q, k, v, causal=False, window=(40, 10), keep=keep, dropout_p=0.2, seed=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_size", [200, 256])
+def test_dk_and_dv_in_column_slices_of_the_head(device, dtype, head_size):
+    """Where one whole-head accumulator does not fit (head size 256 on sm_90), the key programs compute dK and dV
+    in column slices of the head, each recomputing P and dP over the whole head (tiles.head_slices): apart and
+    together, with grouped-query heads, the causal band and dropout. At head size 200 the last slice is partly
+    padding."""
+    torch.manual_seed(head_size)
+    q, k, v = make_inputs(1, 4, 100, 100, head_size, dtype, device, kv_heads=2)
+    keep = attention_dropout_mask(q, k, 0.2, seed=7)
+    for tile in (BackwardTile(16, 32, 32, 16, 4, 1, True, 4), BackwardTile(32, 16, 16, 32, 4, 1, False, 2)):
+        with tiles.override(tile, kernel="backward"):
+            check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.2, seed=7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

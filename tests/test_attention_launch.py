@@ -18,7 +18,7 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
     entries = configs.attention_configs()
     assert len({e["name"] for e in entries}) == len(entries)
     mask_names = ("BOUNDED_LEFT", "BOUNDED_RIGHT", "VARLEN", "EVEN")
-    block_names = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "DK_DV_APART")
+    block_names = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "DK_DV_APART", "HEAD_SLICES")
     shipped = set()
     for e in entries:
         assert set(e["signature"]) == set(e["kernel"].arg_names), e["name"]
@@ -39,7 +39,7 @@ def test_every_launch_the_table_can_make_is_compiled_by_the_report():
                 for name in kernel_of:
                     tile = tiles.table_tile(name, head_dim, dtype, dropout, arch, aligned)
                     blocks = dict(zip(("BLOCK_M", "BLOCK_N"), tile[:2])) if name == "forward" else \
-                        dict(zip(block_names[2:], (*tile[:4], tile.dk_dv_apart)))
+                        dict(zip(block_names[2:], (*tile[:4], tile.dk_dv_apart, tiles.head_slices(tile, head_dim))))
                     key = (kernel_of[name], configs.POINTER_TYPES[str(dtype).removeprefix("torch.")], block_d,
                            *(blocks.get(block) for block in block_names), dropout,
                            *(mask[name] for name in mask_names), tile.num_warps, tile.num_stages, arch, aligned)

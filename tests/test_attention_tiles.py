@@ -21,7 +21,8 @@ SHAPE_IDS = [f"{launch}-{'-'.join(map(str, tile))}" for launch, tile in SHAPES]
 BLOCK_ARGUMENTS = {
     "forward": ("attention_forward_kernel", {"BLOCK_M": "block_m", "BLOCK_N": "block_n"}),
     "backward": ("attention_backward_kernel", {"BLOCK_M1": "block_m1", "BLOCK_N1": "block_n1", "BLOCK_M2": "block_m2",
-                                               "BLOCK_N2": "block_n2", "DK_DV_APART": "dk_dv_apart"}),
+                                               "BLOCK_N2": "block_n2", "DK_DV_APART": "dk_dv_apart",
+                                               "HEAD_SLICES": "head_slices"}),
     "decode": ("decode_split_kernel", {"BLOCK_R": "block_m", "BLOCK_N": "block_n"}),
     "dropout_mask": ("dropout_mask_kernel", {"BLOCK_M": "block_m", "BLOCK_N": "block_n"}),
 }
@@ -57,7 +58,7 @@ def _run_attention(device):
     mask. The window, 111 keys wide, holds whole blocks of 64 keys or queries beside its edges, so its unmasked
     ranges are not empty at the shapes whose rounding matters (BLOCK_M against BLOCK_N)."""
     torch.manual_seed(20)
-    q, k, v = make_inputs(1, 4, 150, 150, 32, torch.float32, device, kv_heads=2)
+    q, k, v = make_inputs(1, 4, 150, 150, 64, torch.float32, device, kv_heads=2)
     keep = attention_dropout_mask(q, k, 0.2, seed=3)
     check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.2, seed=3)
     check_against_reference(q, k, v, causal=False, window=(90, 20))
@@ -81,16 +82,16 @@ def test_every_shipped_tile_shape_computes_the_reference_on_cpu(device, launches
 
 
 def test_the_backward_launch_is_key_programs_then_query_programs(device, launches):
-    """One launch for dK, dV and dQ: cdiv(Nk, block_n1) * B * H_KV key programs (twice that with dK and dV apart),
-    then cdiv(Nq, block_m2) * B * H query programs."""
+    """One launch for dK, dV and dQ: cdiv(Nk, block_n1) * B * H_KV key programs (twice that with dK and dV apart,
+    times the head's column slices), then cdiv(Nq, block_m2) * B * H query programs."""
     torch.manual_seed(21)
-    q, k, v = make_inputs(2, 6, 70, 50, 16, torch.float32, device, kv_heads=2)
+    q, k, v = make_inputs(2, 6, 70, 50, 64, torch.float32, device, kv_heads=2)
     for tile in shipped_shapes()["backward"]:
         launches.clear()
         with forced({"backward": tile}):
             attention(q, k, v, causal=True).sum().backward()
         (grid,) = [grid for kernel, grid, _ in launches if kernel == "attention_backward_kernel"]
-        key_programs = -(-50 // tile.block_n1) * 2 * 2 * (2 if tile.dk_dv_apart else 1)
+        key_programs = -(-50 // tile.block_n1) * 2 * 2 * (2 if tile.dk_dv_apart else 1) * tile.head_slices
         assert grid == (key_programs + -(-70 // tile.block_m2) * 2 * 6,), tile
 
 

@@ -36,14 +36,14 @@ def _distinct(tiles, blocks):
 def shipped_shapes():
     """{launch: [tile, ...]}: every distinct block shape each launch's table ships. "forward" and "decode": Tile
     (block_m, block_n); "backward": BackwardTile (its key programs' block_m1 x block_n1, its query programs' block_m2
-    x block_n2, dK and dV apart or not); "dropout_mask": Tile."""
+    x block_n2, dK and dV apart or not, in column slices or not); "dropout_mask": Tile."""
     def of(table, kernel=None):
         return [rule.tile for rule in table.rules if kernel is None or rule.match.get("kernel") == kernel]
 
     return {
         "forward": _distinct(of(attention_tiles.TABLE, "forward"), ("block_m", "block_n")),
         "backward": _distinct(of(attention_tiles.TABLE, "backward"),
-                              ("block_m1", "block_n1", "block_m2", "block_n2", "dk_dv_apart")),
+                              ("block_m1", "block_n1", "block_m2", "block_n2", "dk_dv_apart", "head_slices")),
         "decode": _distinct(of(decode_tiles.TABLE), ("block_m", "block_n")),
         "dropout_mask": _distinct(of(attention_tiles.DROPOUT_MASK_TABLE), ("block_m", "block_n")),
     }

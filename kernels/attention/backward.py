@@ -3,7 +3,9 @@ its programs split as FlexAttention's backward splits them. The first programs e
 key/value head and compute its dK and dV, looping over the query heads of its group (grouped-query attention sums
 the group in the program, in a fixed order); the others each own a block of queries of one query head and compute
 its dQ. Each program writes only its own rows: no atomics, deterministic. Both kinds recompute P from the forward's
-LSE; together they run 7 matrix products per (query block, key block) pair, 4 for dK/dV and 3 for dQ.
+LSE; together they run 7 matrix products per (query block, key block) pair, 4 for dK/dV and 3 for dQ. Where the
+tile puts dK and dV in programs of their own, or splits them into column slices of the head, each such program
+recomputes P (and dP) itself.
 
 Per program, as in the forward (band.py): the blocks every held row sees run whole without mask arithmetic (and,
 when every block is whole, without bounds masks); the band's edges run in diagonal pieces.
@@ -63,12 +65,12 @@ def attention_backward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr,
-    DK_DV_APART: tl.constexpr,
+    DK_DV_APART: tl.constexpr, HEAD_SLICES: tl.constexpr,
 ):
     """dK, dV and dQ. Grid: (key programs + cdiv(N_Q, BLOCK_M2) * B * H,), key programs being
-    cdiv(N_K, BLOCK_N1) * B * H_KV, twice that with DK_DV_APART. They come first: with grouped-query heads they
-    are the longest, and under a causal band the first key blocks see the most queries; the query blocks come
-    last first (the most keys first).
+    cdiv(N_K, BLOCK_N1) * B * H_KV times HEAD_SLICES, twice that with DK_DV_APART. They come first: with
+    grouped-query heads they are the longest, and under a causal band the first key blocks see the most queries;
+    the query blocks come last first (the most keys first).
 
     DO: the gradient of the output, laid out like Q. DQ, DK, DV: the gradients, laid out like Q, K, V, written
     here in the input dtype. DELTA: fp32 from the preprocess kernel, laid out like LSE. B: the batch.
@@ -77,30 +79,37 @@ def attention_backward_kernel(
     EVEN: dense, and N_Q and N_K are multiples of every block: no streamed block is partial.
     DK_DV_APART: dK and dV by separate programs (first the dK ones), each recomputing P, where their two fp32
     accumulators do not fit in registers together.
+    HEAD_SLICES: dK and dV split into this many column slices of BLOCK_D // HEAD_SLICES, each by programs of its
+    own that recompute P (and dP) over the whole head, where even one whole-head accumulator does not fit (head
+    size 256: a wgmma accumulator holds 64 rows per warpgroup).
     The other arguments mean what they mean in the forward kernel.
     """
     pid = tl.program_id(0)
     key_programs = tl.cdiv(N_K, BLOCK_N1) * B * H_KV
-    if pid < key_programs:
+    # Key programs in roles of key_programs each: dK (and dV unless apart) of every column slice, then with
+    # DK_DV_APART dV of every slice
+    role = pid // key_programs
+    first_column = (role % HEAD_SLICES) * (BLOCK_D // HEAD_SLICES)
+    if role < HEAD_SLICES:
         key_block_program(
-            pid, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+            pid % key_programs, first_column, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, stride_lb, stride_lh, H, H_KV, N_Q, N_K, scale, dropout_p, window_left, window_right,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, VARLEN, ALIGNED, EVEN,
-            COMPUTE_DK=True, COMPUTE_DV=not DK_DV_APART)
-    elif DK_DV_APART and pid < 2 * key_programs:
+            HEAD_DIM, BLOCK_D, BLOCK_D // HEAD_SLICES, BLOCK_M1, BLOCK_N1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT,
+            VARLEN, ALIGNED, EVEN, COMPUTE_DK=True, COMPUTE_DV=not DK_DV_APART)
+    elif DK_DV_APART and role < 2 * HEAD_SLICES:
         key_block_program(
-            pid - key_programs, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+            pid % key_programs, first_column, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
             stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
             stride_dvn, stride_lb, stride_lh, H, H_KV, N_Q, N_K, scale, dropout_p, window_left, window_right,
-            HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, VARLEN, ALIGNED, EVEN,
-            COMPUTE_DK=False, COMPUTE_DV=True)
+            HEAD_DIM, BLOCK_D, BLOCK_D // HEAD_SLICES, BLOCK_M1, BLOCK_N1, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT,
+            VARLEN, ALIGNED, EVEN, COMPUTE_DK=False, COMPUTE_DV=True)
     else:
         query_block_program(
-            pid - key_programs * (2 if DK_DV_APART else 1), Q, K, V, DO, DQ, LSE, DELTA, SEED, CU_SEQLENS_Q,
-            CU_SEQLENS_K, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-            stride_vn, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_lb, stride_lh,
-            H, H_KV, N_Q, N_K, scale, dropout_p, window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2,
-            BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, VARLEN, ALIGNED, EVEN)
+            pid - key_programs * HEAD_SLICES * (2 if DK_DV_APART else 1), Q, K, V, DO, DQ, LSE, DELTA, SEED,
+            CU_SEQLENS_Q, CU_SEQLENS_K, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb,
+            stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm, stride_lb,
+            stride_lh, H, H_KV, N_Q, N_K, scale, dropout_p, window_left, window_right, HEAD_DIM, BLOCK_D, BLOCK_M2,
+            BLOCK_N2, BOUNDED_LEFT, BOUNDED_RIGHT, DROPOUT, VARLEN, ALIGNED, EVEN)

@@ -25,19 +25,20 @@ from .shared import (
 
 @triton.jit
 def _key_block_steps(
-    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, start_n, offs_d, seed, bh, dropout_p, qk_scale, lo, hi,
-    n_q, n_k, first, last, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, start_n, offs_d, offs_slice, seed, bh, dropout_p,
+    qk_scale, lo, hi, n_q, n_k, first, last, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, EVEN: tl.constexpr,
     BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_DK: tl.constexpr,
     COMPUTE_DV: tl.constexpr,
 ):
     """Accumulate dK and/or dV of the BLOCK_N held keys from start_n (k, v) over query blocks [lo, hi) of one query
-    head, BLOCK_M queries per step. Works on transposed tiles (keys x queries) so the accumulations are plain
-    matrix products. MASKED applies the band; rows past the sequence's end read q = dO = 0 and LSE = +inf, so they
-    add nothing even unmasked."""
+    head, BLOCK_M queries per step, in the head's columns offs_slice (all of offs_d, or a slice of them). Works on
+    transposed tiles (keys x queries) so the accumulations are plain matrix products. MASKED applies the band; rows
+    past the sequence's end read q = dO = 0 and LSE = +inf, so they add nothing even unmasked."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     dropout_scale = 1.0 / (1.0 - dropout_p)
+    SLICED: tl.constexpr = offs_slice.shape[0] < offs_d.shape[0]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         # the statistics first, so their loads are in flight during the first product
@@ -47,7 +48,8 @@ def _key_block_steps(
         else:
             lse = tl.load(LSE + offs_m, mask=offs_m < n_q, other=float("inf"))
             delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
-        q = load_tile(Q, offs_m, n_q, stride_qm, offs_d, HEAD_DIM, EVEN=EVEN and not MASKED)
+        even = EVEN and not MASKED
+        q = load_tile(Q, offs_m, n_q, stride_qm, offs_d, HEAD_DIM, EVEN=even)
         # P^T = 2^(s^T - LSE): the forward's probabilities, recomputed (scale and log2(e) in one FMA per score)
         qk_t = tl.dot(fresh_each_step(k, start_m), tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
@@ -55,7 +57,8 @@ def _key_block_steps(
             seen = visible(query_idx=offs_m[None, :], key_idx=offs_n[:, None], n_k=n_k, first=first, last=last,
                            BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT)
             p_t = tl.where(seen, p_t, 0.0)
-        do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM, EVEN=EVEN and not MASKED)
+        if COMPUTE_DK or not SLICED:  # dP needs the whole of dO
+            do = load_tile(DO, offs_m, n_q, stride_dom, offs_d, HEAD_DIM, EVEN=even)
         if DROPOUT:
             keep = tl.trans(dropout_keep(seed=seed, bh=bh, first_query=start_m, first_key=start_n, n_k=n_k,
                                          dropout_p=dropout_p, BLOCK_Q=BLOCK_M, BLOCK_K=BLOCK_N))
@@ -64,7 +67,11 @@ def _key_block_steps(
             p_dropped_t = p_t
             if DROPOUT:
                 p_dropped_t = tl.where(keep, p_t * dropout_scale, 0.0)
-            dv = tl.dot(p_dropped_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            if SLICED:
+                do_slice = load_tile(DO, offs_m, n_q, stride_dom, offs_slice, HEAD_DIM, EVEN=even)
+            else:
+                do_slice = do
+            dv = tl.dot(p_dropped_t.to(do_slice.dtype), do_slice, dv, input_precision=DOT_PRECISION)
         if COMPUTE_DK:
             # dP^T = V dO^T, the gradient of the dropped probabilities
             dp_t = tl.dot(fresh_each_step(v, start_m), tl.trans(do), input_precision=DOT_PRECISION)
@@ -72,7 +79,11 @@ def _key_block_steps(
                 dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
             # dS^T = P^T * (dP^T - delta); dK += dS^T Q (times the scale, applied once at the end)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            if SLICED:
+                q_slice = load_tile(Q, offs_m, n_q, stride_qm, offs_slice, HEAD_DIM, EVEN=even)
+            else:
+                q_slice = q
+            dk = tl.dot(ds_t.to(q_slice.dtype), q_slice, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -89,16 +100,18 @@ def _query_head_operands(b, h, q_start, Q, DO, LSE, DELTA, stride_qb, stride_qh,
 
 @triton.jit
 def key_block_program(
-    pid, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+    pid, first_column, Q, K, V, DO, DK, DV, LSE, DELTA, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, H, H_KV, N_Q, N_K, scale, dropout_p, window_left, window_right,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
-    ALIGNED: tl.constexpr, EVEN: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SLICE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BOUNDED_LEFT: tl.constexpr, BOUNDED_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, ALIGNED: tl.constexpr, EVEN: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    COMPUTE_DV: tl.constexpr,
 ):
     """dK and/or dV of one block of BLOCK_N keys of one (batch, key/value head), summed over the query heads of
-    its group, streaming BLOCK_M queries per step."""
+    its group, streaming BLOCK_M queries per step: BLOCK_SLICE of the head's columns from first_column (all
+    BLOCK_D of them, or a slice)."""
     block, b, kv_head = program_coordinates(pid, N_K, H_KV, BLOCK_N)
     q_start, n_q = sequence_of(b, CU_SEQLENS_Q, N_Q, VARLEN)
     k_start, n_k = sequence_of(b, CU_SEQLENS_K, N_K, VARLEN)
@@ -114,6 +127,7 @@ def key_block_program(
         qk_scale = scale * LOG2_E
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
+        offs_slice = tl.multiple_of(first_column, BLOCK_SLICE) + tl.arange(0, BLOCK_SLICE)
         # The queries that see this key block, in three ranges: the band's right edge (the causal diagonal), those
         # that see it whole, its left edge (only with a left bound)
         lo, full_lo, full_hi, hi = queries_seeing_key_block(
@@ -123,15 +137,15 @@ def key_block_program(
         # The whole block against the queries that see all of it, head by head of the group
         k = load_tile(K, offs_n, n_k, stride_kn, offs_d, HEAD_DIM)
         v = load_tile(V, offs_n, n_k, stride_vn, offs_d, HEAD_DIM)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_SLICE], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_SLICE], dtype=tl.float32)
         for g in range(group):
             h = kv_head * group + g
             Q_h, stride_qm_h, DO_h, stride_dom_h, LSE_h, DELTA_h = _query_head_operands(
                 b, h, q_start, Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
                 stride_dom, stride_lb, stride_lh, ALIGNED)
             dk, dv = _key_block_steps(
-                dk, dv, k, v, Q_h, DO_h, LSE_h, DELTA_h, stride_qm_h, stride_dom_h, start_n, offs_d, seed,
+                dk, dv, k, v, Q_h, DO_h, LSE_h, DELTA_h, stride_qm_h, stride_dom_h, start_n, offs_d, offs_slice, seed,
                 b * H + h, dropout_p, qk_scale, full_lo, full_hi, n_q, n_k, first, last, HEAD_DIM=HEAD_DIM,
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASKED=False, EVEN=EVEN, BOUNDED_LEFT=BOUNDED_LEFT,
                 BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT, COMPUTE_DK=COMPUTE_DK, COMPUTE_DV=COMPUTE_DV)
@@ -157,34 +171,34 @@ def key_block_program(
                     if BOUNDED_RIGHT:
                         dk_piece, dv_piece = _key_block_steps(
                             dk_piece, dv_piece, k_piece, v_piece, Q_h, DO_h, LSE_h, DELTA_h, stride_qm_h,
-                            stride_dom_h, piece_n, offs_d, seed, b * H + h, dropout_p, qk_scale, before_lo, before_hi,
-                            n_q, n_k, first, last, HEAD_DIM=HEAD_DIM, BLOCK_M=DIAGONAL_ROWS,
+                            stride_dom_h, piece_n, offs_d, offs_slice, seed, b * H + h, dropout_p, qk_scale,
+                            before_lo, before_hi, n_q, n_k, first, last, HEAD_DIM=HEAD_DIM, BLOCK_M=DIAGONAL_ROWS,
                             BLOCK_N=DIAGONAL_ROWS, MASKED=True,
                             EVEN=EVEN, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT,
                             COMPUTE_DK=COMPUTE_DK, COMPUTE_DV=COMPUTE_DV)
                     if BOUNDED_LEFT:
                         dk_piece, dv_piece = _key_block_steps(
                             dk_piece, dv_piece, k_piece, v_piece, Q_h, DO_h, LSE_h, DELTA_h, stride_qm_h,
-                            stride_dom_h, piece_n, offs_d, seed, b * H + h, dropout_p, qk_scale, after_lo, after_hi,
-                            n_q, n_k, first, last, HEAD_DIM=HEAD_DIM, BLOCK_M=DIAGONAL_ROWS,
+                            stride_dom_h, piece_n, offs_d, offs_slice, seed, b * H + h, dropout_p, qk_scale,
+                            after_lo, after_hi, n_q, n_k, first, last, HEAD_DIM=HEAD_DIM, BLOCK_M=DIAGONAL_ROWS,
                             BLOCK_N=DIAGONAL_ROWS, MASKED=True,
                             EVEN=EVEN, BOUNDED_LEFT=BOUNDED_LEFT, BOUNDED_RIGHT=BOUNDED_RIGHT, DROPOUT=DROPOUT,
                             COMPUTE_DK=COMPUTE_DK, COMPUTE_DV=COMPUTE_DV)
-                _store_key_rows(DK, DV, dk_piece, dv_piece, scale, rows, n_k, stride_dkn, stride_dvn, offs_d,
+                _store_key_rows(DK, DV, dk_piece, dv_piece, scale, rows, n_k, stride_dkn, stride_dvn, offs_slice,
                                 HEAD_DIM, COMPUTE_DK, COMPUTE_DV)
         else:
-            _store_key_rows(DK, DV, dk, dv, scale, offs_n, n_k, stride_dkn, stride_dvn, offs_d, HEAD_DIM, COMPUTE_DK,
-                            COMPUTE_DV)
+            _store_key_rows(DK, DV, dk, dv, scale, offs_n, n_k, stride_dkn, stride_dvn, offs_slice, HEAD_DIM,
+                            COMPUTE_DK, COMPUTE_DV)
 
 
 @triton.jit
-def _store_key_rows(DK, DV, dk, dv, scale, rows, n_k, stride_dkn, stride_dvn, offs_d, HEAD_DIM: tl.constexpr,
+def _store_key_rows(DK, DV, dk, dv, scale, rows, n_k, stride_dkn, stride_dvn, cols, HEAD_DIM: tl.constexpr,
                     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr):
-    """Write the key rows `rows` of dK (times the scale of S = scale * Q K^T, applied once) and/or dV."""
+    """Write the (rows, cols) tile of dK (times the scale of S = scale * Q K^T, applied once) and/or dV."""
     if COMPUTE_DK:
-        store_tile(DK, dk * scale, rows, n_k, stride_dkn, offs_d, HEAD_DIM)
+        store_tile(DK, dk * scale, rows, n_k, stride_dkn, cols, HEAD_DIM)
     if COMPUTE_DV:
-        store_tile(DV, dv, rows, n_k, stride_dvn, offs_d, HEAD_DIM)
+        store_tile(DV, dv, rows, n_k, stride_dvn, cols, HEAD_DIM)
 
 
 @triton.jit

@@ -180,7 +180,9 @@ def _backward(
     aligned = operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
     delta = torch.empty_like(lse)
     tile = tiles.launch_tile("backward", launch.head_dim, q.dtype, dropout, q.device, aligned)
-    key_programs = launch.grid(launch.n_k, launch.kv_heads, tile.block_n1)[0] * (2 if tile.dk_dv_apart else 1)
+    head_slices = tiles.head_slices(tile, launch.head_dim)
+    key_programs = launch.grid(launch.n_k, launch.kv_heads, tile.block_n1)[0] * head_slices * \
+        (2 if tile.dk_dv_apart else 1)
     query_programs = launch.grid(launch.n_q, launch.heads, tile.block_m2)[0]
     with launch_device(q):
         # 1. delta = rowsum(dO * O)
@@ -201,7 +203,7 @@ def _backward(
             **launch.arguments, B=launch.batch, scale=scale, dropout_p=dropout_p, BLOCK_M1=tile.block_m1,
             BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2, BLOCK_N2=tile.block_n2, DROPOUT=dropout,
             ALIGNED=aligned, EVEN=launch.even(tile.block_m1, tile.block_n1, tile.block_m2, tile.block_n2),
-            DK_DV_APART=tile.dk_dv_apart, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            DK_DV_APART=tile.dk_dv_apart, HEAD_SLICES=head_slices, num_warps=tile.num_warps, num_stages=tile.num_stages,
             **launch.constexprs,
         )
     return dq, dk, dv

@@ -5,7 +5,8 @@ kernel's rows; and the dropout-mask kernel's block.
 The forward holds BLOCK_M queries per program and streams BLOCK_N keys per step. The backward launch's key
 programs hold block_n1 keys and stream block_m1 queries; its query programs hold block_m2 queries and stream
 block_n2 keys; dK and dV are computed by the same program, or where their two fp32 accumulators do not fit
-together by programs of their own (dk_dv_apart). Every tile the table can give is compiled for each architecture
+together by programs of their own (dk_dv_apart), and where even one whole-head accumulator does not fit, in
+head_slices column slices of the head by programs of their own. Every tile the table can give is compiled for each architecture
 in kernels._gpu.CHECKED_ARCHS, aligned and not, by the compile report (python -m tools.tiles.report), which fails
 on spills (fp32: beyond a few words), excess shared memory or, on sm_90, matrix products that miss wgmma or repeat
 work across warpgroups; tools.tiles.search finds a clean replacement for a tile that fails.
@@ -24,7 +25,8 @@ from .._library import next_power_of_2
 from .._tiles import TileRule, TileTable
 
 Tile = namedtuple("Tile", "block_m block_n num_warps num_stages")
-BackwardTile = namedtuple("BackwardTile", "block_m1 block_n1 block_m2 block_n2 num_warps num_stages dk_dv_apart")
+BackwardTile = namedtuple("BackwardTile", "block_m1 block_n1 block_m2 block_n2 num_warps num_stages dk_dv_apart "
+                          "head_slices", defaults=(1,))
 
 MAX_HEAD_SIZE = 256
 # What the launch tiles are keyed by. arch: 90 for sm_90, 80 for every other architecture (the general tiles).
@@ -117,14 +119,21 @@ _BACKWARD = [
           "spill-free tile", arch=80, aligned=True),
     _rule("16bit", 128, "backward", BackwardTile(16, 64, 64, 32, 8, 2, True), "misaligned, dK and dV apart: the "
           "largest spill-free tile", arch=80, aligned=False),
-    _rule("16bit", 256, "backward", BackwardTile(32, 128, 128, 16, 8, 2, True), "wgmma, dK and dV apart",
+    # Head size 256 on sm_90: a key program's whole-head wgmma accumulator is 128 registers per thread, so dK and
+    # dV are apart and in column slices of the head.
+    _rule("16bit", 256, "backward", BackwardTile(32, 128, 128, 16, 8, 2, True, 2), "wgmma, dK and dV apart, "
+          "each in two column slices: whole-head accumulators spill 344 B under the windowed packed mask",
           dropout=False, arch=90, aligned=True),
-    _rule("16bit", 256, "backward", BackwardTile(16, 128, 128, 16, 8, 2, True), "wgmma, dK and dV apart; "
-          "dropout: 32 queries per step spill", dropout=True, arch=90, aligned=True),
+    _rule("16bit", 256, "backward", BackwardTile(16, 128, 128, 32, 8, 2, True, 4), "wgmma, dK and dV apart, "
+          "each in four column slices: with dropout's random numbers two slices spill 120 B under the windowed "
+          "packed mask, and four spill 8 B streaming 16 keys per dQ step", dropout=True, arch=90, aligned=True),
     _rule("16bit", 256, "backward", BackwardTile(16, 32, 16, 32, 8, 1, True), "dK and dV apart: the largest "
           "spill-free tile", arch=80, aligned=True),
     _rule("16bit", 256, "backward", BackwardTile(16, 32, 16, 32, 8, 1, True), "misaligned, dK and dV apart: no "
-          "wgmma tile fits", aligned=False),
+          "wgmma tile fits", dropout=False, aligned=False),
+    _rule("16bit", 256, "backward", BackwardTile(16, 32, 32, 32, 8, 1, True, 4), "misaligned with dropout, dK and "
+          "dV apart, each in four column slices: whole-head accumulators spill up to 132 B, two slices 24 B",
+          dropout=True, aligned=False),
     _rule("fp32", 16, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 32, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 64, "backward", BackwardTile(32, 16, 32, 32, 8, 1, False), "fp32 operands"),
@@ -148,6 +157,12 @@ DROPOUT_MASK_TABLE = TileTable("dropout mask", ("arch",), [
 def block_d(head_dim):
     """The head size padded to a power of two, at least 16 (the smallest tl.dot)."""
     return max(16, next_power_of_2(head_dim))
+
+
+def head_slices(tile, head_dim):
+    """The column slices a backward launch at `tile` splits dK and dV into at this head size: the tile's, but none
+    narrower than 16 columns (the smallest tl.dot), which only a tile forced onto a small head would ask for."""
+    return min(tile.head_slices, block_d(head_dim) // 16)
 
 
 def precision(dtype):

@@ -188,10 +188,12 @@ def preprocess_config(dtype_name, head_dim, varlen, aligned):
 
 def tile_name(tile):
     """A tile as a config name ends: BLOCK_M x BLOCK_N (the backward's key programs' block_m1 x block_n1, then its
-    query programs' block_m2 x block_n2, "apart" where dK and dV have programs of their own), warps and stages."""
+    query programs' block_m2 x block_n2, "apart" where dK and dV have programs of their own, "Nslices" where the
+    head's columns are split among N), warps and stages."""
     if hasattr(tile, "block_n1"):
         apart = "_apart" if tile.dk_dv_apart else ""
-        blocks = f"{tile.block_m1}x{tile.block_n1}_{tile.block_m2}x{tile.block_n2}{apart}"
+        sliced = f"_{tile.head_slices}slices" if tile.head_slices > 1 else ""
+        blocks = f"{tile.block_m1}x{tile.block_n1}_{tile.block_m2}x{tile.block_n2}{apart}{sliced}"
     else:
         blocks = f"{tile.block_m}x{tile.block_n}"
     return f"{blocks}w{tile.num_warps}s{tile.num_stages}"
@@ -219,7 +221,7 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
     else:
         kernel = backward.attention_backward_kernel
         constexprs.update(BLOCK_M1=tile.block_m1, BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2,
-                          BLOCK_N2=tile.block_n2, DK_DV_APART=tile.dk_dv_apart)
+                          BLOCK_N2=tile.block_n2, DK_DV_APART=tile.dk_dv_apart, HEAD_SLICES=tile.head_slices)
     name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}_d{head_dim}"
             f"_{tile_name(tile)}_{operands_name(aligned)}")
     key = ("attention", dtype_name, head_dim, kernel_name, mask_name, dropout, tile, aligned, tuple(archs))

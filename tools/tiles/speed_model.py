@@ -117,9 +117,11 @@ def kernel_loops(kernel, tile, head_dim):
     if kernel == "forward":
         return [(2 * tile.block_m * tile.block_n * head_dim, tile.block_m * tile.block_n)]
     key_pairs, query_pairs = tile.block_m1 * tile.block_n1, tile.block_m2 * tile.block_n2
-    key_loops = [(3 * key_pairs * head_dim, key_pairs), (2 * key_pairs * head_dim, key_pairs)] \
-        if tile.dk_dv_apart else [(4 * key_pairs * head_dim, key_pairs)]
-    return key_loops + [(3 * query_pairs * head_dim, query_pairs)]
+    # P and dP over the whole head, dK and dV over a slice of its columns, once per slice
+    slice_dim = head_dim // tile.head_slices
+    key_loops = [((2 * head_dim + slice_dim) * key_pairs, key_pairs), ((head_dim + slice_dim) * key_pairs, key_pairs)] \
+        if tile.dk_dv_apart else [((2 * head_dim + 2 * slice_dim) * key_pairs, key_pairs)]
+    return key_loops * tile.head_slices + [(3 * query_pairs * head_dim, query_pairs)]
 
 
 def kernel_clocks(sass, arch, kernel, tile, head_dim):
