@@ -9,23 +9,27 @@ from kernels.attention.tiles import BackwardTile, Tile
 
 def test_forward_candidates_are_no_larger_and_hold_the_most_rows_first():
     rejected = Tile(128, 32, 8, 3)
-    candidates = search.candidates("forward", rejected)
+    candidates = search.candidates("forward", rejected, 64)
     assert rejected not in candidates
     assert all(t.block_m * t.block_n <= rejected.block_m * rejected.block_n for t in candidates)
     assert candidates == sorted(candidates, key=lambda t: (-t.block_m, -t.block_n, -t.num_stages, -t.num_warps))
     assert candidates[0].block_m == 128
 
 
-def test_backward_candidates_are_no_larger_and_hold_the_most_rows_first_together_before_apart():
+def test_backward_candidates_are_no_larger_and_hold_the_most_rows_first_together_before_apart_unsliced_first():
     rejected = BackwardTile(64, 128, 128, 64, 8, 3, False)
-    candidates = search.candidates("backward", rejected)
+    candidates = search.candidates("backward", rejected, 64)
     assert rejected not in candidates
+    assert all(t.head_slices == 1 for t in candidates)  # column slices are for head size 256 alone
     assert all(t.block_m1 * t.block_n1 <= 64 * 128 and t.block_m2 * t.block_n2 <= 128 * 64 for t in candidates)
     held = [min(t.block_n1, t.block_m2) for t in candidates]
     assert held == sorted(held, reverse=True) and held[0] == 128
     first = candidates[0]
     assert (first.block_m1, first.block_n1, first.block_m2, first.block_n2, first.dk_dv_apart) == \
         (64, 128, 128, 64, False)  # the same blocks, fewer stages or warps
+    at_256 = search.candidates("backward", rejected, 256)
+    same_blocks = [t.head_slices for t in at_256 if t[:7] == (64, 128, 128, 64, 8, 2, True)]
+    assert same_blocks == [1, 2, 4]  # the fewest column slices first
 
 
 def _record(dtype, spill_bytes, **fields):

@@ -33,6 +33,8 @@ from tools.tiles.compile import WORKERS, compile_entry, worker_pool
 BLOCK_SIZES = (16, 32, 64, 128)
 WARPS = (4, 8)
 STAGES = (1, 2, 3)
+# Column slices of the head a backward candidate may split dK and dV into (head size 256 only).
+HEAD_SLICES = (1, 2, 4)
 # The compiles most likely to fail come first (the windowed, packed mask has the most scalar state), so a
 # candidate is usually rejected by its first compile.
 MASKS_MOST_DEMANDING_FIRST = ("window_varlen", "causal")
@@ -82,20 +84,22 @@ def tile_problems(key, tile):
     return None
 
 
-def candidates(kernel, rejected):
+def candidates(kernel, rejected, head_dim):
     """Tiles no larger than `rejected` (each block of (query, key) pairs no larger than its), in the order they are
     tried: most rows held first (each program reads the whole streamed operand once, so the traffic falls with the
     rows it holds), then most rows streamed per step (fewer loop iterations), dK and dV together before apart,
-    then most stages, then most warps."""
-    from kernels.attention.tiles import BackwardTile, Tile
+    fewest column slices of the head (at head size 256, the only one they are for), then most stages, then most
+    warps."""
+    from kernels.attention.tiles import MAX_HEAD_SIZE, BackwardTile, Tile
 
     if kernel == "forward":
         found = [Tile(m, n, w, s) for m, n, w, s in itertools.product(BLOCK_SIZES, BLOCK_SIZES, WARPS, STAGES)
                  if m * n <= rejected.block_m * rejected.block_n]
     else:
-        found = [BackwardTile(*blocks, w, s, apart)
+        slices = HEAD_SLICES if head_dim == MAX_HEAD_SIZE else (1,)
+        found = [BackwardTile(*blocks, w, s, apart, sliced)
                  for blocks in itertools.product(BLOCK_SIZES, repeat=4)
-                 for w, s, apart in itertools.product(WARPS, STAGES, (False, True))
+                 for w, s, apart, sliced in itertools.product(WARPS, STAGES, (False, True), slices)
                  if blocks[0] * blocks[1] <= rejected.block_m1 * rejected.block_n1
                  and blocks[2] * blocks[3] <= rejected.block_m2 * rejected.block_n2]
     return sorted((tile for tile in found if tile != rejected), key=lambda tile: _search_order(kernel, tile))
@@ -105,7 +109,8 @@ def _search_order(kernel, tile):
     if kernel == "forward":
         return -tile.block_m, -tile.block_n, -tile.num_stages, -tile.num_warps
     held, streamed = (tile.block_n1, tile.block_m2), (tile.block_m1, tile.block_n2)
-    return -min(held), -sum(held), -sum(streamed), tile.dk_dv_apart, -tile.num_stages, -tile.num_warps
+    return -min(held), -sum(held), -sum(streamed), tile.dk_dv_apart, tile.head_slices, -tile.num_stages, \
+        -tile.num_warps
 
 
 def search(key):
@@ -114,7 +119,7 @@ def search(key):
     problem = tile_problems(key, current)
     if problem is None:
         return key, current, None, None
-    clean = (tile for tile in candidates(key[2], current) if tile_problems(key, tile) is None)
+    clean = (tile for tile in candidates(key[2], current, key[1]) if tile_problems(key, tile) is None)
     return key, current, problem, next(clean, None)
 
 
