@@ -20,8 +20,9 @@ DIAGONAL_ROWS = tl.constexpr(16)
 def forward_edges_in_pieces(block_d):
     """Whether the forward runs the band's edges in diagonal pieces. At head size 256 its held accumulator takes
     128 registers a thread, and a piece's copy of its rows and its operands beside it spill (with dropout on sm_90):
-    there the edge blocks run whole, masked, as the sequence's last partial block does. (The backward's programs
-    spill at head size 256 either way, and more with their edges whole.)"""
+    there the edge blocks run whole, masked, as the sequence's last partial block does. (The backward's key
+    programs keep their pieces there and hold dK and dV in column slices of the head instead: with their edges
+    whole they spilled more.)"""
     return block_d < 256
 
 
