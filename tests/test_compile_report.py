@@ -31,9 +31,10 @@ def test_every_op_ships_configs():
 # kernel, the diagonal pieces' accumulators beside the held block's), its head size 256 spills on sm_90 with 16-bit
 # aligned operands (up to about 800 B a thread with dropout or under the windowed packed mask; each program alone
 # spills, and more with its edges run as whole blocks) and with misaligned operands with dropout on both archs; so
-# does the fp32 backward with misaligned operands at head sizes 128 and 256 (past the fp32 allowance, varying by
-# mask). No tile tried is clean down to 16 rows. Not strict: the configs of these classes that compile cleanly
-# pass; the compile report lists every problem.
+# does the fp32 backward with misaligned operands at head size 256 (past the fp32 allowance, varying by mask; at
+# 128 the launcher's register cap keeps it within: kernels.attention.tiles.backward_max_registers). No tile tried
+# is clean down to 16 rows. Not strict: the configs of these classes that compile cleanly pass; the compile report
+# lists every problem.
 ONE_LAUNCH_SPILLS = pytest.mark.xfail(reason="spills since the backward became one launch", strict=False)
 
 
@@ -42,7 +43,7 @@ def _known_spills(entry, aligned):
     if entry["op"] != "attention" or meta["kernel"] != "backward":
         return False
     if meta["dtype"] == "float32":
-        return not aligned and meta["head_dim"] >= 128
+        return not aligned and meta["head_dim"] == 256
     return meta["head_dim"] == 256
 
 

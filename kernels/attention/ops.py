@@ -202,6 +202,7 @@ def _backward(
             BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2, BLOCK_N2=tile.block_n2, DROPOUT=dropout,
             ALIGNED=aligned, EVEN=launch.even(tile.block_m1, tile.block_n1, tile.block_m2, tile.block_n2),
             DK_DV_APART=tile.dk_dv_apart, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            maxnreg=tiles.backward_max_registers(launch.head_dim, q.dtype, aligned),
             **launch.constexprs,
         )
     return dq, dk, dv

@@ -128,7 +128,8 @@ _BACKWARD = [
     _rule("fp32", 16, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 32, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 64, "backward", BackwardTile(32, 16, 32, 32, 8, 1, False), "fp32 operands"),
-    _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart"),
+    _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart; "
+          "misaligned, within the fp32 allowance under the register cap (backward_max_registers)"),
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart: "
           "32 keys per dQ step spill past the allowance on sm_80", dropout=False, aligned=True),
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart: "
@@ -148,6 +149,22 @@ DROPOUT_MASK_TABLE = TileTable("dropout mask", ("arch",), [
 def block_d(head_dim):
     """The head size padded to a power of two, at least 16 (the smallest tl.dot)."""
     return max(16, next_power_of_2(head_dim))
+
+
+# Left to itself, ptxas compiles the fp32 backward at head size 128 with misaligned operands into 128 registers a
+# thread (of the 255 a thread of 8 warps may have) and spills past the compile report's fp32 allowance: its FMA
+# products hold whole head-size rows per thread. Capped at 255 instead (Triton's maxnreg), it keeps them in
+# registers: at most 88 B spill under any mask. Aligned operands fit in fewer registers uncapped (more programs per
+# SM); at head size 256 ptxas takes 255 unasked.
+FP32_BACKWARD_MAX_REGISTERS_HEAD = 128
+
+
+def backward_max_registers(head_dim, dtype, aligned):
+    """The register cap (Triton's maxnreg) the backward launch compiles with: 255 for fp32 at padded head size
+    FP32_BACKWARD_MAX_REGISTERS_HEAD with misaligned operands, else None (ptxas's own choice)."""
+    if dtype == torch.float32 and block_d(head_dim) == FP32_BACKWARD_MAX_REGISTERS_HEAD and not aligned:
+        return 255
+    return None
 
 
 def precision(dtype):
