@@ -117,6 +117,36 @@ def test_every_launch_runs_on_the_inputs_device(device, monkeypatch):
     assert entered == [q.device] * 3 + [x.device] * 4  # attention: forward, backward, mask
 
 
+def test_the_backward_launch_caps_registers_as_the_report_compiles_it(device, monkeypatch):
+    """The backward launch passes the register cap (maxnreg) the compile report compiles its config with: capped
+    for fp32 at head size 128 with misaligned operands (rows of 97 floats), left to ptxas elsewhere."""
+    from kernels import attention
+    from kernels.attention import ops as attention_ops
+    from kernels.attention import shared, tiles
+    from tools.tiles import configs
+
+    real_kernel = attention_ops.attention_backward_kernel
+    caps = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(**arguments):
+                caps.append(arguments.get("maxnreg"))
+                return real_kernel[grid](**arguments)
+            return launch
+
+    monkeypatch.setattr(attention_ops, "attention_backward_kernel", Recording())
+    for head_dim, dtype in ((97, torch.float32), (128, torch.float32), (97, torch.float16), (250, torch.float32)):
+        q = torch.randn(1, 2, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
+        attention(q, q, q).sum().backward()
+        aligned = shared.operands_aligned(q)
+        tile = tiles.launch_tile("backward", head_dim, dtype, False, q.device, aligned)
+        entry = configs.attention_config(str(dtype).removeprefix("torch."), tiles.block_d(head_dim), "backward",
+                                         "causal", False, tile, aligned, (tiles.launch_arch(q.device),))
+        assert caps[-1] == entry["options"].get("maxnreg"), (head_dim, dtype, aligned)
+    assert caps[0] == 255
+
+
 def test_sequences_whose_rows_lie_2_31_elements_apart_are_copied_or_refused():
     """The kernels' offsets inside one sequence are 32-bit: a view whose rows lie further apart is copied head by
     head; an output that would is laid out head by head; a single head too long even then is a clear error.

@@ -29,15 +29,16 @@ def test_every_op_ships_configs():
 
 # A known gap, kept visible rather than allowed: since the backward became one launch (both kinds of program in one
 # kernel, the diagonal pieces' accumulators beside the held block's), the fp32 backward with misaligned operands
-# spills past the fp32 allowance at head sizes 128 and 256 (varying by mask). Not strict: the configs of this class
-# that compile cleanly pass; the compile report lists every problem.
+# spills past the fp32 allowance at head size 256 (varying by mask; at 128 the launcher's register cap keeps it
+# within: kernels.attention.tiles.backward_max_registers). Not strict: the configs of this class that compile
+# cleanly pass; the compile report lists every problem.
 ONE_LAUNCH_SPILLS = pytest.mark.xfail(reason="spills since the backward became one launch", strict=False)
 
 
 def _known_spills(entry, aligned):
     meta = entry["meta"]
     return (entry["op"] == "attention" and meta["kernel"] == "backward" and meta["dtype"] == "float32"
-            and not aligned and meta["head_dim"] >= 128)
+            and not aligned and meta["head_dim"] == 256)
 
 
 def _marks(entry, aligned):

@@ -203,7 +203,8 @@ def _backward(
             **launch.arguments, B=launch.batch, scale=scale, dropout_p=dropout_p, BLOCK_M1=tile.block_m1,
             BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2, BLOCK_N2=tile.block_n2, DROPOUT=dropout,
             ALIGNED=aligned, EVEN=launch.even(tile.block_m1, tile.block_n1, tile.block_m2, tile.block_n2),
-            DK_DV_APART=tile.dk_dv_apart, HEAD_SLICES=head_slices, num_warps=tile.num_warps, num_stages=tile.num_stages,
+            DK_DV_APART=tile.dk_dv_apart, HEAD_SLICES=head_slices, num_warps=tile.num_warps,
+            num_stages=tile.num_stages, maxnreg=tiles.backward_max_registers(launch.head_dim, q.dtype, aligned),
             **launch.constexprs,
         )
     return dq, dk, dv

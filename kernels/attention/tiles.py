@@ -6,10 +6,11 @@ The forward holds BLOCK_M queries per program and streams BLOCK_N keys per step.
 programs hold block_n1 keys and stream block_m1 queries; its query programs hold block_m2 queries and stream
 block_n2 keys; dK and dV are computed by the same program, or where their two fp32 accumulators do not fit
 together by programs of their own (dk_dv_apart), and where even one whole-head accumulator does not fit, in
-head_slices column slices of the head by programs of their own. Every tile the table can give is compiled for each architecture
-in kernels._gpu.CHECKED_ARCHS, aligned and not, by the compile report (python -m tools.tiles.report), which fails
-on spills (fp32: beyond a few words), excess shared memory or, on sm_90, matrix products that miss wgmma or repeat
-work across warpgroups; tools.tiles.search finds a clean replacement for a tile that fails.
+head_slices column slices of the head by programs of their own. Every tile the table can give is compiled for
+each architecture in kernels._gpu.CHECKED_ARCHS, aligned and not, by the compile report (python -m
+tools.tiles.report), which fails on spills (fp32: beyond a few words), excess shared memory or, on sm_90, matrix
+products that miss wgmma or repeat work across warpgroups; tools.tiles.search finds a clean replacement for a tile
+that fails.
 
 Triton's interpreter (CPU) runs the tiles an sm_90 card would: its cost is per program and per operation far more
 than per element, so the GPU's large tiles cost it no more than small ones, and the CPU tests check the band
@@ -137,7 +138,8 @@ _BACKWARD = [
     _rule("fp32", 16, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 32, "backward", BackwardTile(16, 32, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 64, "backward", BackwardTile(32, 16, 32, 32, 8, 1, False), "fp32 operands"),
-    _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart"),
+    _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart; "
+          "misaligned, within the fp32 allowance under the register cap (backward_max_registers)"),
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart: "
           "32 keys per dQ step spill past the allowance on sm_80", dropout=False, aligned=True),
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart: "
@@ -163,6 +165,22 @@ def head_slices(tile, head_dim):
     """The column slices a backward launch at `tile` splits dK and dV into at this head size: the tile's, but none
     narrower than 16 columns (the smallest tl.dot), which only a tile forced onto a small head would ask for."""
     return min(tile.head_slices, block_d(head_dim) // 16)
+
+
+# Left to itself, ptxas compiles the fp32 backward at head size 128 with misaligned operands into 128 registers a
+# thread (of the 255 a thread of 8 warps may have) and spills past the compile report's fp32 allowance: its FMA
+# products hold whole head-size rows per thread. Capped at 255 instead (Triton's maxnreg), it keeps them in
+# registers: at most 88 B spill under any mask. Aligned operands fit in fewer registers uncapped (more programs per
+# SM); at head size 256 ptxas takes 255 unasked.
+FP32_BACKWARD_MAX_REGISTERS_HEAD = 128
+
+
+def backward_max_registers(head_dim, dtype, aligned):
+    """The register cap (Triton's maxnreg) the backward launch compiles with: 255 for fp32 at padded head size
+    FP32_BACKWARD_MAX_REGISTERS_HEAD with misaligned operands, else None (ptxas's own choice)."""
+    if dtype == torch.float32 and block_d(head_dim) == FP32_BACKWARD_MAX_REGISTERS_HEAD and not aligned:
+        return 255
+    return None
 
 
 def precision(dtype):

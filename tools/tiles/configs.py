@@ -211,6 +211,8 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
     ATTENTION_MASKS[mask_name], with or without dropout, run with `tile` (a tiles.Tile or tiles.BackwardTile) on
     `archs` with aligned operands or any. attention_configs builds the shipped ones; tools.tiles.search builds its
     candidates here too, so both compile the same thing."""
+    import torch
+
     from kernels.attention import backward, forward, tiles
 
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": tiles.block_d(head_dim), "ALIGNED": aligned, "DROPOUT": dropout,
@@ -225,9 +227,13 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
     name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}_d{head_dim}"
             f"_{tile_name(tile)}_{operands_name(aligned)}")
     key = ("attention", dtype_name, head_dim, kernel_name, mask_name, dropout, tile, aligned, tuple(archs))
+    # the launcher's register cap (maxnreg), if it passes one
+    max_registers = (tiles.backward_max_registers(head_dim, getattr(torch, dtype_name), aligned)
+                     if kernel_name == "backward" else None)
+    options = {} if max_registers is None else {"maxnreg": max_registers}
     return _config("attention", key, name, kernel, dtype_name, constexprs, tile.num_warps, tile.num_stages,
-                   tuple((arch, aligned) for arch in archs), kernel=kernel_name, head_dim=head_dim, mask=mask_name,
-                   dropout=dropout, tile=tuple(tile))
+                   tuple((arch, aligned) for arch in archs), options, kernel=kernel_name, head_dim=head_dim,
+                   mask=mask_name, dropout=dropout, tile=tuple(tile))
 
 
 def layer_norm_configs():
