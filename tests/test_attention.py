@@ -64,6 +64,30 @@ def test_dk_and_dv_in_column_slices_of_the_head(device, dtype, head_size):
             check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.2, seed=7)
 
 
+def test_fp32_backward_at_head_size_256_runs_on_aligned_copies_of_misaligned_operands(device, monkeypatch):
+    """Rows of 250 floats (1000 bytes) are not 16 bytes apart: the fp32 backward at head size 256 copies its operands
+    into rows that are and launches aligned (tiles.copies_misaligned_operands); the gradients it copies back match
+    the reference, with grouped-query heads and dropout."""
+    from kernels.attention import ops
+
+    aligned_launches = []
+    real_kernel = ops.attention_backward_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(**arguments):
+                aligned_launches.append(arguments["ALIGNED"])
+                return real_kernel[grid](**arguments)
+            return launch
+
+    monkeypatch.setattr(ops, "attention_backward_kernel", Recording())
+    torch.manual_seed(250)
+    q, k, v = make_inputs(1, 4, 40, 40, 250, torch.float32, device, kv_heads=2)
+    keep = attention_dropout_mask(q, k, 0.2, seed=3)
+    check_against_reference(q, k, v, causal=True, keep=keep, dropout_p=0.2, seed=3)
+    assert aligned_launches and all(aligned_launches)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_custom_scale(device, dtype):
     torch.manual_seed(1)

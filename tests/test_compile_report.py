@@ -27,27 +27,8 @@ def test_every_op_ships_configs():
     assert {entry["op"] for entry in CONFIGS} == set(configs.OPS)
 
 
-# A known gap, kept visible rather than allowed: since the backward became one launch (both kinds of program in one
-# kernel, the diagonal pieces' accumulators beside the held block's), the fp32 backward with misaligned operands
-# spills past the fp32 allowance at head size 256 (varying by mask; at 128 the launcher's register cap keeps it
-# within: kernels.attention.tiles.backward_max_registers). Not strict: the configs of this class that compile
-# cleanly pass; the compile report lists every problem.
-ONE_LAUNCH_SPILLS = pytest.mark.xfail(reason="spills since the backward became one launch", strict=False)
-
-
-def _known_spills(entry, aligned):
-    meta = entry["meta"]
-    return (entry["op"] == "attention" and meta["kernel"] == "backward" and meta["dtype"] == "float32"
-            and not aligned and meta["head_dim"] == 256)
-
-
-def _marks(entry, aligned):
-    return [ONE_LAUNCH_SPILLS] if _known_spills(entry, aligned) else []
-
-
 @pytest.mark.parametrize("name, arch, aligned", [
-    pytest.param(entry["name"], arch, aligned, id=f"{entry['name']}-sm_{arch}-{configs.operands_name(aligned)}",
-                 marks=_marks(entry, aligned))
+    pytest.param(entry["name"], arch, aligned, id=f"{entry['name']}-sm_{arch}-{configs.operands_name(aligned)}")
     for entry in CONFIGS for arch, aligned in entry["targets"]])
 def test_shipped_config_compiles_cleanly(compiled, name, arch, aligned):
     result = compiled[(name, arch, aligned)]

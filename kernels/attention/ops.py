@@ -175,9 +175,30 @@ def _backward(
     launch = _Launch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right)
     if not rows_fit(grad_out, launch.row_stride(grad_out), launch.n_q):
         grad_out = torch.empty_like(out).copy_(grad_out)  # e.g. the stride-0 gradient of out.sum(); out's layout
-    dropout = dropout_p > 0
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    aligned = operands_aligned(q, k, v, out, grad_out, dq, dk, dv)
+    operands = (q, k, v, out, grad_out, dq, dk, dv)
+    aligned = operands_aligned(*operands)
+    if aligned or not tiles.copies_misaligned_operands("backward", launch.head_dim, tiles.precision(q.dtype)):
+        _launch_backward(launch, *operands, lse, dropout_p, scale, seed, aligned)
+    else:
+        padded = [_rows_16_bytes_apart(x, copy=i < 5) for i, x in enumerate(operands)]
+        _launch_backward(launch, *padded, lse, dropout_p, scale, seed, aligned=True)
+        for grad, computed in zip((dq, dk, dv), padded[5:]):
+            grad.copy_(computed)
+    return dq, dk, dv
+
+
+def _rows_16_bytes_apart(x, copy):
+    """A tensor shaped like x in a fresh buffer whose rows (along the last dim) start 16 bytes apart, holding x's
+    values if `copy`: every operand of a launch made of these is aligned (shared.operands_aligned)."""
+    columns, per_16_bytes = x.shape[-1], 16 // x.element_size()
+    padded = x.new_empty(*x.shape[:-1], cdiv(columns, per_16_bytes) * per_16_bytes)[..., :columns]
+    return padded.copy_(x) if copy else padded
+
+
+def _launch_backward(launch, q, k, v, out, grad_out, dq, dk, dv, lse, dropout_p, scale, seed, aligned):
+    """The delta kernel, then the one launch of dK, dV and dQ into dq, dk, dv; `aligned`: every operand is."""
+    dropout = dropout_p > 0
     delta = torch.empty_like(lse)
     tile = tiles.launch_tile("backward", launch.head_dim, q.dtype, dropout, q.device, aligned)
     head_slices = tiles.head_slices(tile, launch.head_dim)
@@ -207,7 +228,6 @@ def _backward(
             num_stages=tile.num_stages, maxnreg=tiles.backward_max_registers(launch.head_dim, q.dtype, aligned),
             **launch.constexprs,
         )
-    return dq, dk, dv
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,

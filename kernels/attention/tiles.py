@@ -140,12 +140,11 @@ _BACKWARD = [
     _rule("fp32", 64, "backward", BackwardTile(32, 16, 32, 32, 8, 1, False), "fp32 operands"),
     _rule("fp32", 128, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart; "
           "misaligned, within the fp32 allowance under the register cap (backward_max_registers)"),
+    # fp32 head size 256: misaligned operands are copied aligned first (copies_misaligned_operands).
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 16, 8, 1, True), "fp32 operands, dK and dV apart: "
           "32 keys per dQ step spill past the allowance on sm_80", dropout=False, aligned=True),
     _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart: "
           "16 keys per dQ step spill past the allowance on sm_90", dropout=True, aligned=True),
-    _rule("fp32", 256, "backward", BackwardTile(16, 16, 16, 32, 8, 1, True), "fp32 operands, dK and dV apart; "
-          "misaligned, every tile tried spills past the allowance", aligned=False),
 ]
 TABLE = TileTable("attention", FIELDS, _FORWARD + _BACKWARD)
 
@@ -181,6 +180,15 @@ def backward_max_registers(head_dim, dtype, aligned):
     if dtype == torch.float32 and block_d(head_dim) == FP32_BACKWARD_MAX_REGISTERS_HEAD and not aligned:
         return 255
     return None
+
+
+def copies_misaligned_operands(kernel, head_dim, precision):
+    """Whether a launch of `kernel` at this head size and precision (precision(dtype)) with misaligned operands runs
+    on copies of them whose rows start 16 bytes apart (as FlashAttention pads odd head sizes), so that it always
+    runs an aligned tile: the fp32 backward at head size 256, whose element-by-element loads beside its FMA
+    products' whole-row operands spill past the compile report's fp32 allowance under every tile and kernel variant
+    tried. fp32 is the accuracy path; the copies are a few element-wise passes beside its products."""
+    return kernel == "backward" and precision == "fp32" and block_d(head_dim) == MAX_HEAD_SIZE
 
 
 def precision(dtype):

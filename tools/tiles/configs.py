@@ -162,6 +162,9 @@ def attention_configs():
                     archs_by_launch = {}
                     for arch in CHECKED_ARCHS:
                         for kernel_name in ATTENTION_KERNELS:
+                            precision = tiles.precision(dtype)
+                            if not aligned and tiles.copies_misaligned_operands(kernel_name, head_dim, precision):
+                                continue  # launched on aligned copies
                             tile = tiles.table_tile(kernel_name, head_dim, dtype, dropout, arch, aligned)
                             archs_by_launch.setdefault((kernel_name, tile), []).append(arch)
                     configs += [attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile,

@@ -76,7 +76,8 @@ def ranking_rows(results, ranking):
 
 def resolved_table():
     """The attention launch table resolved per key, a line per (precision, head size, kernel) and a column per
-    (arch, operands, dropout): what every launch gets, without reading the rules' wildcards."""
+    (arch, operands, dropout): what every launch gets, without reading the rules' wildcards ("copied aligned" where
+    misaligned operands are copied aligned before the launch)."""
     import itertools
 
     from kernels._gpu import CHECKED_ARCHS
@@ -87,8 +88,9 @@ def resolved_table():
                                                  for arch, aligned, dropout in columns]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     for precision, head, kernel in itertools.product(("16bit", "fp32"), configs.HEAD_DIMS, configs.ATTENTION_KERNELS):
-        cells = [configs.tile_name(tiles.TABLE.lookup(precision=precision, head=head, kernel=kernel, dropout=dropout,
-                                                      arch=arch, aligned=aligned))
+        cells = ["copied aligned" if not aligned and tiles.copies_misaligned_operands(kernel, head, precision)
+                 else configs.tile_name(tiles.TABLE.lookup(precision=precision, head=head, kernel=kernel,
+                                                           dropout=dropout, arch=arch, aligned=aligned))
                  for arch, aligned, dropout in columns]
         lines.append("| " + " | ".join([precision, str(head), kernel, *cells]) + " |")
     return lines

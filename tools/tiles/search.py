@@ -53,11 +53,13 @@ RANK_CHECK_BATCH = 6
 def launch_keys():
     """Every (precision, head size, kernel, dropout, arch, aligned) the attention launchers can pick a tile for."""
     from kernels._gpu import CHECKED_ARCHS
+    from kernels.attention.tiles import copies_misaligned_operands
 
     for precision, head_dim in itertools.product(("16bit", "fp32"), configs.HEAD_DIMS):
         for dropout, arch, aligned in itertools.product((False, True), CHECKED_ARCHS, (True, False)):
             for kernel in configs.ATTENTION_KERNELS:
-                yield precision, head_dim, kernel, dropout, arch, aligned
+                if aligned or not copies_misaligned_operands(kernel, head_dim, precision):
+                    yield precision, head_dim, kernel, dropout, arch, aligned
 
 
 def _dtype_names(precision):
