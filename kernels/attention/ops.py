@@ -180,20 +180,20 @@ def _backward(
     aligned = operands_aligned(*operands)
     if aligned or not tiles.copies_misaligned_operands("backward", launch.head_dim, tiles.precision(q.dtype)):
         _launch_backward(launch, *operands, lse, dropout_p, scale, seed, aligned)
-    else:
-        padded = [_rows_16_bytes_apart(x, copy=i < 5) for i, x in enumerate(operands)]
-        _launch_backward(launch, *padded, lse, dropout_p, scale, seed, aligned=True)
-        for grad, computed in zip((dq, dk, dv), padded[5:]):
+    else:  # on copies whose rows start 16 bytes apart, the gradients copied back
+        inputs = [_rows_16_bytes_apart(x).copy_(x) for x in (q, k, v, out, grad_out)]
+        grads = [_rows_16_bytes_apart(x) for x in (dq, dk, dv)]
+        _launch_backward(launch, *inputs, *grads, lse, dropout_p, scale, seed, aligned=True)
+        for grad, computed in zip((dq, dk, dv), grads):
             grad.copy_(computed)
     return dq, dk, dv
 
 
-def _rows_16_bytes_apart(x, copy):
-    """A tensor shaped like x in a fresh buffer whose rows (along the last dim) start 16 bytes apart, holding x's
-    values if `copy`: every operand of a launch made of these is aligned (shared.operands_aligned)."""
+def _rows_16_bytes_apart(x):
+    """An empty tensor shaped like x in a fresh buffer whose rows (along the last dim) start 16 bytes apart: every
+    operand of a launch made of these is aligned (shared.operands_aligned)."""
     columns, per_16_bytes = x.shape[-1], 16 // x.element_size()
-    padded = x.new_empty(*x.shape[:-1], cdiv(columns, per_16_bytes) * per_16_bytes)[..., :columns]
-    return padded.copy_(x) if copy else padded
+    return x.new_empty(*x.shape[:-1], cdiv(columns, per_16_bytes) * per_16_bytes)[..., :columns]
 
 
 def _launch_backward(launch, q, k, v, out, grad_out, dq, dk, dv, lse, dropout_p, scale, seed, aligned):

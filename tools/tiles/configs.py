@@ -226,7 +226,8 @@ def attention_config(dtype_name, head_dim, kernel_name, mask_name, dropout, tile
     else:
         kernel = backward.attention_backward_kernel
         constexprs.update(BLOCK_M1=tile.block_m1, BLOCK_N1=tile.block_n1, BLOCK_M2=tile.block_m2,
-                          BLOCK_N2=tile.block_n2, DK_DV_APART=tile.dk_dv_apart, HEAD_SLICES=tile.head_slices)
+                          BLOCK_N2=tile.block_n2, DK_DV_APART=tile.dk_dv_apart,
+                          HEAD_SLICES=tiles.head_slices(tile, head_dim))
     name = (f"attention_{kernel_name}_{mask_name}{'_dropout' if dropout else ''}_{dtype_name}_d{head_dim}"
             f"_{tile_name(tile)}_{operands_name(aligned)}")
     key = ("attention", dtype_name, head_dim, kernel_name, mask_name, dropout, tile, aligned, tuple(archs))
